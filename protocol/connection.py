@@ -1,0 +1,217 @@
+"""The per-connection state machine, sans-IO.
+
+A ``Connection`` is fed bytes with ``receive_data`` and hands back typed
+messages from ``next_event``; ``send`` turns a message into the buffers to
+write. Which side may send which message in which state lives in one table,
+``TRANSITIONS``; anything missing from it is a protocol error, raised as
+``LocalProtocolError`` when this side tries it and ``RemoteProtocolError``
+when the peer does. Package fetches are tracked per ``fetch_id`` so that a
+chunk for a fetch nobody asked for, or at the wrong offset, is refused here
+rather than in the transfer code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .frames import MAGIC, MAX_PAYLOAD, FrameDecoder, encode
+from .messages import (
+    PROTOCOL_VERSION,
+    Chunk,
+    Error,
+    Fetch,
+    FetchCancel,
+    FetchEnd,
+    FetchFail,
+    Hello,
+    Message,
+    MessageType,
+)
+
+
+class Side(Enum):
+    """The child opens the connection and says HELLO; the parent answers."""
+
+    CHILD = "child"
+    PARENT = "parent"
+
+
+class State(Enum):
+    START = "start"  # nothing exchanged yet
+    HELLO_SENT = "hello-sent"  # child has said HELLO, parent has not answered
+    OPEN = "open"
+    CLOSED = "closed"  # ERROR or GOODBYE seen in either direction
+
+
+class NeedData:
+    """Returned by ``next_event`` when a whole frame has not arrived yet."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed its side. ``graceful`` is true after GOODBYE or ERROR
+    and false for an EOF in the middle of the conversation."""
+
+    graceful: bool
+
+
+C, P = Side.CHILD, Side.PARENT
+T = MessageType
+
+_CHILD_OPEN = (
+    T.PENDING_QUERY, T.FETCH, T.FETCH_CANCEL, T.REPORT, T.TOPOLOGY, T.HOLDINGS, T.PING, T.PONG,
+)
+_PARENT_OPEN = (
+    T.JOB_NOTICE, T.PENDING_DONE, T.CHUNK, T.FETCH_END, T.FETCH_FAIL, T.REPORT_ACK,
+    T.JOB_CANCEL, T.PING, T.PONG,
+)
+
+# (state, sender, message type) -> next state. The whole protocol in one table.
+TRANSITIONS: dict[tuple[State, Side, MessageType], State] = {
+    (State.START, C, T.HELLO): State.HELLO_SENT,
+    (State.HELLO_SENT, P, T.WELCOME): State.OPEN,
+    **{(State.OPEN, C, t): State.OPEN for t in _CHILD_OPEN},
+    **{(State.OPEN, P, t): State.OPEN for t in _PARENT_OPEN},
+    **{
+        (s, side, t): State.CLOSED
+        for s in (State.START, State.HELLO_SENT, State.OPEN)
+        for side in (C, P)
+        for t in (T.ERROR, T.GOODBYE)
+    },
+}
+
+MAX_OPEN_FETCHES = 64
+
+
+class Connection:
+    """One side of one rdsd connection."""
+
+    def __init__(self, side: Side, max_payload: int = MAX_PAYLOAD) -> None:
+        self.side = side
+        self.peer_side = P if side is C else C
+        self.state = State.START
+        self._decoder = FrameDecoder(max_payload)
+        self._max_payload = max_payload
+        self._magic_sent = False
+        self._magic_seen = False
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+        # fetch_id -> next expected chunk offset, for fetches still running.
+        self.open_fetches: dict[int, int] = {}
+
+    # -- sending ---------------------------------------------------------
+
+    def send(self, msg: Message) -> list[bytes | memoryview]:
+        """Buffers to write for ``msg``; raises LocalProtocolError if the
+        table does not allow this side to send it now."""
+        if msg.TYPE is T.ERROR and self.state is not State.CLOSED:
+            self.state = State.CLOSED
+        else:
+            self.state = self._advance(self.side, msg, LocalProtocolError)
+        buffers = encode(msg, self._max_payload)
+        if not self._magic_sent:
+            self._magic_sent = True
+            buffers[0] = MAGIC + bytes(buffers[0])
+        return buffers
+
+    def send_error(self, exc: ProtocolError) -> list[bytes | memoryview]:
+        """The ERROR message that tells the peer why we are hanging up."""
+        if self.state is State.CLOSED and self._magic_sent:
+            return []
+        self.state = State.OPEN if self.state is State.CLOSED else self.state
+        return self.send(Error(code=int(exc.code), reason=str(exc)[:500]))
+
+    # -- receiving -------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed."""
+        if not data:
+            self._eof = True
+        else:
+            self._decoder.feed(data)
+
+    def next_event(self) -> Message | NeedData | ConnectionClosed:
+        """The next message from the peer, ``NEED_DATA``, or ``ConnectionClosed``."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next_event(self) -> Message | NeedData | ConnectionClosed:
+        if not self._magic_seen:
+            if self._decoder.take_magic() is None:
+                return self._eof_or_need()
+            self._magic_seen = True
+        msg = self._decoder.next_message()
+        if msg is None:
+            return self._eof_or_need()
+        if msg.TYPE is T.HELLO and isinstance(msg, Hello) and msg.proto != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"protocol version {msg.proto} not supported (want {PROTOCOL_VERSION})",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        if self.state is State.CLOSED:
+            raise RemoteProtocolError(f"{msg.TYPE.name} after the connection was closed")
+        self.state = self._advance(self.peer_side, msg, RemoteProtocolError)
+        return msg
+
+    def _eof_or_need(self) -> NeedData | ConnectionClosed:
+        if not self._eof:
+            return NEED_DATA
+        if self._decoder.buffered:
+            raise RemoteProtocolError("connection closed in the middle of a frame")
+        return ConnectionClosed(graceful=self.state is State.CLOSED)
+
+    # -- the table and the fetch bookkeeping -----------------------------
+
+    def _advance(
+        self, sender: Side, msg: Message, err: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> State:
+        key = (self.state, sender, msg.TYPE)
+        nxt = TRANSITIONS.get(key)
+        if nxt is None:
+            raise err(f"{sender.value} may not send {msg.TYPE.name} in state {self.state.value}")
+        self._track_fetch(msg, err)
+        return nxt
+
+    def _track_fetch(
+        self, msg: Message, err: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        fetches = self.open_fetches
+        if isinstance(msg, Fetch):
+            if msg.fetch_id in fetches:
+                raise err(f"fetch {msg.fetch_id} is already open")
+            if len(fetches) >= MAX_OPEN_FETCHES:
+                raise err(f"more than {MAX_OPEN_FETCHES} fetches open at once")
+            if msg.offset < 0:
+                raise err("fetch offset is negative")
+            fetches[msg.fetch_id] = msg.offset
+        elif isinstance(msg, Chunk):
+            expected = fetches.get(msg.fetch_id)
+            if expected is None:
+                raise err(f"chunk for fetch {msg.fetch_id}, which is not open")
+            if msg.offset != expected:
+                raise err(f"chunk at offset {msg.offset}, expected {expected}")
+            if not msg.data:
+                raise err("empty chunk")
+            fetches[msg.fetch_id] = expected + len(msg.data)
+        elif isinstance(msg, (FetchEnd, FetchFail)):
+            end = fetches.pop(msg.fetch_id, None)
+            if end is None:
+                raise err(f"{msg.TYPE.name} for fetch {msg.fetch_id}, which is not open")
+            if isinstance(msg, FetchEnd) and msg.size != end:
+                raise err(f"fetch {msg.fetch_id} ended at {msg.size}, data reached {end}")
+        elif isinstance(msg, FetchCancel):
+            # The parent may already have finished it: a late cancel is harmless.
+            pass

@@ -1,0 +1,383 @@
+"""Typed messages: one frozen dataclass per message type, tagged by an IntEnum.
+
+A message travels as a msgpack array ``[tag, {field: value, ...}]`` in the
+frame header; CHUNK and JOB_NOTICE also carry raw payload bytes after the
+header (see ``frames.py``). Field types are checked on decode against the
+dataclass annotations, so a message object is always well typed whatever the
+peer sent. Names that end up in file paths or database keys (nodes, packages,
+jobs) are checked against strict patterns here, at the edge, so no layer
+above ever sees ``..``, ``/`` or NUL in them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Annotated, Any, ClassVar, Union
+
+from .errors import ErrorCode, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PACKAGE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}-[A-Za-z0-9._-]{1,64}")
+_GROUP_RE = re.compile(r"group:[A-Za-z0-9._-]{1,64}")
+
+
+class Pattern(IntEnum):
+    """Marks a ``str`` field whose value must match a safe-name pattern."""
+
+    NAME = 1  # node names, job ids
+    PACKAGE = 2  # NAME-VERSION
+
+
+def is_safe_name(value: str) -> bool:
+    """Node names and job ids: the documented pattern, minus dot-only names."""
+    return _NAME_RE.fullmatch(value) is not None and value.strip(".") != ""
+
+
+def is_package_id(value: str) -> bool:
+    """Package ids are ``NAME-VERSION``; neither part may be dots only."""
+    if _PACKAGE_RE.fullmatch(value) is None or value.strip(".") == "":
+        return False
+    return all(part.strip(".") != "" for part in value.split("-"))
+
+
+def is_destination(value: str) -> bool:
+    """A job destination: a node name or ``group:NAME``."""
+    if value.startswith("group:"):
+        return _GROUP_RE.fullmatch(value) is not None and is_safe_name(value[6:])
+    return is_safe_name(value)
+
+
+_CHECKERS = {Pattern.NAME: is_safe_name, Pattern.PACKAGE: is_package_id}
+
+Name = Annotated[str, Pattern.NAME]
+PackageId = Annotated[str, Pattern.PACKAGE]
+
+
+class MessageType(IntEnum):
+    """Wire tags. Values are part of the protocol: never renumber."""
+
+    HELLO = 1
+    WELCOME = 2
+    JOB_NOTICE = 3
+    PENDING_QUERY = 4
+    PENDING_DONE = 5
+    FETCH = 6
+    CHUNK = 7
+    FETCH_END = 8
+    FETCH_FAIL = 9
+    FETCH_CANCEL = 10
+    REPORT = 11
+    REPORT_ACK = 12
+    TOPOLOGY = 13
+    JOB_CANCEL = 14
+    PING = 15
+    PONG = 16
+    ERROR = 17
+    GOODBYE = 18
+    HOLDINGS = 19
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base class; ``TYPE`` is the wire tag, ``HAS_PAYLOAD`` allows raw bytes."""
+
+    TYPE: ClassVar[MessageType]
+    HAS_PAYLOAD: ClassVar[bool] = False
+
+    @property
+    def payload(self) -> bytes | memoryview:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message from the child. ``purpose`` is ``session`` for a daemon's
+    long-lived link and ``query`` for a one-shot ``rdsft -a`` connection, which
+    must not become the route to the node."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    node: Name
+    role: str
+    purpose: str = "session"
+    proto: int = PROTOCOL_VERSION
+    software: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Parent's answer to HELLO. ``role`` tells the child whether its parent is
+    the managing server (resume on failure) or a relay (restart on failure)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.WELCOME
+    node: Name
+    role: str
+    proto: int = PROTOCOL_VERSION
+    time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobNotice(Message):
+    """A job for ``destinations`` (this child or nodes below it). The payload
+    is the server-signed manifest envelope of the package."""
+
+    TYPE: ClassVar[MessageType] = MessageType.JOB_NOTICE
+    HAS_PAYLOAD: ClassVar[bool] = True
+    job: Name
+    type: str
+    package: PackageId
+    destinations: list[Name]
+    at: float | None = None
+    origin: Name | None = None
+    manifest: bytes = field(default=b"", repr=False)
+
+    @property
+    def payload(self) -> bytes | memoryview:
+        return self.manifest
+
+
+@dataclass(frozen=True, slots=True)
+class PendingQuery(Message):
+    """Child asks for every open job addressed to it; answered by one
+    JOB_NOTICE per job and then PENDING_DONE."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PENDING_QUERY
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDone(Message):
+    TYPE: ClassVar[MessageType] = MessageType.PENDING_DONE
+    jobs: list[Name]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch(Message):
+    """Ask for a package from byte ``offset`` (a multiple of its chunk size)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.FETCH
+    fetch_id: int
+    package: PackageId
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk(Message):
+    """One manifest chunk at ``offset``; the raw bytes follow the header."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CHUNK
+    HAS_PAYLOAD: ClassVar[bool] = True
+    fetch_id: int
+    offset: int
+    data: bytes | memoryview = field(default=b"", repr=False)
+
+    @property
+    def payload(self) -> bytes | memoryview:
+        return self.data
+
+
+@dataclass(frozen=True, slots=True)
+class FetchEnd(Message):
+    TYPE: ClassVar[MessageType] = MessageType.FETCH_END
+    fetch_id: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFail(Message):
+    TYPE: ClassVar[MessageType] = MessageType.FETCH_FAIL
+    fetch_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FetchCancel(Message):
+    TYPE: ClassVar[MessageType] = MessageType.FETCH_CANCEL
+    fetch_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Message):
+    """A destination's state change. ``seq`` grows at the node that made the
+    change, so a repeated or reordered report changes nothing upstream."""
+
+    TYPE: ClassVar[MessageType] = MessageType.REPORT
+    report_id: str
+    job: Name
+    node: Name
+    state: str
+    seq: int
+    detail: str = ""
+    package: PackageId | None = None
+    time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReportAck(Message):
+    TYPE: ClassVar[MessageType] = MessageType.REPORT_ACK
+    report_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Topology(Message):
+    """The whole subtree below a relay, node name to role; replaces the last."""
+
+    TYPE: ClassVar[MessageType] = MessageType.TOPOLOGY
+    nodes: dict[Name, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings(Message):
+    """What a relay keeps in its cache, package id to expiry (epoch seconds);
+    replaces the last."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HOLDINGS
+    packages: dict[PackageId, float]
+
+
+@dataclass(frozen=True, slots=True)
+class JobCancel(Message):
+    TYPE: ClassVar[MessageType] = MessageType.JOB_CANCEL
+    job: Name
+    destinations: list[Name]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TYPE: ClassVar[MessageType] = MessageType.PING
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE: ClassVar[MessageType] = MessageType.PONG
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Says why the sender is closing the connection; nothing follows it."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    TYPE: ClassVar[MessageType] = MessageType.GOODBYE
+    reason: str = ""
+
+
+MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Welcome, JobNotice, PendingQuery, PendingDone, Fetch, Chunk, FetchEnd,
+        FetchFail, FetchCancel, Report, ReportAck, Topology, Holdings, JobCancel,
+        Ping, Pong, Error, Goodbye,
+    )
+}
+
+# The field that receives the raw payload on decode, per payload-carrying type.
+_PAYLOAD_FIELD = {MessageType.JOB_NOTICE: "manifest", MessageType.CHUNK: "data"}
+
+
+def _check(value: Any, tp: Any, where: str) -> None:
+    """Raise RemoteProtocolError unless ``value`` fits annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, pattern = typing.get_args(tp)[:2]
+        _check(value, base, where)
+        if not _CHECKERS[pattern](value):
+            raise RemoteProtocolError(f"{where}: unsafe name {value!r}")
+        return
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                _check(value, option, where)
+                return
+            except RemoteProtocolError:
+                continue
+        raise RemoteProtocolError(f"{where}: unexpected {type(value).__name__}")
+    if tp is type(None):
+        ok = value is None
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is list:
+        if not isinstance(value, list):
+            raise RemoteProtocolError(f"{where}: expected a list")
+        (item,) = typing.get_args(tp)
+        for i, v in enumerate(value):
+            _check(v, item, f"{where}[{i}]")
+        return
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise RemoteProtocolError(f"{where}: expected a map")
+        key_tp, val_tp = typing.get_args(tp)
+        for k, v in value.items():
+            _check(k, key_tp, f"{where} key")
+            _check(v, val_tp, f"{where}[{k!r}]")
+        return
+    elif tp is memoryview:
+        ok = isinstance(value, memoryview)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise RemoteProtocolError(f"{where}: expected {getattr(tp, '__name__', tp)}")
+
+
+def _hints(cls: type[Message]) -> dict[str, Any]:
+    return {
+        f.name: typing.get_type_hints(cls, include_extras=True)[f.name]
+        for f in dataclasses.fields(cls)
+    }
+
+
+_FIELD_TYPES: dict[MessageType, dict[str, Any]] = {
+    tag: _hints(cls) for tag, cls in MESSAGE_CLASSES.items()
+}
+
+
+def to_wire(msg: Message) -> list[Any]:
+    """The msgpack-ready header form ``[tag, fields]``, payload excluded."""
+    skip = _PAYLOAD_FIELD.get(msg.TYPE)
+    fields = {
+        f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != skip
+    }
+    return [int(msg.TYPE), fields]
+
+
+def from_wire(obj: Any, payload: bytes) -> Message:
+    """Build a message from a decoded header and its payload, checking every
+    field; anything unexpected is the peer's fault."""
+    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[1], dict)):
+        raise RemoteProtocolError("header is not [tag, fields]")
+    tag, fields = obj
+    try:
+        mtype = MessageType(tag)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown message type {tag!r}") from None
+    cls = MESSAGE_CLASSES[mtype]
+    hints = _FIELD_TYPES[mtype]
+    payload_field = _PAYLOAD_FIELD.get(mtype)
+    if payload and payload_field is None:
+        raise RemoteProtocolError(f"{mtype.name} carries no payload")
+    kwargs: dict[str, Any] = {}
+    for name, value in fields.items():
+        if not isinstance(name, str) or name not in hints or name == payload_field:
+            raise RemoteProtocolError(f"{mtype.name}: unknown field {name!r}")
+        _check(value, hints[name], f"{mtype.name}.{name}")
+        kwargs[name] = value
+    if payload_field is not None:
+        kwargs[payload_field] = payload
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise RemoteProtocolError(f"{mtype.name}: {exc}", ErrorCode.PROTOCOL) from None
