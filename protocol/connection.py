@@ -111,12 +111,13 @@ class Connection:
 
     def send(self, msg: Message) -> list[bytes | memoryview]:
         """Buffers to write for ``msg``; raises LocalProtocolError if the
-        table does not allow this side to send it now."""
+        table does not allow this side to send it now. A refused message
+        changes nothing: encode first, so an oversized one does not count."""
+        buffers = encode(msg, self._max_payload)
         if msg.TYPE is T.ERROR and self.state is not State.CLOSED:
             self.state = State.CLOSED
         else:
             self.state = self._advance(self.side, msg, LocalProtocolError)
-        buffers = encode(msg, self._max_payload)
         if not self._magic_sent:
             self._magic_sent = True
             buffers[0] = MAGIC + bytes(buffers[0])
@@ -207,11 +208,12 @@ class Connection:
                 raise err("empty chunk")
             fetches[msg.fetch_id] = expected + len(msg.data)
         elif isinstance(msg, (FetchEnd, FetchFail)):
-            end = fetches.pop(msg.fetch_id, None)
+            end = fetches.get(msg.fetch_id)
             if end is None:
                 raise err(f"{msg.TYPE.name} for fetch {msg.fetch_id}, which is not open")
             if isinstance(msg, FetchEnd) and msg.size != end:
                 raise err(f"fetch {msg.fetch_id} ended at {msg.size}, data reached {end}")
+            del fetches[msg.fetch_id]
         elif isinstance(msg, FetchCancel):
             # The parent may already have finished it: a late cancel is harmless.
             pass

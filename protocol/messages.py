@@ -125,7 +125,9 @@ class Welcome(Message):
 @dataclass(frozen=True, slots=True)
 class JobNotice(Message):
     """A job for ``destinations`` (this child or nodes below it). The payload
-    is the server-signed manifest envelope of the package."""
+    is the server-signed manifest envelope of the package. ``generation``
+    grows when failed destinations are retried, so a child knows a notice it
+    has seen before asks for a new attempt."""
 
     TYPE: ClassVar[MessageType] = MessageType.JOB_NOTICE
     HAS_PAYLOAD: ClassVar[bool] = True
@@ -135,6 +137,7 @@ class JobNotice(Message):
     destinations: list[Name]
     at: float | None = None
     origin: Name | None = None
+    generation: int = 0
     manifest: bytes = field(default=b"", repr=False)
 
     @property
@@ -203,8 +206,10 @@ class FetchCancel(Message):
 
 @dataclass(frozen=True, slots=True)
 class Report(Message):
-    """A destination's state change. ``seq`` grows at the node that made the
-    change, so a repeated or reordered report changes nothing upstream."""
+    """A destination's state change. ``seq`` grows at ``origin``, the node
+    that made the change (the destination itself unless said otherwise), so a
+    repeated or reordered report changes nothing upstream. Relays forward
+    reports unchanged."""
 
     TYPE: ClassVar[MessageType] = MessageType.REPORT
     report_id: str
@@ -215,6 +220,7 @@ class Report(Message):
     detail: str = ""
     package: PackageId | None = None
     time: float = 0.0
+    origin: Name | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +367,9 @@ def from_wire(obj: Any, payload: bytes) -> Message:
         raise RemoteProtocolError("header is not [tag, fields]")
     tag, fields = obj
     try:
+        # Only a msgpack integer is a tag: True and 1.0 compare equal to 1.
+        if type(tag) is not int:
+            raise ValueError
         mtype = MessageType(tag)
     except ValueError:
         raise RemoteProtocolError(f"unknown message type {tag!r}") from None

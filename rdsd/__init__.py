@@ -1,0 +1,1 @@
+"""rdsd: software distribution through relays to clients."""

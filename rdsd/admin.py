@@ -1,0 +1,316 @@
+"""The typed admin API behind every ``rdsd`` command.
+
+Admin operations act on a home directory: they write the job database and
+the store, and a running daemon on that home notices within its poll
+interval (it watches SQLite's ``data_version``), so no restart and no
+control socket are needed. Embedders call the same functions the CLI does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from protocol import is_destination, is_package_id, is_safe_name
+
+from .config import DEFAULT_KEEP, ConfigError, HomePaths, NodeConfig, Role
+from .fsutil import atomic_write, commit_file, removing_on_error, temp_name
+from .jobdb import FINAL_STATES, JOB_TYPES, JobDB, JobError
+from .manifest import build_manifest, seal
+from .packing import pack_directory
+from .security import (
+    Bundle,
+    Signer,
+    Verifier,
+    create_ca,
+    generate_signing_key,
+    issue_certificate,
+    read_bundle,
+    write_bundle,
+)
+from .store import Store
+
+
+class AdminError(Exception):
+    """An admin request cannot be done; the message says why, for a person."""
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> float:
+    """ISO 8601; a time without zone is taken as UTC."""
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise AdminError(f"time {text!r} is not ISO 8601 (like 2026-12-01T22:00:00Z)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _fresh_home(home: Path) -> HomePaths:
+    paths = HomePaths(home)
+    if paths.config.exists():
+        raise AdminError(f"{home} is already an rdsd home")
+    home.mkdir(parents=True, exist_ok=True)
+    paths.tls.mkdir(mode=0o700, exist_ok=True)
+    return paths
+
+
+def init_server(home: Path, name: str = "server", listen: tuple[str, int] = ("0.0.0.0", 7700)) -> NodeConfig:
+    """Make a deployment: its CA, the server's certificate, the signing key."""
+    cfg = NodeConfig(home=home, role=Role.SERVER, name=name, listen=listen)
+    paths = _fresh_home(home)
+    ca_cert, ca_key = create_ca(name)
+    cert, key, _ = issue_certificate(ca_cert, ca_key, name, "server")
+    sign_key, sign_pub = generate_signing_key()
+    atomic_write(paths.ca_cert, ca_cert)
+    atomic_write(paths.ca_key, ca_key, mode=0o600)
+    atomic_write(paths.cert, cert)
+    atomic_write(paths.key, key, mode=0o600)
+    atomic_write(paths.signing_key, sign_key, mode=0o600)
+    atomic_write(paths.signing_pub, sign_pub)
+    JobDB(paths.db).close()
+    cfg.save()
+    return cfg
+
+
+def enroll(server_home: Path, name: str, role: str, out: Path) -> None:
+    """Issue a bundle a relay or client is set up from, and record the node."""
+    if role not in ("relay", "client"):
+        raise AdminError(f"role must be relay or client, not {role!r}")
+    if not is_safe_name(name):
+        raise AdminError(f"node name {name!r} must match [A-Za-z0-9._-]{{1,64}}")
+    admin = Admin(server_home)
+    try:
+        admin.require_role(Role.SERVER)
+        paths = admin.paths
+        if admin.db.node(name) is not None and name == admin.cfg.name:
+            raise AdminError(f"{name} is the server's own name")
+        cert, key, _ = issue_certificate(
+            paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), name, role
+        )
+        write_bundle(out, Bundle(name=name, role=role, ca_pem=paths.ca_cert.read_bytes(),
+                                 cert_pem=cert, key_pem=key,
+                                 signing_pub_pem=paths.signing_pub.read_bytes()))
+        admin.db.enroll(name, role)
+    finally:
+        admin.close()
+
+
+def init_node(
+    home: Path, role: Role, bundle_path: Path, parent: tuple[str, int],
+    listen: tuple[str, int] | None = None,
+) -> NodeConfig:
+    """Set up a relay or client home from its enrolment bundle."""
+    bundle = read_bundle(bundle_path)
+    if bundle.role != role.value:
+        raise AdminError(f"bundle {bundle_path} is for a {bundle.role}, not a {role.value}")
+    cfg = NodeConfig(home=home, role=role, name=bundle.name, parent=parent, listen=listen)
+    paths = _fresh_home(home)
+    atomic_write(paths.ca_cert, bundle.ca_pem)
+    atomic_write(paths.cert, bundle.cert_pem)
+    atomic_write(paths.key, bundle.key_pem, mode=0o600)
+    atomic_write(paths.signing_pub, bundle.signing_pub_pem)
+    JobDB(paths.db).close()
+    cfg.save()
+    return cfg
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    id: str
+    name: str
+    version: str
+    size: int
+    sha256: str
+    install: list[str]
+    keep: int
+    added: str | None
+    expires: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Admin:
+    """Admin operations on one home directory."""
+
+    def __init__(self, home: Path) -> None:
+        self.cfg = NodeConfig.load(home)
+        self.paths = self.cfg.paths
+        self.db = JobDB(self.paths.db)
+        self.store = Store(self.paths.store, Verifier(self.paths.signing_pub.read_bytes()))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def require_role(self, *roles: Role | str) -> None:
+        allowed = [Role(r) for r in roles]
+        if self.cfg.role not in allowed:
+            raise AdminError(f"{' and '.join(allowed_names(allowed))} only; {self.paths.home} is "
+                             f"a {self.cfg.role.value} home")
+
+    def _signer(self) -> Signer:
+        return Signer(self.paths.signing_key.read_bytes())
+
+    # -- packages ------------------------------------------------------------------
+
+    def add_package(
+        self, src: Path, name: str, version: str, install: str | None = None,
+        keep: int = DEFAULT_KEEP,
+    ) -> str:
+        self.require_role(Role.SERVER)
+        pid = f"{name}-{version}"
+        if not (is_safe_name(name) and is_safe_name(version) and is_package_id(pid)):
+            raise AdminError(f"package name and version must match [A-Za-z0-9._-]{{1,64}}: {pid!r}")
+        if not src.is_dir():
+            raise AdminError(f"{src} is not a directory")
+        self.store.prepare()
+        if self.store.has(pid):
+            raise AdminError(f"package {pid} already exists; a name and version are immutable")
+        argv = tuple(shlex.split(install)) if install else ()
+        target = self.store.data_path(pid)
+        tmp = temp_name(target)
+        with removing_on_error(tmp):
+            pack_directory(src, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            manifest = build_manifest(tmp, name, version, argv, keep, self.cfg.chunk_size)
+            commit_file(tmp, target)
+        self.store.replace_envelope(pid, seal(manifest, self._signer()))
+        return pid
+
+    def packages(self) -> list[PackageInfo]:
+        return [
+            PackageInfo(id=m.id, name=m.name, version=m.version, size=m.size,
+                        sha256=m.sha256.hex(), install=list(m.install), keep=m.keep,
+                        added=iso(m.added), expires=iso(m.expires))
+            for m in self.store.manifests()
+        ]
+
+    def keep_package(self, pid: str, keep: int) -> PackageInfo:
+        """Re-sign the manifest with a new keep duration. Relays learn it when
+        the package is transferred to them again."""
+        self.require_role(Role.SERVER)
+        m = self.store.manifest(pid)
+        if m is None:
+            raise AdminError(f"no package {pid}")
+        self.store.replace_envelope(pid, seal(m.with_keep(keep), self._signer()))
+        return next(p for p in self.packages() if p.id == pid)
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def create_job(
+        self, type_: str, package: str, to: list[str], at: float | None = None
+    ) -> str:
+        if type_ not in JOB_TYPES:
+            raise AdminError(f"--type must be one of {', '.join(JOB_TYPES)}")
+        if self.cfg.role is Role.CLIENT:
+            raise AdminError("jobs are created on the server or on a relay")
+        if type_ == "transfer" and self.cfg.role is Role.RELAY:
+            raise AdminError("a transfer job cannot be created on a relay; create it on the server")
+        bad = [d for d in to if not is_destination(d)]
+        if bad:
+            raise AdminError(f"not a node name or group:NAME: {', '.join(map(repr, bad))}")
+        envelope = self.store.envelope(package) if is_package_id(package) else None
+        if envelope is None:
+            where = "storehouse" if self.cfg.role is Role.SERVER else "relay's cache"
+            raise AdminError(f"no package {package!r} in this {where}")
+        try:
+            nodes = self.db.expand(to)
+            return self.db.create_job(type_, package, nodes, envelope, at, origin=self.cfg.name)
+        except JobError as exc:
+            raise AdminError(str(exc)) from None
+
+    def job_status(self, jid: str) -> dict[str, Any]:
+        job = self.db.job(jid) if is_safe_name(jid) else None
+        if job is None:
+            raise AdminError(f"no job {jid!r}")
+        return {
+            "id": job.id,
+            "type": job.type,
+            "package": job.package,
+            "created": iso(job.created),
+            "at": iso(job.at),
+            "origin": job.origin,
+            "destinations": [
+                {"node": d.node, "state": d.state, "detail": d.detail, "updated": iso(d.updated)}
+                for d in self.db.dests(job.id)
+            ],
+        }
+
+    def jobs(self) -> list[dict[str, Any]]:
+        out = []
+        for job in self.db.jobs():
+            dests = self.db.dests(job.id)
+            counts: dict[str, int] = {}
+            for d in dests:
+                counts[d.state] = counts.get(d.state, 0) + 1
+            out.append({
+                "id": job.id, "type": job.type, "package": job.package,
+                "created": iso(job.created), "at": iso(job.at), "states": counts,
+                "done": all(d.state in FINAL_STATES for d in dests),
+            })
+        return out
+
+    # -- nodes and groups ----------------------------------------------------------------
+
+    def add_group(self, name: str, members: list[str]) -> None:
+        bad = [m for m in [name, *members] if not is_safe_name(m)]
+        if bad:
+            raise AdminError(f"not a valid name: {', '.join(map(repr, bad))}")
+        self.db.add_group(name, members)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        held = self.db.holdings()
+        installed = self.db.installed()
+        return [
+            {"name": n.name, "role": n.role, "via": n.via, "last_seen": iso(n.last_seen),
+             "revoked": n.revoked, "installed": installed.get(n.name, []),
+             "holds": [{"package": p, "expires": iso(e)} for p, e in sorted(held.get(n.name, {}).items())]}
+            for n in self.db.nodes()
+        ]
+
+    def revoke(self, name: str) -> None:
+        self.require_role(Role.SERVER)
+        if not self.db.revoke(name):
+            raise AdminError(f"no node {name!r}")
+
+    def cache(self) -> list[dict[str, Any]]:
+        self.require_role(Role.RELAY)
+        return [{"package": m.id, "size": m.size, "expires": iso(m.expires)}
+                for m in self.store.manifests()]
+
+    def now(self) -> float:
+        return time.time()
+
+
+def allowed_names(roles: list[Role]) -> list[str]:
+    return [f"a {r.value}" for r in roles]
+
+
+__all__ = [
+    "Admin", "AdminError", "ConfigError", "enroll", "init_node", "init_server", "iso",
+    "parse_time",
+]
+

@@ -1,0 +1,310 @@
+"""The parent half: the sessions of our children.
+
+The managing server and relays share it. It accepts TLS connections, checks
+that the certificate's name and role match the HELLO and that the node is not
+revoked, then pushes the jobs meant for that child or the nodes behind it,
+serves the packages they may fetch, and records their reports. Routes come
+from the sessions themselves: a child is reached over its own session, and a
+node behind a relay over that relay's session, as the relay's TOPOLOGY says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from protocol import (
+    ErrorCode,
+    Fetch,
+    FetchCancel,
+    FetchFail,
+    Hello,
+    Holdings,
+    JobNotice,
+    Message,
+    PendingDone,
+    PendingQuery,
+    Ping,
+    Pong,
+    ProtocolError,
+    Report,
+    ReportAck,
+    Side,
+    Topology,
+    Welcome,
+)
+
+from .config import NodeConfig
+from .jobdb import Job, JobDB
+from .security import SecurityError
+from .session import Session, SessionClosed
+from .store import Store
+from .transfer import serve_fetch
+
+log = structlog.get_logger("rdsd.downlinks")
+
+
+@dataclass
+class Child:
+    """One connected child session and what has been pushed over it."""
+
+    session: Session
+    purpose: str
+    notified: set[tuple[str, str, int]] = field(default_factory=set)
+    serving: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.session.peer.name
+
+
+@dataclass
+class ParentHooks:
+    """Role-specific behaviour of the parent half (server vs relay)."""
+
+    # Make sure a package is in the store or being fetched into it.
+    provide: Callable[[str], Awaitable[bool]]
+    # A report from below was applied (a relay forwards it upward).
+    reports_changed: Callable[[], None]
+    # The set of nodes below us changed (a relay tells its parent).
+    topology_changed: Callable[[], None]
+    forward_reports: bool = False
+
+
+class Downlinks:
+    """Accepts children and works for them."""
+
+    def __init__(
+        self, cfg: NodeConfig, db: JobDB, store: Store, ctx: ssl.SSLContext, hooks: ParentHooks
+    ) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.store = store
+        self.ctx = ctx
+        self.hooks = hooks
+        self.children: dict[str, Child] = {}
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.log = log.bind(node=cfg.name)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None and self._server.sockets
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        assert self.cfg.listen is not None
+        host, port = self.cfg.listen
+        self._server = await asyncio.start_server(
+            self._accept, host, port, ssl=self.ctx, ssl_handshake_timeout=self.cfg.handshake_timeout,
+            limit=1024 * 1024,
+        )
+        self.log.info("listening", address=f"{self.address[0]}:{self.address[1]}")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for child in list(self.children.values()):
+            child.session.abort("shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(reader, writer)
+        except Exception:
+            self.log.exception("child.crashed")
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer = Session.identify(writer)
+        except SecurityError as exc:
+            self.log.warning("child.refused", reason=str(exc))
+            return
+        session = Session(reader, writer, Side.PARENT, peer, self.cfg.idle_timeout)
+        try:
+            hello = await session.recv(self.cfg.handshake_timeout)
+            await self._check_hello(session, hello)
+        except SessionClosed as exc:
+            self.log.warning("child.handshake_failed", peer=peer.name, reason=str(exc))
+            return
+        except ProtocolError as exc:
+            self.log.warning("child.refused", peer=peer.name, reason=str(exc))
+            await session.fail(exc)
+            return
+        assert isinstance(hello, Hello)
+        await session.send(
+            Welcome(node=self.cfg.name, role=self.cfg.role.value, time=time.time())
+        )
+        child = Child(session, hello.purpose)
+        if hello.purpose == "session":
+            old = self.children.get(peer.name)
+            if old is not None:
+                old.session.abort("replaced by a new session")
+            self.children[peer.name] = child
+            self.db.upsert_node(peer.name, peer.role, via=peer.name)
+            self.hooks.topology_changed()
+        self.log.info("child.connected", peer=peer.name, role=peer.role, purpose=hello.purpose)
+        try:
+            if hello.purpose == "session":
+                await self.dispatch()
+            while True:
+                msg = await session.recv()
+                await self._on_message(child, msg)
+        except SessionClosed as exc:
+            self.log.info("child.disconnected", peer=peer.name, reason=str(exc))
+        finally:
+            for task in child.serving.values():
+                task.cancel()
+            if self.children.get(peer.name) is child:
+                del self.children[peer.name]
+            await session.close()
+
+    async def _check_hello(self, session: Session, msg: Message) -> None:
+        peer = session.peer
+        if not isinstance(msg, Hello):
+            raise ProtocolError(f"expected HELLO, got {msg.TYPE.name}")
+        if msg.node != peer.name or msg.role != peer.role:
+            raise ProtocolError(
+                f"HELLO says {msg.node}/{msg.role} but the certificate is {peer.name}/{peer.role}",
+                ErrorCode.UNAUTHORIZED,
+            )
+        if peer.role not in ("relay", "client"):
+            raise ProtocolError(f"a {peer.role} cannot be a child", ErrorCode.UNAUTHORIZED)
+        if msg.purpose not in ("session", "query"):
+            raise ProtocolError(f"unknown purpose {msg.purpose!r}")
+        row = self.db.node(peer.name)
+        if row is not None and row.revoked:
+            raise ProtocolError(f"node {peer.name} is revoked", ErrorCode.REVOKED)
+
+    # -- messages from a child ------------------------------------------------
+
+    async def _on_message(self, child: Child, msg: Message) -> None:
+        session = child.session
+        if isinstance(msg, Fetch):
+            await self._start_serving(child, msg)
+        elif isinstance(msg, FetchCancel):
+            task = child.serving.get(msg.fetch_id)
+            if task is not None:
+                task.cancel()
+        elif isinstance(msg, Report):
+            if not self._in_subtree(child.name, msg.node):
+                raise ProtocolError(f"{child.name} may not report for {msg.node}", ErrorCode.UNAUTHORIZED)
+            if self.db.apply_report(msg, forward=self.hooks.forward_reports):
+                self.log.info("report.applied", job=msg.job, dest=msg.node, state=msg.state,
+                              detail=msg.detail, package=msg.package)
+                self.hooks.reports_changed()
+            await session.send(ReportAck(report_id=msg.report_id))
+        elif isinstance(msg, PendingQuery):
+            jobs = await self._push(child, only=child.name)
+            await session.send(PendingDone(jobs=jobs))
+        elif isinstance(msg, Topology):
+            if child.session.peer.role != "relay":
+                raise ProtocolError("only a relay has nodes below it", ErrorCode.UNAUTHORIZED)
+            for name, role in msg.nodes.items():
+                if name != self.cfg.name and name not in self.children:
+                    self.db.upsert_node(name, role, via=child.name, seen=False)
+            self.hooks.topology_changed()
+            await self.dispatch()
+        elif isinstance(msg, Holdings):
+            self.db.set_holdings(child.name, msg.packages)
+        elif isinstance(msg, Ping):
+            await session.send(Pong(nonce=msg.nonce))
+
+    async def _start_serving(self, child: Child, fetch: Fetch) -> None:
+        session = child.session
+        if not self._may_fetch(child.name, fetch.package):
+            await session.send(
+                FetchFail(fetch_id=fetch.fetch_id, reason=f"no job gives {child.name} {fetch.package}")
+            )
+            return
+        if not self.store.has(fetch.package) and self.store.active(fetch.package) is None:
+            if not await self.hooks.provide(fetch.package):
+                await session.send(
+                    FetchFail(fetch_id=fetch.fetch_id, reason=f"{fetch.package} is not available here")
+                )
+                return
+
+        async def run() -> None:
+            try:
+                await serve_fetch(session, self.store, fetch, self.cfg.name)
+            except SessionClosed:
+                pass
+            finally:
+                child.serving.pop(fetch.fetch_id, None)
+
+        child.serving[fetch.fetch_id] = asyncio.create_task(run())
+
+    def _in_subtree(self, child: str, node: str) -> bool:
+        if node == child:
+            return True
+        row = self.db.node(node)
+        return row is not None and row.via == child
+
+    def _may_fetch(self, child: str, package: str) -> bool:
+        """A node may fetch only packages of jobs addressed to it or, for a
+        relay, to a node below it."""
+        for job in self.db.jobs():
+            if job.package != package:
+                continue
+            if any(self._in_subtree(child, d.node) for d in self.db.dests(job.id)):
+                return True
+        return False
+
+    # -- pushing jobs down ------------------------------------------------------
+
+    def route(self, node: str) -> Child | None:
+        child = self.children.get(node)
+        if child is not None:
+            return child
+        row = self.db.node(node)
+        if row is not None and row.via is not None:
+            return self.children.get(row.via)
+        return None
+
+    async def dispatch(self) -> None:
+        """Push every due, unfinished destination to the session that leads
+        to it, once per session."""
+        for child in list(self.children.values()):
+            with contextlib.suppress(SessionClosed):
+                await self._push(child)
+
+    async def _push(self, child: Child, only: str | None = None) -> list[str]:
+        batches: dict[tuple[str, int], tuple[Job, list[str]]] = {}
+        for job, dest in self.db.open_work():
+            if dest.node == self.cfg.name or (only is not None and dest.node != only):
+                continue
+            if only is None and self.route(dest.node) is not child:
+                continue
+            key = (job.id, dest.node, dest.generation)
+            if only is None and key in child.notified:
+                continue
+            child.notified.add(key)
+            batches.setdefault((job.id, dest.generation), (job, []))[1].append(dest.node)
+        for (_, generation), (job, nodes) in batches.items():
+            await child.session.send(
+                JobNotice(job=job.id, type=job.type, package=job.package, destinations=nodes,
+                          at=job.at, origin=job.origin, generation=generation,
+                          manifest=job.manifest)
+            )
+            self.log.info("job.sent", job=job.id, package=job.package, to=child.name, dests=nodes)
+        return list(dict.fromkeys(jid for jid, _ in batches))

@@ -1,0 +1,417 @@
+"""The job database: jobs, destination states, the report outbox, nodes,
+groups and inventory, in SQLite (WAL) under the node's home.
+
+Every node keeps one. On the server it is the truth for ``rdsd job status``;
+on a relay it holds the jobs passing through and those created there; on a
+client it remembers which jobs it has done, so a job never runs twice.
+
+State changes are made in one transaction with the outbox row that reports
+them upward, so a crash can lose neither. Each report carries a sequence
+number from the node that made the change; a report whose number is not
+newer than what is stored changes nothing, so repeats are harmless.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import Report
+
+JOB_TYPES = ("install", "transfer", "offer")
+FINAL_STATES = frozenset({"stored", "offered", "installed", "failed", "cancelled"})
+STATES = ("waiting", "transferring", "installing", *sorted(FINAL_STATES))
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs(
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, package TEXT NOT NULL,
+    created REAL NOT NULL, at REAL, origin TEXT NOT NULL, manifest BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS dests(
+    job TEXT NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL, origin TEXT NOT NULL DEFAULT '', seq INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(job, node));
+CREATE TABLE IF NOT EXISTS outbox(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, report_id TEXT UNIQUE NOT NULL, job TEXT NOT NULL,
+    node TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL, seq INTEGER NOT NULL,
+    origin TEXT NOT NULL, package TEXT, time REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes(
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, via TEXT, last_seen REAL,
+    revoked INTEGER NOT NULL DEFAULT 0, enrolled REAL);
+CREATE TABLE IF NOT EXISTS groups(name TEXT NOT NULL, node TEXT NOT NULL, PRIMARY KEY(name, node));
+CREATE TABLE IF NOT EXISTS holdings(
+    node TEXT NOT NULL, package TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY(node, package));
+CREATE TABLE IF NOT EXISTS installed(
+    node TEXT NOT NULL, package TEXT NOT NULL, job TEXT NOT NULL, time REAL NOT NULL,
+    PRIMARY KEY(node, package));
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
+"""
+
+
+class JobError(Exception):
+    """A job cannot be created or changed as asked; says why."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    type: str
+    package: str
+    created: float
+    at: float | None
+    origin: str
+    manifest: bytes
+
+
+@dataclass(frozen=True)
+class Dest:
+    job: str
+    node: str
+    state: str
+    detail: str
+    updated: float
+    attempts: int
+    generation: int
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    name: str
+    role: str
+    via: str | None
+    last_seen: float | None
+    revoked: bool
+
+
+def new_job_id() -> str:
+    return "j" + secrets.token_hex(8)
+
+
+class JobDB:
+    """A thin typed layer over one SQLite connection. Calls are short and
+    local; the event loop may call them directly."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Changes when another connection (a CLI command) commits."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- jobs ------------------------------------------------------------------
+
+    def expand(self, destinations: Iterable[str]) -> list[str]:
+        """Node names from names and ``group:NAME``; unknown groups refused."""
+        out: list[str] = []
+        for dest in destinations:
+            if dest.startswith("group:"):
+                members = self.group_members(dest[6:])
+                if not members:
+                    raise JobError(f"group {dest[6:]!r} has no members")
+                out.extend(members)
+            else:
+                out.append(dest)
+        return list(dict.fromkeys(out))
+
+    def create_job(
+        self, type_: str, package: str, nodes: list[str], envelope: bytes,
+        at: float | None, origin: str, job_id: str | None = None,
+    ) -> str:
+        if type_ not in JOB_TYPES:
+            raise JobError(f"job type {type_!r} is not one of {', '.join(JOB_TYPES)}")
+        if not nodes:
+            raise JobError("a job needs at least one destination")
+        jid = job_id or new_job_id()
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs VALUES(?,?,?,?,?,?,?)",
+                (jid, type_, package, now, at, origin, envelope),
+            )
+            db.executemany(
+                "INSERT INTO dests(job, node, state, updated) VALUES(?,?, 'waiting', ?)",
+                [(jid, n, now) for n in nodes],
+            )
+        return jid
+
+    def receive_job(
+        self, jid: str, type_: str, package: str, nodes: list[str], envelope: bytes,
+        at: float | None, origin: str, generation: int = 0,
+    ) -> list[str]:
+        """Record a job pushed by the parent. Known destinations keep their
+        state, so a repeated notice never restarts finished work; only a
+        newer ``generation`` (``job retry`` upstream) puts them back to
+        waiting. Returns the destinations that are new or reset."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs VALUES(?,?,?,?,?,?,?)",
+                (jid, type_, package, now, at, origin, envelope),
+            )
+            db.execute("UPDATE jobs SET manifest=?, at=? WHERE id=?", (envelope, at, jid))
+            new = []
+            for n in nodes:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO dests(job, node, state, updated, generation) "
+                    "VALUES(?,?,'waiting',?,?)",
+                    (jid, n, now, generation),
+                )
+                if not cur.rowcount:
+                    cur = db.execute(
+                        "UPDATE dests SET state='waiting', detail='retry', updated=?, attempts=0, "
+                        "generation=? WHERE job=? AND node=? AND generation < ?",
+                        (now, generation, jid, n, generation),
+                    )
+                if cur.rowcount:
+                    new.append(n)
+        return new
+
+    def job(self, jid: str) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
+        return Job(*row) if row else None
+
+    def jobs(self) -> list[Job]:
+        return [Job(*r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created, id")]
+
+    def dests(self, jid: str) -> list[Dest]:
+        return [
+            Dest(*r)
+            for r in self._db.execute(
+                "SELECT job, node, state, detail, updated, attempts, generation FROM dests WHERE job=? "
+                "ORDER BY node", (jid,),
+            )
+        ]
+
+    def dest(self, jid: str, node: str) -> Dest | None:
+        r = self._db.execute(
+            "SELECT job, node, state, detail, updated, attempts, generation FROM dests WHERE job=? AND node=?",
+            (jid, node),
+        ).fetchone()
+        return Dest(*r) if r else None
+
+    def open_work(self, now: float | None = None) -> list[tuple[Job, Dest]]:
+        """Destinations not yet final whose execution time has come."""
+        now = time.time() if now is None else now
+        rows = self._db.execute(
+            "SELECT j.*, d.job, d.node, d.state, d.detail, d.updated, d.attempts, d.generation "
+            "FROM dests d JOIN jobs j ON j.id = d.job "
+            f"WHERE d.state NOT IN ({','.join('?' * len(FINAL_STATES))}) "
+            "AND (j.at IS NULL OR j.at <= ?) ORDER BY j.created, d.node",
+            (*sorted(FINAL_STATES), now),
+        ).fetchall()
+        return [(Job(*r[:7]), Dest(*r[7:])) for r in rows]
+
+    def next_due(self, now: float) -> float | None:
+        """The earliest future execution time among open jobs, for the timer."""
+        row = self._db.execute(
+            "SELECT MIN(j.at) FROM jobs j JOIN dests d ON d.job = j.id "
+            f"WHERE j.at > ? AND d.state NOT IN ({','.join('?' * len(FINAL_STATES))})",
+            (now, *sorted(FINAL_STATES)),
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    # -- state changes and reports ----------------------------------------------
+
+    def _next_seq(self, db: sqlite3.Connection) -> int:
+        db.execute("INSERT OR IGNORE INTO meta VALUES('seq', 0)")
+        db.execute("UPDATE meta SET value = value + 1 WHERE key='seq'")
+        return int(db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
+
+    def change(
+        self, jid: str, node: str, state: str, detail: str, me: str, report: bool,
+        package: str | None = None,
+    ) -> Report | None:
+        """A state change made here. With ``report`` the outbox row that
+        carries it upward is written in the same transaction."""
+        now = time.time()
+        with self._tx() as db:
+            seq = self._next_seq(db)
+            db.execute(
+                "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
+                "WHERE job=? AND node=?",
+                (state, detail, now, me, seq, jid, node),
+            )
+            if state == "installed" and package:
+                self._record_installed(db, node, package, jid, now)
+            if not report:
+                return None
+            rep = Report(
+                report_id=f"{me}:{seq}", job=jid, node=node, state=state, seq=seq,
+                detail=detail, package=package, time=now, origin=me,
+            )
+            self._enqueue(db, rep)
+            return rep
+
+    def apply_report(self, rep: Report, forward: bool) -> bool:
+        """Apply a report from below; with ``forward`` queue it for our parent
+        in the same transaction. Returns False if it changed nothing."""
+        origin = rep.origin or rep.node
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT origin, seq FROM dests WHERE job=? AND node=?", (rep.job, rep.node)
+            ).fetchone()
+            if row is None:
+                return False
+            if row[0] == origin and rep.seq <= row[1]:
+                return False
+            db.execute(
+                "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
+                "WHERE job=? AND node=?",
+                (rep.state, rep.detail, rep.time or time.time(), origin, rep.seq, rep.job, rep.node),
+            )
+            if rep.state == "installed" and rep.package:
+                self._record_installed(db, rep.node, rep.package, rep.job, rep.time)
+            if forward:
+                self._enqueue(db, rep)
+            return True
+
+    @staticmethod
+    def _record_installed(
+        db: sqlite3.Connection, node: str, package: str, jid: str, when: float
+    ) -> None:
+        db.execute("INSERT OR REPLACE INTO installed VALUES(?,?,?,?)", (node, package, jid, when))
+
+    @staticmethod
+    def _enqueue(db: sqlite3.Connection, rep: Report) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO outbox(report_id, job, node, state, detail, seq, origin, "
+            "package, time) VALUES(?,?,?,?,?,?,?,?,?)",
+            (rep.report_id, rep.job, rep.node, rep.state, rep.detail, rep.seq,
+             rep.origin or rep.node, rep.package, rep.time),
+        )
+
+    def outbox(self) -> list[Report]:
+        return [
+            Report(report_id=r[0], job=r[1], node=r[2], state=r[3], detail=r[4], seq=r[5],
+                   origin=r[6], package=r[7], time=r[8])
+            for r in self._db.execute(
+                "SELECT report_id, job, node, state, detail, seq, origin, package, time "
+                "FROM outbox ORDER BY id"
+            )
+        ]
+
+    def ack(self, report_id: str) -> None:
+        self._db.execute("DELETE FROM outbox WHERE report_id=?", (report_id,))
+
+    def reset_failed(self, jid: str) -> list[str]:
+        """Put failed destinations back to waiting (``job retry``)."""
+        with self._tx() as db:
+            nodes = [
+                r[0] for r in db.execute(
+                    "SELECT node FROM dests WHERE job=? AND state='failed'", (jid,))
+            ]
+            db.execute(
+                "UPDATE dests SET state='waiting', detail='retry', updated=?, attempts=0, "
+                "generation = generation + 1 WHERE job=? AND state='failed'", (time.time(), jid),
+            )
+        return nodes
+
+    def bump_attempts(self, jid: str, node: str) -> int:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE dests SET attempts = attempts + 1 WHERE job=? AND node=?", (jid, node)
+            )
+            row = db.execute(
+                "SELECT attempts FROM dests WHERE job=? AND node=?", (jid, node)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- nodes, routes, groups ---------------------------------------------------
+
+    def upsert_node(self, name: str, role: str, via: str | None, seen: bool = True) -> None:
+        self._db.execute(
+            "INSERT INTO nodes(name, role, via, last_seen) VALUES(?,?,?,?) "
+            "ON CONFLICT(name) DO UPDATE SET role=excluded.role, via=excluded.via, "
+            "last_seen=COALESCE(excluded.last_seen, nodes.last_seen)",
+            (name, role, via, time.time() if seen else None),
+        )
+
+    def enroll(self, name: str, role: str) -> None:
+        self._db.execute(
+            "INSERT INTO nodes(name, role, enrolled) VALUES(?,?,?) "
+            "ON CONFLICT(name) DO UPDATE SET role=excluded.role, enrolled=excluded.enrolled, "
+            "revoked=0",
+            (name, role, time.time()),
+        )
+
+    def node(self, name: str) -> NodeRow | None:
+        r = self._db.execute(
+            "SELECT name, role, via, last_seen, revoked FROM nodes WHERE name=?", (name,)
+        ).fetchone()
+        return NodeRow(r[0], r[1], r[2], r[3], bool(r[4])) if r else None
+
+    def nodes(self) -> list[NodeRow]:
+        return [
+            NodeRow(r[0], r[1], r[2], r[3], bool(r[4]))
+            for r in self._db.execute(
+                "SELECT name, role, via, last_seen, revoked FROM nodes ORDER BY name")
+        ]
+
+    def revoke(self, name: str) -> bool:
+        cur = self._db.execute("UPDATE nodes SET revoked=1 WHERE name=?", (name,))
+        return cur.rowcount > 0
+
+    def add_group(self, name: str, members: list[str]) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO groups VALUES(?,?)", [(name, m) for m in members])
+
+    def group_members(self, name: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT node FROM groups WHERE name=? ORDER BY node", (name,))]
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, node in self._db.execute("SELECT name, node FROM groups ORDER BY name, node"):
+            out.setdefault(name, []).append(node)
+        return out
+
+    # -- inventory -----------------------------------------------------------------
+
+    def set_holdings(self, node: str, packages: dict[str, float]) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM holdings WHERE node=?", (node,))
+            db.executemany(
+                "INSERT INTO holdings VALUES(?,?,?)", [(node, p, e) for p, e in packages.items()]
+            )
+
+    def holdings(self, node: str | None = None) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        q = "SELECT node, package, expires FROM holdings"
+        rows = self._db.execute(q + " WHERE node=?", (node,)) if node else self._db.execute(q)
+        for n, p, e in rows:
+            out.setdefault(n, {})[p] = e
+        return out
+
+    def installed(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for n, p in self._db.execute("SELECT node, package FROM installed ORDER BY node, package"):
+            out.setdefault(n, []).append(p)
+        return out

@@ -1,0 +1,159 @@
+"""Moving one package across one hop, both ends.
+
+The sending end streams chunks out of the store (each re-checked against its
+signed digest on the way out) and the receiving end writes each chunk only
+after it matches. How a failed transfer continues depends on the hop, as the
+design says: below the managing server (and between relays) the receiver
+keeps its verified prefix and asks again from that byte offset; below a
+relay, a client throws its partial copy away and starts from byte zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from protocol import Chunk, Fetch, FetchCancel, FetchEnd, FetchFail, Message
+
+from .manifest import Manifest
+from .session import Session, SessionClosed
+from .store import CorruptChunk, DiskFull, Download, Store, StoreError
+
+log = structlog.get_logger("rdsd.transfer")
+QUEUE_DEPTH = 8
+PROGRESS_EVERY = 5.0
+
+
+class TransferFailed(Exception):
+    """One attempt to receive a package failed; ``retryable`` says whether
+    trying again may help (a cut link) or not (refused, disk full)."""
+
+    def __init__(self, reason: str, retryable: bool = True) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+async def serve_fetch(session: Session, store: Store, fetch: Fetch, node: str) -> None:
+    """Send ``fetch.package`` from ``fetch.offset`` to the end, then FETCH_END;
+    any store problem becomes FETCH_FAIL with the reason."""
+    bound = log.bind(node=node, peer=session.peer.name, package=fetch.package)
+    sent = 0
+    try:
+        async for offset, data in store.chunks(fetch.package, fetch.offset):
+            await session.send(Chunk(fetch_id=fetch.fetch_id, offset=offset, data=data))
+            sent += len(data)
+    except CorruptChunk as exc:
+        bound.error("serve.corrupt", offset=exc.offset)
+        await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=str(exc)))
+        return
+    except StoreError as exc:
+        bound.warning("serve.failed", reason=str(exc))
+        await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=str(exc)))
+        return
+    except asyncio.CancelledError:
+        if not session.closed:
+            await session.send(FetchFail(fetch_id=fetch.fetch_id, reason="cancelled"))
+        raise
+    await session.send(FetchEnd(fetch_id=fetch.fetch_id, size=fetch.offset + sent))
+    bound.info("serve.done", offset=fetch.offset, bytes=sent)
+
+
+class FetchRouter:
+    """Hands the parent's answers to each running fetch on one session.
+
+    The session's single reader puts messages here; each fetch reads its own
+    bounded queue, so a slow disk pushes back on the socket rather than
+    growing memory.
+    """
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._queues: dict[int, asyncio.Queue[Message | None]] = {}
+
+    def open(self) -> tuple[int, asyncio.Queue[Message | None]]:
+        fid = next(self._ids)
+        q: asyncio.Queue[Message | None] = asyncio.Queue(QUEUE_DEPTH)
+        self._queues[fid] = q
+        return fid, q
+
+    def close(self, fid: int) -> None:
+        self._queues.pop(fid, None)
+
+    async def deliver(self, msg: Chunk | FetchEnd | FetchFail) -> None:
+        q = self._queues.get(msg.fetch_id)
+        if q is not None:
+            await q.put(msg)
+
+    def session_lost(self) -> None:
+        """Wake every waiting fetch: its session is gone."""
+        for q in self._queues.values():
+            if q.empty():
+                q.put_nowait(None)
+
+
+async def receive(
+    session: Session,
+    router: FetchRouter,
+    dl: Download,
+    timeout: float,
+    node: str,
+    progress: Callable[[int, int], Awaitable[None]] | None = None,
+) -> None:
+    """One attempt to complete ``dl`` from ``session``, from its verified
+    offset. Raises TransferFailed; CorruptChunk counts as retryable."""
+    m: Manifest = dl.manifest
+    fid, q = router.open()
+    start = dl.verified
+    last = time.monotonic()
+    bound = log.bind(node=node, peer=session.peer.name, package=m.id)
+    bound.info("fetch.start", offset=start, size=m.size)
+    try:
+        try:
+            await session.send(Fetch(fetch_id=fid, package=m.id, offset=start))
+        except SessionClosed as exc:
+            raise TransferFailed(f"link lost: {exc}") from None
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    msg = await q.get()
+            except TimeoutError:
+                raise TransferFailed(f"no data from {session.peer.name} for {timeout:.0f}s") from None
+            if msg is None:
+                raise TransferFailed(f"link lost: {session.close_reason}")
+            if isinstance(msg, Chunk):
+                try:
+                    await dl.write_chunk(msg.offset, msg.data)
+                except CorruptChunk as exc:
+                    await _cancel(session, fid)
+                    raise TransferFailed(str(exc)) from None
+                except DiskFull as exc:
+                    await _cancel(session, fid)
+                    raise TransferFailed(str(exc), retryable=False) from None
+                now = time.monotonic()
+                if progress is not None and now - last >= PROGRESS_EVERY:
+                    last = now
+                    await progress(dl.verified, m.size)
+            elif isinstance(msg, FetchFail):
+                raise TransferFailed(f"{session.peer.name} refused: {msg.reason}")
+            elif isinstance(msg, FetchEnd):
+                break
+        try:
+            await dl.finish()
+        except CorruptChunk as exc:
+            raise TransferFailed(str(exc)) from None
+        except OSError as exc:
+            raise TransferFailed(f"cannot store {m.id}: {exc}", retryable=False) from None
+        bound.info("fetch.done", resumed_from=start, bytes=m.size - start)
+    finally:
+        router.close(fid)
+
+
+async def _cancel(session: Session, fid: int) -> None:
+    try:
+        await session.send(FetchCancel(fetch_id=fid))
+    except SessionClosed:
+        pass

@@ -1,0 +1,175 @@
+"""The child half: our one session to the parent.
+
+Relays and clients share it. It connects upward with exponential backoff and
+jitter, says HELLO, and from then on routes what the parent sends: job
+notices and cancels to the node, fetch answers to the running fetches, report
+acknowledgements to the outbox. When the session drops, running fetches are
+woken with the news and the link connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import structlog
+
+from protocol import (
+    Chunk,
+    FetchEnd,
+    FetchFail,
+    Hello,
+    JobCancel,
+    JobNotice,
+    Message,
+    PendingDone,
+    PendingQuery,
+    Ping,
+    Pong,
+    Report,
+    ReportAck,
+)
+
+from .config import NodeConfig
+from .session import Session, SessionClosed, open_child_session
+from .transfer import FetchRouter
+
+log = structlog.get_logger("rdsd.uplink")
+
+
+class UplinkHandler(Protocol):
+    """What the node does with what the parent sends."""
+
+    async def on_connected(self, link: Uplink) -> None: ...
+    async def on_job_notice(self, notice: JobNotice) -> None: ...
+    async def on_job_cancel(self, cancel: JobCancel) -> None: ...
+    def on_report_ack(self, report_id: str) -> None: ...
+
+
+class Uplink:
+    """One child-side session, reconnecting for as long as it runs."""
+
+    def __init__(
+        self, cfg: NodeConfig, ctx: ssl.SSLContext, handler: UplinkHandler, purpose: str = "session"
+    ) -> None:
+        assert cfg.parent is not None
+        self.cfg = cfg
+        self.ctx = ctx
+        self.handler = handler
+        self.purpose = purpose
+        self.router = FetchRouter()
+        self.session: Session | None = None
+        self.parent_role = ""
+        self.parent_name = ""
+        self.connected = asyncio.Event()
+        self.last_error = ""
+        self._pending_done: asyncio.Future[list[str]] | None = None
+        self._ping = 0
+        self.log = log.bind(node=cfg.name)
+
+    @property
+    def resumes(self) -> bool:
+        """Below a relay a failed transfer starts over; elsewhere it resumes."""
+        return self.parent_role != "relay"
+
+    async def connect_once(self) -> Session:
+        host, port = self.cfg.parent  # type: ignore[misc]
+        hello = Hello(node=self.cfg.name, role=self.cfg.role.value, purpose=self.purpose)
+        session, welcome = await open_child_session(
+            host, port, self.ctx, hello, self.cfg.handshake_timeout, self.cfg.idle_timeout
+        )
+        self.session = session
+        self.parent_role = welcome.role
+        self.parent_name = welcome.node
+        self.connected.set()
+        self.log.info("uplink.connected", parent=welcome.node, parent_role=welcome.role)
+        return session
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff; until cancelled."""
+        delay = self.cfg.reconnect_min
+        while True:
+            try:
+                session = await self.connect_once()
+            except (OSError, TimeoutError, SessionClosed, ssl.SSLError, Exception) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                self.log.warning("uplink.connect_failed", reason=self.last_error, retry_in=round(delay, 2))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self.cfg.reconnect_max)
+                continue
+            delay = self.cfg.reconnect_min
+            await self.serve(session)
+
+    async def serve(self, session: Session) -> None:
+        """Read until the session ends, dispatching every message."""
+        pinger = asyncio.create_task(self._keepalive(session))
+        try:
+            await self.handler.on_connected(self)
+            while True:
+                msg = await session.recv()
+                await self._dispatch(msg)
+        except SessionClosed as exc:
+            self.last_error = str(exc)
+            self.log.warning("uplink.lost", reason=str(exc))
+        finally:
+            pinger.cancel()
+            self.connected.clear()
+            self.session = None
+            self.router.session_lost()
+            if self._pending_done is not None and not self._pending_done.done():
+                self._pending_done.set_exception(SessionClosed(self.last_error))
+            await session.close(self.last_error)
+
+    async def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, (Chunk, FetchEnd, FetchFail)):
+            await self.router.deliver(msg)
+        elif isinstance(msg, JobNotice):
+            await self.handler.on_job_notice(msg)
+        elif isinstance(msg, ReportAck):
+            self.handler.on_report_ack(msg.report_id)
+        elif isinstance(msg, PendingDone):
+            if self._pending_done is not None and not self._pending_done.done():
+                self._pending_done.set_result(msg.jobs)
+        elif isinstance(msg, JobCancel):
+            await self.handler.on_job_cancel(msg)
+        elif isinstance(msg, Ping) and self.session is not None:
+            await self.session.send(Pong(nonce=msg.nonce))
+
+    async def _keepalive(self, session: Session) -> None:
+        with contextlib.suppress(SessionClosed):
+            while True:
+                await asyncio.sleep(self.cfg.ping_interval)
+                self._ping += 1
+                await session.send(Ping(nonce=self._ping))
+
+    async def wait_session(self, timeout: float) -> Session:
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.connected.wait()
+                if self.session is not None and not self.session.closed:
+                    return self.session
+                await asyncio.sleep(0.05)
+
+    async def query_pending(self, timeout: float) -> list[str]:
+        """Ask for this node's pending jobs; the notices arrive through the
+        handler before the answer, so they are recorded when this returns."""
+        session = await self.wait_session(timeout)
+        self._pending_done = asyncio.get_running_loop().create_future()
+        await session.send(PendingQuery())
+        async with asyncio.timeout(timeout):
+            return await self._pending_done
+
+    async def send_reports(self, reports: list[Report]) -> None:
+        session = self.session
+        if session is None or session.closed:
+            return
+        with contextlib.suppress(SessionClosed):
+            for rep in reports:
+                await session.send(rep)
+
+    async def with_session(self, fn: Callable[[Session], Awaitable[None]], timeout: float) -> None:
+        await fn(await self.wait_session(timeout))
