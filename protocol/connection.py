@@ -67,11 +67,25 @@ C, P = Side.CHILD, Side.PARENT
 T = MessageType
 
 _CHILD_OPEN = (
-    T.PENDING_QUERY, T.FETCH, T.FETCH_CANCEL, T.REPORT, T.TOPOLOGY, T.HOLDINGS, T.PING, T.PONG,
+    T.PENDING_QUERY,
+    T.FETCH,
+    T.FETCH_CANCEL,
+    T.REPORT,
+    T.TOPOLOGY,
+    T.HOLDINGS,
+    T.PING,
+    T.PONG,
 )
 _PARENT_OPEN = (
-    T.JOB_NOTICE, T.PENDING_DONE, T.CHUNK, T.FETCH_END, T.FETCH_FAIL, T.REPORT_ACK,
-    T.JOB_CANCEL, T.PING, T.PONG,
+    T.JOB_NOTICE,
+    T.PENDING_DONE,
+    T.CHUNK,
+    T.FETCH_END,
+    T.FETCH_FAIL,
+    T.REPORT_ACK,
+    T.JOB_CANCEL,
+    T.PING,
+    T.PONG,
 )
 
 # (state, sender, message type) -> next state. The whole protocol in one table.

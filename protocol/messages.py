@@ -283,9 +283,25 @@ class Goodbye(Message):
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Hello, Welcome, JobNotice, PendingQuery, PendingDone, Fetch, Chunk, FetchEnd,
-        FetchFail, FetchCancel, Report, ReportAck, Topology, Holdings, JobCancel,
-        Ping, Pong, Error, Goodbye,
+        Hello,
+        Welcome,
+        JobNotice,
+        PendingQuery,
+        PendingDone,
+        Fetch,
+        Chunk,
+        FetchEnd,
+        FetchFail,
+        FetchCancel,
+        Report,
+        ReportAck,
+        Topology,
+        Holdings,
+        JobCancel,
+        Ping,
+        Pong,
+        Error,
+        Goodbye,
     )
 }
 
@@ -354,9 +370,7 @@ _FIELD_TYPES: dict[MessageType, dict[str, Any]] = {
 def to_wire(msg: Message) -> list[Any]:
     """The msgpack-ready header form ``[tag, fields]``, payload excluded."""
     skip = _PAYLOAD_FIELD.get(msg.TYPE)
-    fields = {
-        f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != skip
-    }
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != skip}
     return [int(msg.TYPE), fields]
 
 

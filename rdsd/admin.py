@@ -8,7 +8,6 @@ control socket are needed. Embedders call the same functions the CLI does.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import time
@@ -67,7 +66,9 @@ def _fresh_home(home: Path) -> HomePaths:
     return paths
 
 
-def init_server(home: Path, name: str = "server", listen: tuple[str, int] = ("0.0.0.0", 7700)) -> NodeConfig:
+def init_server(
+    home: Path, name: str = "server", listen: tuple[str, int] = ("0.0.0.0", 7700)
+) -> NodeConfig:
     """Make a deployment: its CA, the server's certificate, the signing key."""
     cfg = NodeConfig(home=home, role=Role.SERVER, name=name, listen=listen)
     paths = _fresh_home(home)
@@ -100,16 +101,27 @@ def enroll(server_home: Path, name: str, role: str, out: Path) -> None:
         cert, key, _ = issue_certificate(
             paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), name, role
         )
-        write_bundle(out, Bundle(name=name, role=role, ca_pem=paths.ca_cert.read_bytes(),
-                                 cert_pem=cert, key_pem=key,
-                                 signing_pub_pem=paths.signing_pub.read_bytes()))
+        write_bundle(
+            out,
+            Bundle(
+                name=name,
+                role=role,
+                ca_pem=paths.ca_cert.read_bytes(),
+                cert_pem=cert,
+                key_pem=key,
+                signing_pub_pem=paths.signing_pub.read_bytes(),
+            ),
+        )
         admin.db.enroll(name, role)
     finally:
         admin.close()
 
 
 def init_node(
-    home: Path, role: Role, bundle_path: Path, parent: tuple[str, int],
+    home: Path,
+    role: Role,
+    bundle_path: Path,
+    parent: tuple[str, int],
     listen: tuple[str, int] | None = None,
 ) -> NodeConfig:
     """Set up a relay or client home from its enrolment bundle."""
@@ -164,8 +176,10 @@ class Admin:
     def require_role(self, *roles: Role | str) -> None:
         allowed = [Role(r) for r in roles]
         if self.cfg.role not in allowed:
-            raise AdminError(f"{' and '.join(allowed_names(allowed))} only; {self.paths.home} is "
-                             f"a {self.cfg.role.value} home")
+            raise AdminError(
+                f"{' and '.join(allowed_names(allowed))} only; {self.paths.home} is "
+                f"a {self.cfg.role.value} home"
+            )
 
     def _signer(self) -> Signer:
         return Signer(self.paths.signing_key.read_bytes())
@@ -173,7 +187,11 @@ class Admin:
     # -- packages ------------------------------------------------------------------
 
     def add_package(
-        self, src: Path, name: str, version: str, install: str | None = None,
+        self,
+        src: Path,
+        name: str,
+        version: str,
+        install: str | None = None,
         keep: int = DEFAULT_KEEP,
     ) -> str:
         self.require_role(Role.SERVER)
@@ -202,9 +220,17 @@ class Admin:
 
     def packages(self) -> list[PackageInfo]:
         return [
-            PackageInfo(id=m.id, name=m.name, version=m.version, size=m.size,
-                        sha256=m.sha256.hex(), install=list(m.install), keep=m.keep,
-                        added=iso(m.added), expires=iso(m.expires))
+            PackageInfo(
+                id=m.id,
+                name=m.name,
+                version=m.version,
+                size=m.size,
+                sha256=m.sha256.hex(),
+                install=list(m.install),
+                keep=m.keep,
+                added=iso(m.added),
+                expires=iso(m.expires),
+            )
             for m in self.store.manifests()
         ]
 
@@ -220,9 +246,7 @@ class Admin:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def create_job(
-        self, type_: str, package: str, to: list[str], at: float | None = None
-    ) -> str:
+    def create_job(self, type_: str, package: str, to: list[str], at: float | None = None) -> str:
         if type_ not in JOB_TYPES:
             raise AdminError(f"--type must be one of {', '.join(JOB_TYPES)}")
         if self.cfg.role is Role.CLIENT:
@@ -266,11 +290,17 @@ class Admin:
             counts: dict[str, int] = {}
             for d in dests:
                 counts[d.state] = counts.get(d.state, 0) + 1
-            out.append({
-                "id": job.id, "type": job.type, "package": job.package,
-                "created": iso(job.created), "at": iso(job.at), "states": counts,
-                "done": all(d.state in FINAL_STATES for d in dests),
-            })
+            out.append(
+                {
+                    "id": job.id,
+                    "type": job.type,
+                    "package": job.package,
+                    "created": iso(job.created),
+                    "at": iso(job.at),
+                    "states": counts,
+                    "done": all(d.state in FINAL_STATES for d in dests),
+                }
+            )
         return out
 
     # -- nodes and groups ----------------------------------------------------------------
@@ -285,9 +315,18 @@ class Admin:
         held = self.db.holdings()
         installed = self.db.installed()
         return [
-            {"name": n.name, "role": n.role, "via": n.via, "last_seen": iso(n.last_seen),
-             "revoked": n.revoked, "installed": installed.get(n.name, []),
-             "holds": [{"package": p, "expires": iso(e)} for p, e in sorted(held.get(n.name, {}).items())]}
+            {
+                "name": n.name,
+                "role": n.role,
+                "via": n.via,
+                "last_seen": iso(n.last_seen),
+                "revoked": n.revoked,
+                "installed": installed.get(n.name, []),
+                "holds": [
+                    {"package": p, "expires": iso(e)}
+                    for p, e in sorted(held.get(n.name, {}).items())
+                ],
+            }
             for n in self.db.nodes()
         ]
 
@@ -298,8 +337,10 @@ class Admin:
 
     def cache(self) -> list[dict[str, Any]]:
         self.require_role(Role.RELAY)
-        return [{"package": m.id, "size": m.size, "expires": iso(m.expires)}
-                for m in self.store.manifests()]
+        return [
+            {"package": m.id, "size": m.size, "expires": iso(m.expires)}
+            for m in self.store.manifests()
+        ]
 
     def now(self) -> float:
         return time.time()
@@ -310,7 +351,12 @@ def allowed_names(roles: list[Role]) -> list[str]:
 
 
 __all__ = [
-    "Admin", "AdminError", "ConfigError", "enroll", "init_node", "init_server", "iso",
+    "Admin",
+    "AdminError",
+    "ConfigError",
+    "enroll",
+    "init_node",
+    "init_server",
+    "iso",
     "parse_time",
 ]
-

@@ -27,8 +27,15 @@ from .packing import PackingError
 from .security import SecurityError
 from .store import StoreError
 
-USER_ERRORS = (AdminError, ConfigError, SecurityError, StoreError, PackingError, ManifestError,
-               OSError)
+USER_ERRORS = (
+    AdminError,
+    ConfigError,
+    SecurityError,
+    StoreError,
+    PackingError,
+    ManifestError,
+    OSError,
+)
 
 
 def _print_json(doc: Any) -> None:
@@ -59,8 +66,13 @@ def cmd_init(args: argparse.Namespace) -> int:
             raise AdminError(f"rdsd init {args.role} needs --bundle and --parent")
         if args.role == "relay" and not args.listen:
             raise AdminError("rdsd init relay needs --listen HOST:PORT")
-        cfg = init_node(home, Role(args.role), Path(args.bundle), parse_address(args.parent),
-                        parse_address(args.listen) if args.listen else None)
+        cfg = init_node(
+            home,
+            Role(args.role),
+            Path(args.bundle),
+            parse_address(args.parent),
+            parse_address(args.listen) if args.listen else None,
+        )
     print(f"initialised {cfg.role.value} {cfg.name} in {home}")
     return 0
 
@@ -128,8 +140,13 @@ def cmd_package(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json([p.to_json() for p in pkgs])
             else:
-                _table([[p.id, str(p.size), p.added or "", p.expires or "", " ".join(p.install)]
-                        for p in pkgs], ["PACKAGE", "SIZE", "ADDED", "EXPIRES", "INSTALL"])
+                _table(
+                    [
+                        [p.id, str(p.size), p.added or "", p.expires or "", " ".join(p.install)]
+                        for p in pkgs
+                    ],
+                    ["PACKAGE", "SIZE", "ADDED", "EXPIRES", "INSTALL"],
+                )
         else:
             info = admin.keep_package(args.id, parse_duration(args.duration))
             print(f"{info.id} now expires {info.expires}")
@@ -148,18 +165,30 @@ def cmd_job(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(jobs)
             else:
-                _table([[j["id"], j["type"], j["package"], j["at"] or "-",
-                         ", ".join(f"{k}={v}" for k, v in sorted(j["states"].items()))]
-                        for j in jobs], ["JOB", "TYPE", "PACKAGE", "AT", "STATES"])
+                _table(
+                    [
+                        [
+                            j["id"],
+                            j["type"],
+                            j["package"],
+                            j["at"] or "-",
+                            ", ".join(f"{k}={v}" for k, v in sorted(j["states"].items())),
+                        ]
+                        for j in jobs
+                    ],
+                    ["JOB", "TYPE", "PACKAGE", "AT", "STATES"],
+                )
             return 0
         status = admin.job_status(args.job)
         if args.json:
             _print_json(status)
         else:
-            at = f" at {status['at']}" if status["at"] else ""
-            print(f"job {status['id']}: {status['type']} {status['package']}{at}")
-            _table([[d["node"], d["state"], d["detail"]] for d in status["destinations"]],
-                   ["NODE", "STATE", "DETAIL"])
+            when = f" at {status['at']}" if status["at"] else ""
+            print(f"job {status['id']}: {status['type']} {status['package']}{when}")
+            _table(
+                [[d["node"], d["state"], d["detail"]] for d in status["destinations"]],
+                ["NODE", "STATE", "DETAIL"],
+            )
         return 0
 
 
@@ -176,10 +205,21 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(nodes)
     else:
-        _table([[n["name"], n["role"], n["via"] or "-", n["last_seen"] or "never",
-                 "revoked" if n["revoked"] else "", ",".join(n["installed"]),
-                 ",".join(h["package"] for h in n["holds"])]
-                for n in nodes], ["NODE", "ROLE", "VIA", "LAST SEEN", "", "INSTALLED", "HOLDS"])
+        _table(
+            [
+                [
+                    n["name"],
+                    n["role"],
+                    n["via"] or "-",
+                    n["last_seen"] or "never",
+                    "revoked" if n["revoked"] else "",
+                    ",".join(n["installed"]),
+                    ",".join(h["package"] for h in n["holds"]),
+                ]
+                for n in nodes
+            ],
+            ["NODE", "ROLE", "VIA", "LAST SEEN", "", "INSTALLED", "HOLDS"],
+        )
     return 0
 
 
@@ -196,8 +236,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(items)
     else:
-        _table([[i["package"], str(i["size"]), i["expires"]] for i in items],
-               ["PACKAGE", "SIZE", "EXPIRES"])
+        _table(
+            [[i["package"], str(i["size"]), i["expires"]] for i in items],
+            ["PACKAGE", "SIZE", "EXPIRES"],
+        )
     return 0
 
 
@@ -320,4 +362,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class ConfigError(Exception):
     """A home directory or a command-line value is not usable; says which."""
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     SERVER = "server"
     RELAY = "relay"
     CLIENT = "client"
@@ -172,7 +172,9 @@ class NodeConfig:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{home} is not an rdsd home (no {CONFIG_FILE}); run rdsd init") from None
+            raise ConfigError(
+                f"{home} is not an rdsd home (no {CONFIG_FILE}); run rdsd init"
+            ) from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
         try:

@@ -103,7 +103,11 @@ class Downlinks:
         assert self.cfg.listen is not None
         host, port = self.cfg.listen
         self._server = await asyncio.start_server(
-            self._accept, host, port, ssl=self.ctx, ssl_handshake_timeout=self.cfg.handshake_timeout,
+            self._accept,
+            host,
+            port,
+            ssl=self.ctx,
+            ssl_handshake_timeout=self.cfg.handshake_timeout,
             limit=1024 * 1024,
         )
         self.log.info("listening", address=f"{self.address[0]}:{self.address[1]}")
@@ -152,9 +156,7 @@ class Downlinks:
             await session.fail(exc)
             return
         assert isinstance(hello, Hello)
-        await session.send(
-            Welcome(node=self.cfg.name, role=self.cfg.role.value, time=time.time())
-        )
+        await session.send(Welcome(node=self.cfg.name, role=self.cfg.role.value, time=time.time()))
         child = Child(session, hello.purpose)
         if hello.purpose == "session":
             old = self.children.get(peer.name)
@@ -208,10 +210,18 @@ class Downlinks:
                 task.cancel()
         elif isinstance(msg, Report):
             if not self._in_subtree(child.name, msg.node):
-                raise ProtocolError(f"{child.name} may not report for {msg.node}", ErrorCode.UNAUTHORIZED)
+                raise ProtocolError(
+                    f"{child.name} may not report for {msg.node}", ErrorCode.UNAUTHORIZED
+                )
             if self.db.apply_report(msg, forward=self.hooks.forward_reports):
-                self.log.info("report.applied", job=msg.job, dest=msg.node, state=msg.state,
-                              detail=msg.detail, package=msg.package)
+                self.log.info(
+                    "report.applied",
+                    job=msg.job,
+                    dest=msg.node,
+                    state=msg.state,
+                    detail=msg.detail,
+                    package=msg.package,
+                )
                 self.hooks.reports_changed()
             await session.send(ReportAck(report_id=msg.report_id))
         elif isinstance(msg, PendingQuery):
@@ -234,21 +244,21 @@ class Downlinks:
         session = child.session
         if not self._may_fetch(child.name, fetch.package):
             await session.send(
-                FetchFail(fetch_id=fetch.fetch_id, reason=f"no job gives {child.name} {fetch.package}")
+                FetchFail(
+                    fetch_id=fetch.fetch_id, reason=f"no job gives {child.name} {fetch.package}"
+                )
             )
             return
-        if not self.store.has(fetch.package) and self.store.active(fetch.package) is None:
-            if not await self.hooks.provide(fetch.package):
-                await session.send(
-                    FetchFail(fetch_id=fetch.fetch_id, reason=f"{fetch.package} is not available here")
-                )
-                return
+        held = self.store.has(fetch.package) or self.store.active(fetch.package) is not None
+        if not held and not await self.hooks.provide(fetch.package):
+            reason = f"{fetch.package} is not available here"
+            await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
+            return
 
         async def run() -> None:
             try:
-                await serve_fetch(session, self.store, fetch, self.cfg.name)
-            except SessionClosed:
-                pass
+                with contextlib.suppress(SessionClosed):
+                    await serve_fetch(session, self.store, fetch, self.cfg.name)
             finally:
                 child.serving.pop(fetch.fetch_id, None)
 
@@ -302,9 +312,16 @@ class Downlinks:
             batches.setdefault((job.id, dest.generation), (job, []))[1].append(dest.node)
         for (_, generation), (job, nodes) in batches.items():
             await child.session.send(
-                JobNotice(job=job.id, type=job.type, package=job.package, destinations=nodes,
-                          at=job.at, origin=job.origin, generation=generation,
-                          manifest=job.manifest)
+                JobNotice(
+                    job=job.id,
+                    type=job.type,
+                    package=job.package,
+                    destinations=nodes,
+                    at=job.at,
+                    origin=job.origin,
+                    generation=generation,
+                    manifest=job.manifest,
+                )
             )
             self.log.info("job.sent", job=job.id, package=job.package, to=child.name, dests=nodes)
         return list(dict.fromkeys(jid for jid, _ in batches))

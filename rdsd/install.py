@@ -38,7 +38,12 @@ def _last_line(log_path: Path) -> str:
 
 
 async def install(
-    archive: Path, manifest: Manifest, workdir: Path, node: str, job: str, timeout: float,
+    archive: Path,
+    manifest: Manifest,
+    workdir: Path,
+    node: str,
+    job: str,
+    timeout: float,
 ) -> InstallResult:
     """Extract ``archive`` and run the install command; never raises for a
     failure of the package itself, only reports it."""
@@ -60,14 +65,22 @@ async def install(
         return InstallResult(True, f"extracted to {target} (no install command)")
     env = dict(os.environ)
     env.update(
-        RDSD_NODE=node, RDSD_PACKAGE=manifest.name, RDSD_VERSION=manifest.version, RDSD_JOB=job,
+        RDSD_NODE=node,
+        RDSD_PACKAGE=manifest.name,
+        RDSD_VERSION=manifest.version,
+        RDSD_JOB=job,
         RDSD_PACKAGE_DIR=str(target),
     )
     with log_path.open("wb") as out:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *manifest.install, cwd=target, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                *manifest.install,
+                cwd=target,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
             )
         except OSError as exc:
             return InstallResult(False, f"install command could not start: {exc}")
@@ -85,5 +98,7 @@ async def install(
             raise
     if code != 0:
         tail = _last_line(log_path)
-        return InstallResult(False, f"install command exited with {code}" + (f": {tail}" if tail else ""))
+        return InstallResult(
+            False, f"install command exited with {code}" + (f": {tail}" if tail else "")
+        )
     return InstallResult(True, "")

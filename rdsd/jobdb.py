@@ -54,6 +54,9 @@ CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
 """
 
 
+_DEST_COLS = "job, node, state, detail, updated, attempts, generation"
+
+
 class JobError(Exception):
     """A job cannot be created or changed as asked; says why."""
 
@@ -142,8 +145,14 @@ class JobDB:
         return list(dict.fromkeys(out))
 
     def create_job(
-        self, type_: str, package: str, nodes: list[str], envelope: bytes,
-        at: float | None, origin: str, job_id: str | None = None,
+        self,
+        type_: str,
+        package: str,
+        nodes: list[str],
+        envelope: bytes,
+        at: float | None,
+        origin: str,
+        job_id: str | None = None,
     ) -> str:
         if type_ not in JOB_TYPES:
             raise JobError(f"job type {type_!r} is not one of {', '.join(JOB_TYPES)}")
@@ -163,8 +172,15 @@ class JobDB:
         return jid
 
     def receive_job(
-        self, jid: str, type_: str, package: str, nodes: list[str], envelope: bytes,
-        at: float | None, origin: str, generation: int = 0,
+        self,
+        jid: str,
+        type_: str,
+        package: str,
+        nodes: list[str],
+        envelope: bytes,
+        at: float | None,
+        origin: str,
+        generation: int = 0,
     ) -> list[str]:
         """Record a job pushed by the parent. Known destinations keep their
         state, so a repeated notice never restarts finished work; only a
@@ -205,14 +221,14 @@ class JobDB:
         return [
             Dest(*r)
             for r in self._db.execute(
-                "SELECT job, node, state, detail, updated, attempts, generation FROM dests WHERE job=? "
-                "ORDER BY node", (jid,),
+                f"SELECT {_DEST_COLS} FROM dests WHERE job=? ORDER BY node",
+                (jid,),
             )
         ]
 
     def dest(self, jid: str, node: str) -> Dest | None:
         r = self._db.execute(
-            "SELECT job, node, state, detail, updated, attempts, generation FROM dests WHERE job=? AND node=?",
+            f"SELECT {_DEST_COLS} FROM dests WHERE job=? AND node=?",
             (jid, node),
         ).fetchone()
         return Dest(*r) if r else None
@@ -246,7 +262,13 @@ class JobDB:
         return int(db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
 
     def change(
-        self, jid: str, node: str, state: str, detail: str, me: str, report: bool,
+        self,
+        jid: str,
+        node: str,
+        state: str,
+        detail: str,
+        me: str,
+        report: bool,
         package: str | None = None,
     ) -> Report | None:
         """A state change made here. With ``report`` the outbox row that
@@ -264,8 +286,15 @@ class JobDB:
             if not report:
                 return None
             rep = Report(
-                report_id=f"{me}:{seq}", job=jid, node=node, state=state, seq=seq,
-                detail=detail, package=package, time=now, origin=me,
+                report_id=f"{me}:{seq}",
+                job=jid,
+                node=node,
+                state=state,
+                seq=seq,
+                detail=detail,
+                package=package,
+                time=now,
+                origin=me,
             )
             self._enqueue(db, rep)
             return rep
@@ -285,7 +314,15 @@ class JobDB:
             db.execute(
                 "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
                 "WHERE job=? AND node=?",
-                (rep.state, rep.detail, rep.time or time.time(), origin, rep.seq, rep.job, rep.node),
+                (
+                    rep.state,
+                    rep.detail,
+                    rep.time or time.time(),
+                    origin,
+                    rep.seq,
+                    rep.job,
+                    rep.node,
+                ),
             )
             if rep.state == "installed" and rep.package:
                 self._record_installed(db, rep.node, rep.package, rep.job, rep.time)
@@ -304,14 +341,32 @@ class JobDB:
         db.execute(
             "INSERT OR IGNORE INTO outbox(report_id, job, node, state, detail, seq, origin, "
             "package, time) VALUES(?,?,?,?,?,?,?,?,?)",
-            (rep.report_id, rep.job, rep.node, rep.state, rep.detail, rep.seq,
-             rep.origin or rep.node, rep.package, rep.time),
+            (
+                rep.report_id,
+                rep.job,
+                rep.node,
+                rep.state,
+                rep.detail,
+                rep.seq,
+                rep.origin or rep.node,
+                rep.package,
+                rep.time,
+            ),
         )
 
     def outbox(self) -> list[Report]:
         return [
-            Report(report_id=r[0], job=r[1], node=r[2], state=r[3], detail=r[4], seq=r[5],
-                   origin=r[6], package=r[7], time=r[8])
+            Report(
+                report_id=r[0],
+                job=r[1],
+                node=r[2],
+                state=r[3],
+                detail=r[4],
+                seq=r[5],
+                origin=r[6],
+                package=r[7],
+                time=r[8],
+            )
             for r in self._db.execute(
                 "SELECT report_id, job, node, state, detail, seq, origin, package, time "
                 "FROM outbox ORDER BY id"
@@ -325,12 +380,13 @@ class JobDB:
         """Put failed destinations back to waiting (``job retry``)."""
         with self._tx() as db:
             nodes = [
-                r[0] for r in db.execute(
-                    "SELECT node FROM dests WHERE job=? AND state='failed'", (jid,))
+                r[0]
+                for r in db.execute("SELECT node FROM dests WHERE job=? AND state='failed'", (jid,))
             ]
             db.execute(
                 "UPDATE dests SET state='waiting', detail='retry', updated=?, attempts=0, "
-                "generation = generation + 1 WHERE job=? AND state='failed'", (time.time(), jid),
+                "generation = generation + 1 WHERE job=? AND state='failed'",
+                (time.time(), jid),
             )
         return nodes
 
@@ -372,7 +428,8 @@ class JobDB:
         return [
             NodeRow(r[0], r[1], r[2], r[3], bool(r[4]))
             for r in self._db.execute(
-                "SELECT name, role, via, last_seen, revoked FROM nodes ORDER BY name")
+                "SELECT name, role, via, last_seen, revoked FROM nodes ORDER BY name"
+            )
         ]
 
     def revoke(self, name: str) -> bool:
@@ -384,8 +441,10 @@ class JobDB:
             db.executemany("INSERT OR IGNORE INTO groups VALUES(?,?)", [(name, m) for m in members])
 
     def group_members(self, name: str) -> list[str]:
-        return [r[0] for r in self._db.execute(
-            "SELECT node FROM groups WHERE name=? ORDER BY node", (name,))]
+        return [
+            r[0]
+            for r in self._db.execute("SELECT node FROM groups WHERE name=? ORDER BY node", (name,))
+        ]
 
     def groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

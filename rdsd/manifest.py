@@ -104,16 +104,22 @@ class Manifest:
         """Everything a receiver relies on when it turns fields into paths and
         offsets: safe names, consistent sizes, digests of the right length."""
         ok = (
-            isinstance(self.name, str) and is_safe_name(self.name)
-            and isinstance(self.version, str) and is_safe_name(self.version)
+            isinstance(self.name, str)
+            and is_safe_name(self.name)
+            and isinstance(self.version, str)
+            and is_safe_name(self.version)
             and is_package_id(self.id)
-            and isinstance(self.size, int) and self.size >= 0
-            and isinstance(self.chunk_size, int) and 0 < self.chunk_size <= MAX_CHUNK
-            and isinstance(self.sha256, bytes) and len(self.sha256) == DIGEST_SIZE
+            and isinstance(self.size, int)
+            and self.size >= 0
+            and isinstance(self.chunk_size, int)
+            and 0 < self.chunk_size <= MAX_CHUNK
+            and isinstance(self.sha256, bytes)
+            and len(self.sha256) == DIGEST_SIZE
             and all(isinstance(c, bytes) and len(c) == DIGEST_SIZE for c in self.chunks)
             and len(self.chunks) == max(1, math.ceil(self.size / self.chunk_size))
             and all(isinstance(a, str) for a in self.install)
-            and isinstance(self.keep, int) and self.keep > 0
+            and isinstance(self.keep, int)
+            and self.keep > 0
         )
         if not ok:
             raise ManifestError(f"manifest for {self.id!r} is inconsistent")
@@ -142,8 +148,13 @@ def open_envelope(envelope: bytes, verifier: Verifier) -> Manifest:
 
 
 def build_manifest(
-    archive: Path, name: str, version: str, install: tuple[str, ...], keep: int,
-    chunk_size: int, added: float | None = None,
+    archive: Path,
+    name: str,
+    version: str,
+    install: tuple[str, ...],
+    keep: int,
+    chunk_size: int,
+    added: float | None = None,
 ) -> Manifest:
     """Hash ``archive`` in chunks (never whole in memory) into a manifest."""
     whole = hashlib.sha256()
@@ -157,8 +168,14 @@ def build_manifest(
     if not chunks:
         chunks.append(hashlib.sha256(b"").digest())
     m = Manifest(
-        name=name, version=version, size=size, sha256=whole.digest(), chunk_size=chunk_size,
-        chunks=tuple(chunks), install=install, keep=keep,
+        name=name,
+        version=version,
+        size=size,
+        sha256=whole.digest(),
+        chunk_size=chunk_size,
+        chunks=tuple(chunks),
+        install=install,
+        keep=keep,
         added=time.time() if added is None else added,
     )
     m.validate()

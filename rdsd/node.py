@@ -134,9 +134,7 @@ class Node:
                 self._close_revoked()
             await self.downlinks.dispatch()
         if self.uplink is not None:
-            if self._tell_parent or (
-                self.cfg.role is Role.RELAY and self.holdings() != self._held
-            ):
+            if self._tell_parent or (self.cfg.role is Role.RELAY and self.holdings() != self._held):
                 await self._describe_subtree()
             await self.flush_outbox()
         if self.runner is not None:
@@ -203,8 +201,12 @@ class Node:
             self.log.error("job.rejected", job=notice.job, package=notice.package, reason=str(exc))
             return
         if manifest.id != notice.package:
-            self.log.error("job.rejected", job=notice.job, package=notice.package,
-                           reason=f"manifest is for {manifest.id}")
+            self.log.error(
+                "job.rejected",
+                job=notice.job,
+                package=notice.package,
+                reason=f"manifest is for {manifest.id}",
+            )
             return
         mine = [d for d in notice.destinations if d == self.cfg.name]
         below = [d for d in notice.destinations if d != self.cfg.name]
@@ -212,11 +214,22 @@ class Node:
             self.log.warning("job.misrouted", job=notice.job, dests=below)
             below = []
         self.db.receive_job(
-            notice.job, notice.type, notice.package, mine + below, notice.manifest, notice.at,
-            notice.origin or "", notice.generation,
+            notice.job,
+            notice.type,
+            notice.package,
+            mine + below,
+            notice.manifest,
+            notice.at,
+            notice.origin or "",
+            notice.generation,
         )
-        self.log.info("job.received", job=notice.job, package=notice.package, type=notice.type,
-                      dests=notice.destinations)
+        self.log.info(
+            "job.received",
+            job=notice.job,
+            package=notice.package,
+            type=notice.type,
+            dests=notice.destinations,
+        )
         if below and self.fetcher is not None and not self.store.has(manifest.id):
             self.fetcher.start(manifest, notice.manifest)
         self.wake()
@@ -225,8 +238,14 @@ class Node:
         for node in cancel.destinations:
             dest = self.db.dest(cancel.job, node)
             if dest is not None and not dest.final:
-                self.db.change(cancel.job, node, "cancelled", "cancelled by the server",
-                               self.cfg.name, report=False)
+                self.db.change(
+                    cancel.job,
+                    node,
+                    "cancelled",
+                    "cancelled by the server",
+                    self.cfg.name,
+                    report=False,
+                )
         self.wake()
 
     def on_report_ack(self, report_id: str) -> None:

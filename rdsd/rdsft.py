@@ -49,11 +49,13 @@ class LocalNode:
         self.store = Store(paths.store, self.verifier)
         self.store.prepare()
         paths.work.mkdir(exist_ok=True)
-        self.link = Uplink(self.cfg, client_context(paths.ca_cert, paths.cert, paths.key), self,
-                           purpose="query")
+        self.link = Uplink(
+            self.cfg, client_context(paths.ca_cert, paths.cert, paths.key), self, purpose="query"
+        )
         self.fetcher = Fetcher(self.cfg, self.store, self.link)
-        self.runner = Runner(self.cfg, self.db, self.store, self.verifier, self.fetcher,
-                             lambda: None)
+        self.runner = Runner(
+            self.cfg, self.db, self.store, self.verifier, self.fetcher, lambda: None
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -70,8 +72,16 @@ class LocalNode:
         except ManifestError as exc:
             print(f"rdsft: job {notice.job} refused: {exc}", file=sys.stderr)
             return
-        self.db.receive_job(notice.job, notice.type, notice.package, [self.cfg.name],
-                            notice.manifest, notice.at, notice.origin or "", notice.generation)
+        self.db.receive_job(
+            notice.job,
+            notice.type,
+            notice.package,
+            [self.cfg.name],
+            notice.manifest,
+            notice.at,
+            notice.origin or "",
+            notice.generation,
+        )
 
     async def on_job_cancel(self, cancel: JobCancel) -> None:
         return None
@@ -110,8 +120,9 @@ async def check_now(local: LocalNode) -> list[tuple[Job, Dest | None]]:
         results: list[tuple[Job, Dest | None]] = []
         for job in local.my_work():
             async with asyncio.timeout(local.cfg.install_timeout + 3600):
-                while (dest := await local.runner.run(job)) is None:
-                    await asyncio.sleep(0.2)  # the daemon has it: wait for its outcome
+                # The daemon holds the job's lock: wait for its outcome.
+                while (dest := await local.runner.run(job)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
             results.append((job, dest))
         with contextlib.suppress(TimeoutError):
             await local.deliver_reports(TIMEOUT)
@@ -149,8 +160,17 @@ def _offers(local: LocalNode) -> list[dict[str, Any]]:
         m = local.store.manifest(job.package)
         if m is None:
             continue
-        out.append({"id": m.id, "name": m.name, "version": m.version, "size": m.size,
-                    "offered": iso(dest.updated), "expires": iso(m.expires), "job": job.id})
+        out.append(
+            {
+                "id": m.id,
+                "name": m.name,
+                "version": m.version,
+                "size": m.size,
+                "offered": iso(dest.updated),
+                "expires": iso(m.expires),
+                "job": job.id,
+            }
+        )
     return out
 
 
@@ -237,22 +257,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         pid = _daemon_pid(cfg)
         reachable, parent = asyncio.run(_probe(local))
         work = [
-            {"job": d.job, "package": j.package, "type": j.type, "state": d.state,
-             "detail": d.detail, "updated": iso(d.updated)}
-            for j, d in local.db.open_work(now=float("inf")) if d.node == cfg.name
+            {
+                "job": d.job,
+                "package": j.package,
+                "type": j.type,
+                "state": d.state,
+                "detail": d.detail,
+                "updated": iso(d.updated),
+            }
+            for j, d in local.db.open_work(now=float("inf"))
+            if d.node == cfg.name
         ]
-        doc = {
-            "node": cfg.name, "role": cfg.role.value,
+        doc: dict[str, Any] = {
+            "node": cfg.name,
+            "role": cfg.role.value,
             "daemon": {"running": pid is not None, "pid": pid},
-            "parent": {"address": f"{cfg.parent[0]}:{cfg.parent[1]}" if cfg.parent else None,
-                       "reachable": reachable, "detail": parent},
+            "parent": {
+                "address": f"{cfg.parent[0]}:{cfg.parent[1]}" if cfg.parent else None,
+                "reachable": reachable,
+                "detail": parent,
+            },
             "installed": local.db.installed().get(cfg.name, []),
             "work": work,
             "unsent_reports": len(local.db.outbox()),
         }
         if cfg.role is Role.RELAY:
-            doc["cache"] = [{"package": m.id, "size": m.size, "expires": iso(m.expires)}
-                            for m in local.store.manifests()]
+            doc["cache"] = [
+                {"package": m.id, "size": m.size, "expires": iso(m.expires)}
+                for m in local.store.manifests()
+            ]
     finally:
         local.close()
     if args.json:
@@ -261,8 +294,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"{doc['role']} {doc['node']}")
     print(f"  daemon:    {'running, pid ' + str(pid) if pid else 'not running'}")
-    print(f"  parent:    {doc['parent']['address']} "
-          f"{'reachable: ' if reachable else 'UNREACHABLE: '}{parent}")
+    print(
+        f"  parent:    {doc['parent']['address']} "
+        f"{'reachable: ' if reachable else 'UNREACHABLE: '}{parent}"
+    )
     print(f"  installed: {', '.join(doc['installed']) or 'nothing'}")
     print(f"  work:      {len(work)} unfinished")
     for w in work:
@@ -274,8 +309,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rdsft", description="check and run jobs for this node")
-    p.add_argument("-a", dest="check", action="store_true",
-                   help="ask the parent for pending jobs for this node and do them now")
+    p.add_argument(
+        "-a",
+        dest="check",
+        action="store_true",
+        help="ask the parent for pending jobs for this node and do them now",
+    )
     p.add_argument("--home", help="the node's home directory")
     sub = p.add_subparsers(dest="cmd")
     of = sub.add_parser("offers", help="packages offered to this client")

@@ -95,13 +95,18 @@ class Fetcher:
             except StoreError as exc:
                 raise TransferFailed(str(exc), retryable=False) from None
             try:
-                await receive(session, self.link.router, dl, cfg.idle_timeout, cfg.name,
-                              self._progress(bound))
+                await receive(
+                    session, self.link.router, dl, cfg.idle_timeout, cfg.name, self._progress(bound)
+                )
                 return
             except TransferFailed as exc:
                 dl.fail(str(exc), keep_partial=resume and exc.retryable)
-                bound.warning("fetch.failed", attempt=attempt, reason=str(exc),
-                              resume_from=dl.verified if resume else 0)
+                bound.warning(
+                    "fetch.failed",
+                    attempt=attempt,
+                    reason=str(exc),
+                    resume_from=dl.verified if resume else 0,
+                )
                 if not exc.retryable or attempt >= cfg.retry_limit:
                     raise
             except BaseException:
@@ -111,10 +116,17 @@ class Fetcher:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
 
     @staticmethod
-    def _progress(bound: structlog.stdlib.BoundLogger) -> Callable[[int, int], asyncio.Future[None]]:
+    def _progress(
+        bound: structlog.stdlib.BoundLogger,
+    ) -> Callable[[int, int], asyncio.Future[None]]:
         async def report(done: int, total: int) -> None:
-            bound.info("fetch.progress", bytes=done, size=total,
-                       percent=round(100 * done / max(total, 1), 1))
+            bound.info(
+                "fetch.progress",
+                bytes=done,
+                size=total,
+                percent=round(100 * done / max(total, 1), 1),
+            )
+
         return report  # type: ignore[return-value]
 
 
@@ -122,7 +134,12 @@ class Runner:
     """Runs jobs addressed to this node."""
 
     def __init__(
-        self, cfg: NodeConfig, db: JobDB, store: Store, verifier: Verifier, fetcher: Fetcher,
+        self,
+        cfg: NodeConfig,
+        db: JobDB,
+        store: Store,
+        verifier: Verifier,
+        fetcher: Fetcher,
         changed: Callable[[], None],
     ) -> None:
         self.cfg = cfg
@@ -152,10 +169,17 @@ class Runner:
         await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     def _set(self, job: Job, state: str, detail: str = "") -> None:
-        self.db.change(job.id, self.cfg.name, state, detail, self.cfg.name, report=True,
-                       package=job.package)
-        log.info("job.state", node=self.cfg.name, job=job.id, package=job.package, state=state,
-                 detail=detail)
+        self.db.change(
+            job.id, self.cfg.name, state, detail, self.cfg.name, report=True, package=job.package
+        )
+        log.info(
+            "job.state",
+            node=self.cfg.name,
+            job=job.id,
+            package=job.package,
+            state=state,
+            detail=detail,
+        )
         self.changed()
 
     async def run(self, job: Job, wait_lock: bool = False) -> Dest | None:
@@ -204,8 +228,12 @@ class Runner:
     async def install(self, job: Job, manifest: Manifest) -> None:
         self._set(job, "installing")
         result = await install(
-            self.store.data_path(manifest.id), manifest, self.cfg.paths.work, self.cfg.name,
-            job.id, self.cfg.install_timeout,
+            self.store.data_path(manifest.id),
+            manifest,
+            self.cfg.paths.work,
+            self.cfg.name,
+            job.id,
+            self.cfg.install_timeout,
         )
         if result.ok:
             self._set(job, "installed", result.detail)
@@ -225,5 +253,11 @@ class Runner:
                 if dest.state == "installing":
                     self._set(job, "failed", "interrupted: the node stopped during the install")
                 elif dest.state == "transferring":
-                    self.db.change(job.id, dest.node, "waiting", "resuming after restart",
-                                   self.cfg.name, report=False)
+                    self.db.change(
+                        job.id,
+                        dest.node,
+                        "waiting",
+                        "resuming after restart",
+                        self.cfg.name,
+                        report=False,
+                    )

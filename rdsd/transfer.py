@@ -11,6 +11,7 @@ relay, a client throws its partial copy away and starts from byte zero.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -121,7 +122,9 @@ async def receive(
                 async with asyncio.timeout(timeout):
                     msg = await q.get()
             except TimeoutError:
-                raise TransferFailed(f"no data from {session.peer.name} for {timeout:.0f}s") from None
+                raise TransferFailed(
+                    f"no data from {session.peer.name} for {timeout:.0f}s"
+                ) from None
             if msg is None:
                 raise TransferFailed(f"link lost: {session.close_reason}")
             if isinstance(msg, Chunk):
@@ -153,7 +156,5 @@ async def receive(
 
 
 async def _cancel(session: Session, fid: int) -> None:
-    try:
+    with contextlib.suppress(SessionClosed):
         await session.send(FetchCancel(fetch_id=fid))
-    except SessionClosed:
-        pass

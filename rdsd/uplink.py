@@ -97,7 +97,9 @@ class Uplink:
                 session = await self.connect_once()
             except (OSError, TimeoutError, SessionClosed, ssl.SSLError, Exception) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                self.log.warning("uplink.connect_failed", reason=self.last_error, retry_in=round(delay, 2))
+                self.log.warning(
+                    "uplink.connect_failed", reason=self.last_error, retry_in=round(delay, 2)
+                )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, self.cfg.reconnect_max)
                 continue

@@ -67,7 +67,7 @@ WELCOME = Welcome(node="server", role="server", time=1.0)
 
 # What a child says over a whole session, and what a parent says back: every
 # frame of each stream is acceptable to the other side's driver below.
-CHILD_STREAM = MAGIC + b"".join(
+CHILD_FRAMES = [MAGIC] + [
     wire(m)
     for m in [
         HELLO,
@@ -82,9 +82,10 @@ CHILD_STREAM = MAGIC + b"".join(
         Pong(nonce=5),
         Goodbye(reason="bye"),
     ]
-)
+]
+CHILD_STREAM = b"".join(CHILD_FRAMES)
 CHILD_FETCHES = [Fetch(fetch_id=1, package="app-1.0"), Fetch(fetch_id=2, package="app-1.0", offset=4)]
-PARENT_STREAM = MAGIC + b"".join(
+PARENT_FRAMES = [MAGIC] + [
     wire(m)
     for m in [
         WELCOME,
@@ -102,7 +103,8 @@ PARENT_STREAM = MAGIC + b"".join(
         Pong(nonce=1),
         Error(code=7, reason="shutting down"),
     ]
-)
+]
+PARENT_STREAM = b"".join(PARENT_FRAMES)
 
 
 def drain(conn: Connection, data: bytes, *, eof: bool = True) -> list[Message]:
@@ -177,161 +179,12 @@ def test_clean_streams_decode_completely() -> None:
     assert child.open_fetches == {}
 
 
-# -- (a) arbitrary bytes ------------------------------------------------------
-
-# msgpack-able values of every kind the decoder can produce.
-msgpack_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=20)
-    | st.binary(max_size=20),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=10) | st.binary(max_size=4), inner, max_size=4),
-    max_leaves=12,
-)
-FIELDS = {t: [f.name for f in dataclasses.fields(cls)] for t, cls in MESSAGE_CLASSES.items()}
-FIELD_NAMES = sorted({name for names in FIELDS.values() for name in names})
-# Values of the right shape for most fields, so that one bad field among good
-# ones gets checked (the decoder stops at the first bad one).
-typical_values = st.sampled_from(
-    [0, 1, 2**40, -1, 1.5, "client1", "app-1.0", "..", "", ["client1"], [None], ["a/b"],
-     {"client1": "client"}, {"app-1.0": 1.0}, {"app-1.0": "x"}, {"..": 1}, None, True, b"x"]
-)
-
-
-@st.composite
-def plausible_header_objects(draw: st.DrawFn) -> Any:
-    """``[tag, {field: value}]`` with (mostly) a real tag and that type's own
-    field names, and values that are right, nearly right, or anything: gets
-    past msgpack and deep into the field checks of every type."""
-    mtype = draw(st.sampled_from(list(MessageType)))
-    own = FIELDS[mtype]
-    tag: Any = int(mtype)
-    if draw(st.integers(0, 9)) == 0:
-        tag = draw(st.integers(-1, 21) | msgpack_values)
-    keys = draw(st.permutations(own)) if own else []
-    keys = keys[: draw(st.integers(max(0, len(keys) - 2), len(keys)))]
-    if draw(st.integers(0, 9)) == 0:
-        keys.append(draw(st.sampled_from(FIELD_NAMES) | st.text(max_size=5)))
-    fields = {k: draw(typical_values | msgpack_values) for k in keys}
-    header: Any = [tag, fields]
-    if draw(st.integers(0, 9)) == 0:
-        header = draw(st.sampled_from([[tag], fields, [tag, fields, tag], tag]))
-    return header
-
-
-plausible_headers = plausible_header_objects().map(lambda h: msgpack.packb(h, use_bin_type=True))
-
-
-@st.composite
-def framed(draw: st.DrawFn) -> bytes:
-    """A frame with a correct length prefix around a header that may be junk."""
-    header = draw(plausible_headers | st.binary(max_size=40))
-    payload = draw(st.binary(max_size=20))
-    return PREFIX.pack(len(header), len(payload)) + header + payload
-
-
-arbitrary = st.binary(max_size=600)
-frames = st.lists(framed(), min_size=1, max_size=6).map(b"".join)
-
-
-@FUZZ
-@given(arbitrary, st.booleans())
-def test_arbitrary_bytes(data: bytes, eof: bool) -> None:
-    drain(new_parent(), data, eof=eof)
-
-
-@FUZZ
-@given(arbitrary | frames, st.booleans())
-def test_arbitrary_bytes_after_magic(data: bytes, eof: bool) -> None:
-    drain(new_parent(), MAGIC + data, eof=eof)
-
-
-@FUZZ
-@given(arbitrary | frames, st.booleans())
-def test_arbitrary_bytes_after_hello(data: bytes, eof: bool) -> None:
-    got = drain(new_parent(), MAGIC + wire(HELLO) + data, eof=eof)
-    assert got[0] == HELLO
-
-
-@FUZZ
-@given(arbitrary | frames, st.booleans())
-def test_arbitrary_bytes_to_child(data: bytes, eof: bool) -> None:
-    drain(new_child(), MAGIC + wire(WELCOME) + data, eof=eof)
-
-
-@FUZZ
-@given(plausible_header_objects(), st.binary(max_size=8))
-def test_decoded_headers_give_a_message_or_remote_error(header: Any, payload: bytes) -> None:
-    try:
-        msg = from_wire(header, payload)
-    except RemoteProtocolError:
-        return
-    assert isinstance(msg, Message)
-    assert from_wire(to_wire(msg), bytes(msg.payload)) == msg
-
-
-# -- (b) mutations of a valid stream ------------------------------------------
-
-
-@st.composite
-def mutated(draw: st.DrawFn, stream: bytes) -> bytes:
-    data = bytearray(stream)
-    for _ in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
-        pos = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "set" and data:
-            data[pos] = draw(st.integers(0, 255))
-        elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete" and data:
-            del data[pos : pos + draw(st.integers(1, 8))]
-        elif op == "truncate":
-            del data[pos:]
-    return bytes(data)
-
-
-@FUZZ
-@given(mutated(CHILD_STREAM), st.booleans())
-def test_mutated_child_stream(data: bytes, eof: bool) -> None:
-    drain(new_parent(), data, eof=eof)
-
-
-@FUZZ
-@given(mutated(PARENT_STREAM), st.booleans())
-def test_mutated_parent_stream(data: bytes, eof: bool) -> None:
-    drain(new_child(), data, eof=eof)
-
-
-@FUZZ
-@given(mutated(CHILD_STREAM), st.lists(st.integers(0, 700), max_size=10))
-def test_mutated_stream_in_pieces(data: bytes, cuts: list[int]) -> None:
-    """Splitting the input changes nothing about the outcome."""
-    whole = new_parent()
-    expected = drain(whole, data)
-    conn = new_parent()
-    bounds = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
-    got: list[Message] = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        got += drain(conn, data[a:b], eof=False)
-        if conn.state is State.CLOSED or conn._error is not None:
-            break
-    else:
-        got += drain(conn, b"")
-    assert got == expected
-
-
-# -- (c) valid messages from strategies round-trip ----------------------------
+# -- strategies for well-formed messages ---------------------------------------
 
 names = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True).filter(is_safe_name)
 parts = st.from_regex(r"[A-Za-z0-9._]{1,30}", fullmatch=True).filter(lambda s: s.strip(".") != "")
 packages = st.builds(lambda a, b: f"{a}-{b}", parts, parts).filter(is_package_id)
 ints = st.integers(-(2**63), 2**64 - 1)
-uints = st.integers(0, 2**63)
 floats = st.floats(allow_nan=False)
 texts = st.text(max_size=40)
 payloads = st.binary(max_size=300)
@@ -368,6 +221,177 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     MessageType.GOODBYE: st.builds(Goodbye, reason=texts),
 }
 any_message = st.one_of(*STRATEGIES.values())
+
+
+# -- (a) arbitrary bytes ------------------------------------------------------
+
+# msgpack-able values of every kind the decoder can produce.
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=10) | st.binary(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+# Values that are right, nearly right or plainly wrong for the usual fields.
+typical_values = st.sampled_from(
+    [0, 1, 2**40, -1, 1.5, "client1", "app-1.0", "app", "..", "", ["client1"], [None], ["a/b"],
+     {"client1": "client"}, {"app-1.0": 1.0}, {"app-1.0": "x"}, {"..": 1}, None, True, b"x"]
+)
+
+
+@st.composite
+def corrupted_headers(draw: st.DrawFn) -> tuple[Any, bytes]:
+    """The header object and payload of a valid message with one thing
+    spoiled: a field's value, a missing or extra field, the tag, the shape,
+    or the payload. Every other field stays valid, so the decoder's check of
+    the spoiled one is always reached."""
+    msg = draw(any_message)
+    tag, fields = to_wire(msg)
+    payload = bytes(msg.payload)
+    names = list(fields)
+    op = draw(st.sampled_from(["value", "value", "value", "drop", "add", "tag", "shape",
+                               "payload"]))
+    if op == "value" and names:
+        fields[draw(st.sampled_from(names))] = draw(typical_values | msgpack_values)
+    elif op == "drop" and names:
+        del fields[draw(st.sampled_from(names))]
+    elif op == "add":
+        fields[draw(st.sampled_from(["data", "manifest", "TYPE", "payload", "x"]))] = 1
+    elif op == "tag":
+        tag = draw(st.integers(-1, 21) | msgpack_values)
+    elif op == "shape":
+        return draw(st.sampled_from([[tag], fields, [tag, fields, None], tag, [fields, tag]])), b""
+    elif op == "payload":
+        payload = draw(st.binary(max_size=8))
+    return [tag, fields], payload
+
+
+@st.composite
+def corrupted_frames(draw: st.DrawFn) -> bytes:
+    header, payload = draw(corrupted_headers())
+    packed = msgpack.packb(header, use_bin_type=True)
+    return PREFIX.pack(len(packed), len(payload)) + packed + payload
+
+
+@st.composite
+def framed(draw: st.DrawFn) -> bytes:
+    """A frame with a correct length prefix around junk."""
+    header = draw(st.binary(max_size=40))
+    payload = draw(st.binary(max_size=20))
+    return PREFIX.pack(len(header), len(payload)) + header + payload
+
+
+arbitrary = st.binary(max_size=600)
+frames = st.lists(corrupted_frames() | framed(), min_size=1, max_size=4).map(b"".join)
+
+
+@FUZZ
+@given(arbitrary, st.booleans())
+def test_arbitrary_bytes(data: bytes, eof: bool) -> None:
+    drain(new_parent(), data, eof=eof)
+
+
+@FUZZ
+@given(arbitrary | frames, st.booleans())
+def test_arbitrary_bytes_after_magic(data: bytes, eof: bool) -> None:
+    drain(new_parent(), MAGIC + data, eof=eof)
+
+
+@FUZZ
+@given(arbitrary | frames, st.booleans())
+def test_arbitrary_bytes_after_hello(data: bytes, eof: bool) -> None:
+    got = drain(new_parent(), MAGIC + wire(HELLO) + data, eof=eof)
+    assert got[0] == HELLO
+
+
+@FUZZ
+@given(arbitrary | frames, st.booleans())
+def test_arbitrary_bytes_to_child(data: bytes, eof: bool) -> None:
+    drain(new_child(), MAGIC + wire(WELCOME) + data, eof=eof)
+
+
+@FUZZ
+@given(corrupted_headers())
+def test_corrupted_headers_give_a_message_or_remote_error(obj: tuple[Any, bytes]) -> None:
+    header, payload = obj
+    try:
+        msg = from_wire(header, payload)
+    except RemoteProtocolError:
+        return
+    assert isinstance(msg, Message)
+    assert from_wire(to_wire(msg), bytes(msg.payload)) == msg
+
+
+# -- (b) mutations of a valid stream ------------------------------------------
+
+
+# Bytes that mean something in msgpack (nil, bools, float64, uint64, empty
+# str/array/map, str8, bin8, ext) or in a length prefix.
+INTERESTING = [0x00, 0x01, 0x7F, 0x80, 0x90, 0xA0, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC7, 0xCB,
+               0xCF, 0xD9, 0xDC, 0xDE, 0xFF]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, pieces: list[bytes]) -> bytes:
+    """A valid stream (given frame by frame) with a few bytes flipped, set,
+    inserted or deleted. Each edit first picks a frame, so late frames get as
+    much attention as early ones, and are judged in the state they belong to."""
+    parts = [bytearray(p) for p in pieces]
+    # Hypothesis leans towards small integers; positions should be uniform.
+    rnd = draw(st.randoms(use_true_random=False))
+    for _ in range(rnd.choice([1, 1, 1, 2, 3])):  # the first edit decides, mostly
+        data = parts[rnd.randrange(len(parts))]
+        op = draw(st.sampled_from(["flip", "set", "set", "insert", "delete", "truncate"]))
+        pos = rnd.randrange(max(len(data), 1))
+        if op == "flip" and data:
+            data[pos] ^= 1 << rnd.randrange(8)
+        elif op == "set" and data:
+            data[pos] = rnd.choice(INTERESTING) if rnd.random() < 0.5 else rnd.randrange(256)
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete" and data:
+            del data[pos : pos + rnd.randint(1, 8)]
+        elif op == "truncate":
+            del data[pos:]
+    return b"".join(parts)
+
+
+@FUZZ
+@given(mutated(CHILD_FRAMES), st.booleans())
+def test_mutated_child_stream(data: bytes, eof: bool) -> None:
+    drain(new_parent(), data, eof=eof)
+
+
+@FUZZ
+@given(mutated(PARENT_FRAMES), st.booleans())
+def test_mutated_parent_stream(data: bytes, eof: bool) -> None:
+    drain(new_child(), data, eof=eof)
+
+
+@FUZZ
+@given(mutated(CHILD_FRAMES), st.lists(st.integers(0, 700), max_size=10))
+def test_mutated_stream_in_pieces(data: bytes, cuts: list[int]) -> None:
+    """Splitting the input changes nothing about the outcome."""
+    whole = new_parent()
+    expected = drain(whole, data)
+    conn = new_parent()
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
+    got: list[Message] = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        got += drain(conn, data[a:b], eof=False)
+        if conn.state is State.CLOSED or conn._error is not None:
+            break
+    else:
+        got += drain(conn, b"")
+    assert got == expected
+
+
+# -- (c) valid messages round-trip -------------------------------------------
 
 
 def test_strategies_cover_every_type() -> None:
