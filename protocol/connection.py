@@ -68,6 +68,7 @@ T = MessageType
 
 _CHILD_OPEN = (
     T.PENDING_QUERY,
+    T.JOB_ANNOUNCE,
     T.FETCH,
     T.FETCH_CANCEL,
     T.REPORT,

@@ -82,6 +82,7 @@ class MessageType(IntEnum):
     ERROR = 17
     GOODBYE = 18
     HOLDINGS = 19
+    JOB_ANNOUNCE = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,27 @@ class JobNotice(Message):
     at: float | None = None
     origin: Name | None = None
     generation: int = 0
+    manifest: bytes = field(default=b"", repr=False)
+
+    @property
+    def payload(self) -> bytes | memoryview:
+        return self.manifest
+
+
+@dataclass(frozen=True, slots=True)
+class JobAnnounce(Message):
+    """A relay tells its parent about a job created at the relay (or below
+    it), so its status is known upstream too. Acknowledged with REPORT_ACK
+    whose ``report_id`` is ``job:`` followed by the job id."""
+
+    TYPE: ClassVar[MessageType] = MessageType.JOB_ANNOUNCE
+    HAS_PAYLOAD: ClassVar[bool] = True
+    job: Name
+    type: str
+    package: PackageId
+    destinations: list[Name]
+    origin: Name
+    at: float | None = None
     manifest: bytes = field(default=b"", repr=False)
 
     @property
@@ -286,6 +308,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         Hello,
         Welcome,
         JobNotice,
+        JobAnnounce,
         PendingQuery,
         PendingDone,
         Fetch,
@@ -306,7 +329,11 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
 }
 
 # The field that receives the raw payload on decode, per payload-carrying type.
-_PAYLOAD_FIELD = {MessageType.JOB_NOTICE: "manifest", MessageType.CHUNK: "data"}
+_PAYLOAD_FIELD = {
+    MessageType.JOB_NOTICE: "manifest",
+    MessageType.JOB_ANNOUNCE: "manifest",
+    MessageType.CHUNK: "data",
+}
 
 
 def _check(value: Any, tp: Any, where: str) -> None:

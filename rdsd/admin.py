@@ -18,9 +18,9 @@ from typing import Any
 
 from protocol import is_destination, is_package_id, is_safe_name
 
-from .config import DEFAULT_KEEP, ConfigError, HomePaths, NodeConfig, Role
+from .config import DEFAULT_KEEP, ConfigError, HomePaths, NodeConfig, Role, iso
 from .fsutil import atomic_write, commit_file, removing_on_error, temp_name
-from .jobdb import FINAL_STATES, JOB_TYPES, JobDB, JobError
+from .jobdb import FINAL_STATES, JOB_TYPES, Job, JobDB, JobError
 from .manifest import build_manifest, seal
 from .packing import pack_directory
 from .security import (
@@ -38,12 +38,6 @@ from .store import Store
 
 class AdminError(Exception):
     """An admin request cannot be done; the message says why, for a person."""
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> float:
@@ -266,10 +260,43 @@ class Admin:
         except JobError as exc:
             raise AdminError(str(exc)) from None
 
-    def job_status(self, jid: str) -> dict[str, Any]:
+    def _job(self, jid: str) -> Job:
         job = self.db.job(jid) if is_safe_name(jid) else None
         if job is None:
             raise AdminError(f"no job {jid!r}")
+        return job
+
+    def retry(self, jid: str) -> list[str]:
+        """Run the failed destinations of a job again; the others stay."""
+        job = self._job(jid)
+        if job.origin != self.cfg.name:
+            raise AdminError(f"job {jid} was made at {job.origin}; retry it there")
+        nodes = self.db.reset_failed(jid)
+        if not nodes:
+            raise AdminError(f"job {jid} has no failed destinations")
+        return nodes
+
+    def cancel(self, jid: str) -> list[str]:
+        """Stop what has not finished and mark it cancelled; finished
+        destinations keep their state."""
+        job = self._job(jid)
+        if job.origin != self.cfg.name:
+            raise AdminError(f"job {jid} was made at {job.origin}; cancel it there")
+        nodes = self.db.unfinished(jid)
+        for node in nodes:
+            self.db.change(
+                jid,
+                node,
+                "cancelled",
+                "cancelled by the operator",
+                self.cfg.name,
+                report=self.cfg.role is not Role.SERVER,
+                package=job.package,
+            )
+        return nodes
+
+    def job_status(self, jid: str) -> dict[str, Any]:
+        job = self._job(jid)
         return {
             "id": job.id,
             "type": job.type,

@@ -160,6 +160,14 @@ def cmd_job(args: argparse.Namespace) -> int:
             to = [d.strip() for d in args.to.split(",") if d.strip()]
             print(admin.create_job(args.type, args.package, to, at))
             return 0
+        if args.jcmd == "retry":
+            nodes = admin.retry(args.job)
+            print(f"retrying {args.job} on {', '.join(nodes)}")
+            return 0
+        if args.jcmd == "cancel":
+            nodes = admin.cancel(args.job)
+            print(f"cancelled {args.job} on {', '.join(nodes) or 'no unfinished destination'}")
+            return 0
         if args.jcmd == "list":
             jobs = admin.jobs()
             if args.json:
@@ -308,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("job")
     home(st)
     js(st)
+    for name, text in (
+        ("retry", "run the failed destinations again"),
+        ("cancel", "stop what has not finished"),
+    ):
+        sp = jsub.add_parser(name, help=text)
+        sp.add_argument("job")
+        home(sp)
     jl = jsub.add_parser("list")
     home(jl)
     js(jl)
@@ -346,6 +361,10 @@ def run_cli(prog: str, args: argparse.Namespace) -> int:
     """Shared by rdsd and rdsft: dispatch, and turn user errors into one line
     on stderr and exit status 1."""
     fn: Callable[[argparse.Namespace], int] = args.fn
+    # Past a file-size limit a write should fail with EFBIG (which the store
+    # turns into a clean "disk full" failure), not kill the process.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return fn(args)
     except USER_ERRORS as exc:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from protocol import (
     FetchFail,
     Hello,
     Holdings,
+    JobAnnounce,
+    JobCancel,
     JobNotice,
     Message,
     PendingDone,
@@ -42,6 +45,7 @@ from protocol import (
 
 from .config import NodeConfig
 from .jobdb import Job, JobDB
+from .manifest import ManifestError, open_envelope
 from .security import SecurityError
 from .session import Session, SessionClosed
 from .store import Store
@@ -89,6 +93,8 @@ class Downlinks:
         self.ctx = ctx
         self.hooks = hooks
         self.children: dict[str, Child] = {}
+        # Package bytes sent to each child, across all its sessions.
+        self.served: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.log = log.bind(node=cfg.name)
@@ -235,10 +241,50 @@ class Downlinks:
                     self.db.upsert_node(name, role, via=child.name, seen=False)
             self.hooks.topology_changed()
             await self.dispatch()
+        elif isinstance(msg, JobAnnounce):
+            await self._on_announce(child, msg)
         elif isinstance(msg, Holdings):
             self.db.set_holdings(child.name, msg.packages)
         elif isinstance(msg, Ping):
             await session.send(Pong(nonce=msg.nonce))
+
+    async def _on_announce(self, child: Child, msg: JobAnnounce) -> None:
+        """Record a job made at a relay so its status is known here too."""
+        if child.session.peer.role != "relay" or msg.type == "transfer":
+            raise ProtocolError(
+                f"{child.name} may not announce a {msg.type} job", ErrorCode.UNAUTHORIZED
+            )
+        outside = [d for d in msg.destinations if not self._in_subtree(child.name, d)]
+        if outside or not self._in_subtree(child.name, msg.origin):
+            raise ProtocolError(
+                f"{child.name} announced job {msg.job} for nodes not behind it: {outside}",
+                ErrorCode.UNAUTHORIZED,
+            )
+        try:
+            manifest = open_envelope(msg.manifest, self.store.verifier)
+        except ManifestError as exc:
+            raise ProtocolError(f"job {msg.job}: {exc}", ErrorCode.UNAUTHORIZED) from None
+        if manifest.id != msg.package:
+            raise ProtocolError(f"job {msg.job}: manifest is for {manifest.id}")
+        self.db.receive_job(
+            msg.job,
+            msg.type,
+            msg.package,
+            msg.destinations,
+            msg.manifest,
+            msg.at,
+            msg.origin,
+            announced=False,
+        )
+        self.log.info(
+            "job.announced",
+            job=msg.job,
+            package=msg.package,
+            origin=msg.origin,
+            dests=msg.destinations,
+        )
+        await child.session.send(ReportAck(report_id=f"job:{msg.job}"))
+        self.hooks.reports_changed()
 
     async def _start_serving(self, child: Child, fetch: Fetch) -> None:
         session = child.session
@@ -258,7 +304,7 @@ class Downlinks:
         async def run() -> None:
             try:
                 with contextlib.suppress(SessionClosed):
-                    await serve_fetch(session, self.store, fetch, self.cfg.name)
+                    await serve_fetch(session, self.store, fetch, self.cfg.name, self.served)
             finally:
                 child.serving.pop(fetch.fetch_id, None)
 
@@ -305,6 +351,8 @@ class Downlinks:
                 continue
             if only is None and self.route(dest.node) is not child:
                 continue
+            if self._in_subtree(child.name, job.origin):
+                continue  # made below: the child already has it
             key = (job.id, dest.node, dest.generation)
             if only is None and key in child.notified:
                 continue
@@ -324,4 +372,17 @@ class Downlinks:
                 )
             )
             self.log.info("job.sent", job=job.id, package=job.package, to=child.name, dests=nodes)
+        if only is None:
+            await self._push_cancels(child)
         return list(dict.fromkeys(jid for jid, _ in batches))
+
+    async def _push_cancels(self, child: Child) -> None:
+        """Tell a child, once per session, which destinations it leads to
+        were cancelled, so a node that was away does not run them later."""
+        for jid, nodes in self.db.cancelled():
+            todo = [
+                n for n in nodes if (jid, n, -1) not in child.notified and self.route(n) is child
+            ]
+            if todo:
+                child.notified.update((jid, n, -1) for n in todo)
+                await child.session.send(JobCancel(job=jid, destinations=todo))

@@ -30,7 +30,8 @@ STATES = ("waiting", "transferring", "installing", *sorted(FINAL_STATES))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
     id TEXT PRIMARY KEY, type TEXT NOT NULL, package TEXT NOT NULL,
-    created REAL NOT NULL, at REAL, origin TEXT NOT NULL, manifest BLOB NOT NULL);
+    created REAL NOT NULL, at REAL, origin TEXT NOT NULL, manifest BLOB NOT NULL,
+    announced INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS dests(
     job TEXT NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
     updated REAL NOT NULL, origin TEXT NOT NULL DEFAULT '', seq INTEGER NOT NULL DEFAULT 0,
@@ -55,6 +56,7 @@ CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
 
 
 _DEST_COLS = "job, node, state, detail, updated, attempts, generation"
+_JOB_COLS = "id, type, package, created, at, origin, manifest"
 
 
 class JobError(Exception):
@@ -162,7 +164,7 @@ class JobDB:
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs VALUES(?,?,?,?,?,?,?)",
+                f"INSERT INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,0)",
                 (jid, type_, package, now, at, origin, envelope),
             )
             db.executemany(
@@ -181,16 +183,18 @@ class JobDB:
         at: float | None,
         origin: str,
         generation: int = 0,
+        announced: bool = True,
     ) -> list[str]:
-        """Record a job pushed by the parent. Known destinations keep their
-        state, so a repeated notice never restarts finished work; only a
-        newer ``generation`` (``job retry`` upstream) puts them back to
-        waiting. Returns the destinations that are new or reset."""
+        """Record a job pushed by the parent (or, with ``announced`` false,
+        announced from below, to be passed further up). Known destinations
+        keep their state, so a repeated notice never restarts finished work;
+        only a newer ``generation`` (``job retry`` upstream) puts them back
+        to waiting. Returns the destinations that are new or reset."""
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO jobs VALUES(?,?,?,?,?,?,?)",
-                (jid, type_, package, now, at, origin, envelope),
+                f"INSERT OR IGNORE INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,?)",
+                (jid, type_, package, now, at, origin, envelope, int(announced)),
             )
             db.execute("UPDATE jobs SET manifest=?, at=? WHERE id=?", (envelope, at, jid))
             new = []
@@ -211,11 +215,38 @@ class JobDB:
         return new
 
     def job(self, jid: str) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
+        row = self._db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE id=?", (jid,)).fetchone()
         return Job(*row) if row else None
 
     def jobs(self) -> list[Job]:
-        return [Job(*r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created, id")]
+        return [
+            Job(*r) for r in self._db.execute(f"SELECT {_JOB_COLS} FROM jobs ORDER BY created, id")
+        ]
+
+    def unannounced(self) -> list[Job]:
+        """Jobs our parent has not heard of: made here or announced from below."""
+        return [
+            Job(*r)
+            for r in self._db.execute(
+                f"SELECT {_JOB_COLS} FROM jobs WHERE announced=0 ORDER BY created"
+            )
+        ]
+
+    def mark_announced(self, jid: str) -> None:
+        self._db.execute("UPDATE jobs SET announced=1 WHERE id=?", (jid,))
+
+    def unfinished(self, jid: str) -> list[str]:
+        """Destinations of ``jid`` that have not reached a final state."""
+        return [d.node for d in self.dests(jid) if not d.final]
+
+    def cancelled(self) -> list[tuple[str, list[str]]]:
+        """Cancelled destinations by job, to tell children that missed it."""
+        out: dict[str, list[str]] = {}
+        for jid, node in self._db.execute(
+            "SELECT job, node FROM dests WHERE state='cancelled' ORDER BY job, node"
+        ):
+            out.setdefault(jid, []).append(node)
+        return list(out.items())
 
     def dests(self, jid: str) -> list[Dest]:
         return [
@@ -237,7 +268,8 @@ class JobDB:
         """Destinations not yet final whose execution time has come."""
         now = time.time() if now is None else now
         rows = self._db.execute(
-            "SELECT j.*, d.job, d.node, d.state, d.detail, d.updated, d.attempts, d.generation "
+            f"SELECT {', '.join('j.' + c for c in _JOB_COLS.split(', '))}, "
+            "d.job, d.node, d.state, d.detail, d.updated, d.attempts, d.generation "
             "FROM dests d JOIN jobs j ON j.id = d.job "
             f"WHERE d.state NOT IN ({','.join('?' * len(FINAL_STATES))}) "
             "AND (j.at IS NULL OR j.at <= ?) ORDER BY j.created, d.node",

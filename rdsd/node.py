@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from types import TracebackType
 
 import structlog
 
-from protocol import Holdings, JobCancel, JobNotice, Topology
+from protocol import Holdings, JobAnnounce, JobCancel, JobNotice, Topology
 
 from .config import NodeConfig, Role
 from .downlinks import Downlinks, ParentHooks
@@ -38,7 +39,7 @@ class Node:
         paths = cfg.paths
         self.verifier = Verifier(paths.signing_pub.read_bytes())
         self.db = JobDB(paths.db)
-        self.store = Store(paths.store, self.verifier)
+        self.store = Store(paths.store, self.verifier, refetchable=cfg.role is not Role.SERVER)
         self.downlinks: Downlinks | None = None
         self.uplink: Uplink | None = None
         self.runner: Runner | None = None
@@ -86,6 +87,9 @@ class Node:
             ctx = server_context(paths.ca_cert, paths.cert, paths.key)
             self.downlinks = Downlinks(cfg, self.db, self.store, ctx, hooks)
             await self.downlinks.start()
+        if cfg.role is not Role.SERVER:
+            self.sweep()
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="sweep"))
         if self.uplink is not None:
             self._tasks.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         self._tasks.append(asyncio.create_task(self._poll(), name="poll"))
@@ -140,6 +144,29 @@ class Node:
         if self.runner is not None:
             self.runner.kick()
 
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.sweep_interval)
+            try:
+                self.sweep()
+            except Exception:
+                self.log.exception("node.sweep_failed")
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Delete packages whose keep time is over, except one being served
+        or downloaded right now (it goes on a later sweep). The parent learns
+        it from the next HOLDINGS."""
+        now = time.time() if now is None else now
+        gone = []
+        for m in self.store.manifests():
+            if m.expires <= now and not self.store.in_use(m.id):
+                self.store.delete(m.id)
+                gone.append(m.id)
+                self.log.info("package.expired", package=m.id)
+        if gone:
+            self.wake()
+        return gone
+
     def _close_revoked(self) -> None:
         assert self.downlinks is not None
         for name, child in list(self.downlinks.children.items()):
@@ -149,8 +176,28 @@ class Node:
                 child.session.abort("revoked")
 
     async def flush_outbox(self) -> None:
-        if self.uplink is not None:
-            await self.uplink.send_reports(self.db.outbox())
+        """Send queued reports, and announce jobs made here to the parent."""
+        if self.uplink is None:
+            return
+        await self.uplink.send_reports(self.db.outbox())
+        if self.cfg.role is Role.RELAY:
+            await self.uplink.send_up(
+                [
+                    (
+                        f"job:{job.id}",
+                        JobAnnounce(
+                            job=job.id,
+                            type=job.type,
+                            package=job.package,
+                            destinations=[d.node for d in self.db.dests(job.id)],
+                            origin=job.origin,
+                            at=job.at,
+                            manifest=job.manifest,
+                        ),
+                    )
+                    for job in self.db.unannounced()
+                ]
+            )
 
     # -- the relay's parent-half hook -------------------------------------------
 
@@ -173,7 +220,7 @@ class Node:
     async def on_connected(self, link: Uplink) -> None:
         self._tell_parent = True
         await self._describe_subtree()
-        await link.send_reports(self.db.outbox())
+        await self.flush_outbox()
         self.wake()
 
     async def _describe_subtree(self) -> None:

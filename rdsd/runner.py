@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from .config import NodeConfig, Role
+from .config import NodeConfig, Role, iso
 from .install import install
 from .jobdb import Dest, Job, JobDB
 from .manifest import Manifest, ManifestError, open_envelope
@@ -163,6 +163,11 @@ class Runner:
             self._running[job.id] = task
         return task
 
+    def cancel(self, jid: str) -> None:
+        task = self._running.get(jid)
+        if task is not None:
+            task.cancel()
+
     async def stop(self) -> None:
         for task in self._running.values():
             task.cancel()
@@ -211,6 +216,8 @@ class Runner:
         if job.type != "transfer" and role is not Role.CLIENT:
             self._set(job, "failed", f"{job.type} jobs deliver to clients only")
             return
+        if job.type == "transfer":
+            self._refresh_keep(manifest, job.manifest)
         if not self.store.has(manifest.id):
             self._set(job, "transferring")
             try:
@@ -219,13 +226,40 @@ class Runner:
                 self._set(job, "failed", str(exc))
                 return
         if job.type == "transfer":
-            self._set(job, "stored", f"expires {manifest.expires:.0f}")
+            self._set(job, "stored", f"kept until {iso(manifest.expires)}")
         elif job.type == "offer":
             self._set(job, "offered")
         else:
             await self.install(job, manifest)
 
+    def _refresh_keep(self, manifest: Manifest, envelope: bytes) -> None:
+        """A package transferred again with a new keep duration: same bytes,
+        newly signed manifest. Take the new expiry without refetching."""
+        held = self.store.manifest(manifest.id)
+        if held is None or self.store.envelope(manifest.id) == envelope:
+            return
+        if (held.sha256, held.size, held.chunks) == (
+            manifest.sha256,
+            manifest.size,
+            manifest.chunks,
+        ):
+            self.store.replace_envelope(manifest.id, envelope)
+            log.info(
+                "package.keep_changed",
+                node=self.cfg.name,
+                package=manifest.id,
+                expires=iso(manifest.expires),
+            )
+        else:
+            self.store.delete(manifest.id)
+
     async def install(self, job: Job, manifest: Manifest) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.verify, manifest.id)
+        except StoreError as exc:
+            self.store.delete(manifest.id)
+            self._set(job, "failed", f"not installed: {exc}")
+            return
         self._set(job, "installing")
         result = await install(
             self.store.data_path(manifest.id),

@@ -92,7 +92,12 @@ class Session:
         self.bytes_sent += sum(len(b) for b in buffers)
         try:
             self._writer.writelines(buffers)
-            await self._writer.drain()
+            async with asyncio.timeout(self.idle_timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            # The peer stopped reading: free what we hold for it.
+            self.abort(f"peer read nothing for {self.idle_timeout:.0f}s")
+            raise SessionClosed(self.close_reason) from None
         except (ConnectionError, OSError) as exc:
             self._mark_closed(f"write failed: {exc}")
             raise SessionClosed(self.close_reason) from None

@@ -194,13 +194,33 @@ class Download:
 class Store:
     """Complete packages plus the downloads in progress, in one directory."""
 
-    def __init__(self, root: Path, verifier: Verifier) -> None:
+    def __init__(self, root: Path, verifier: Verifier, refetchable: bool = True) -> None:
         self.root = root
+        # A relay or client can fetch a damaged package again from its parent;
+        # the server's storehouse cannot, so it leaves a bad package in place.
+        self.refetchable = refetchable
         self.partial_dir = root / "partial"
         self.verifier = verifier
         self._downloads: dict[str, Download] = {}
         self._manifests: dict[str, tuple[bytes, Manifest]] = {}
         self._readers: dict[str, int] = {}
+
+    def verify(self, package: str) -> None:
+        """Re-check a complete package against its manifest (before it is
+        installed): raises CorruptChunk at the first bad chunk."""
+        m = self.manifest(package)
+        if m is None:
+            raise StoreError(f"{package} is not in the store")
+        whole = hashlib.sha256()
+        with self.data_path(package).open("rb") as f:
+            for index in range(len(m.chunks)):
+                data = f.read(m.chunk_length(index))
+                if hashlib.sha256(data).digest() != m.chunks[index]:
+                    raise CorruptChunk(package, index * m.chunk_size, "at rest")
+                whole.update(data)
+            trailing = f.read(1)
+        if whole.digest() != m.sha256 or trailing:
+            raise CorruptChunk(package, 0, "whole file at rest")
 
     def prepare(self) -> None:
         """Create the layout and remove debris a crash may have left."""
@@ -283,6 +303,22 @@ class Store:
                 path.unlink()
         self._manifests.pop(package, None)
         fsync_dir(self.root)
+
+    def quarantine(self, package: str, offset: int) -> None:
+        """A complete package turned out to hold a bad chunk at ``offset``:
+        take it out of service and keep its good prefix as a partial
+        download, so a node with a parent fetches only the rest again."""
+        env = self.envelope(package)
+        if not self.refetchable or env is None or package in self._downloads:
+            return
+        part = self.partial_dir / f"{package}.part"
+        self.envelope_path(package).unlink()
+        self._manifests.pop(package, None)
+        os.replace(self.data_path(package), part)
+        os.truncate(part, offset)
+        atomic_write(self.partial_dir / f"{package}.env", env)
+        fsync_dir(self.root)
+        log.error("store.quarantined", store=str(self.root), package=package, offset=offset)
 
     def active(self, package: str) -> Download | None:
         return self._downloads.get(package)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -38,17 +39,23 @@ class TransferFailed(Exception):
         self.retryable = retryable
 
 
-async def serve_fetch(session: Session, store: Store, fetch: Fetch, node: str) -> None:
+async def serve_fetch(
+    session: Session, store: Store, fetch: Fetch, node: str, served: Counter[str]
+) -> None:
     """Send ``fetch.package`` from ``fetch.offset`` to the end, then FETCH_END;
-    any store problem becomes FETCH_FAIL with the reason."""
-    bound = log.bind(node=node, peer=session.peer.name, package=fetch.package)
+    any store problem becomes FETCH_FAIL with the reason. ``served`` counts
+    package bytes sent per peer, which is how resume savings are measured."""
+    peer = session.peer.name
+    bound = log.bind(node=node, peer=peer, package=fetch.package)
     sent = 0
     try:
         async for offset, data in store.chunks(fetch.package, fetch.offset):
             await session.send(Chunk(fetch_id=fetch.fetch_id, offset=offset, data=data))
             sent += len(data)
+            served[peer] += len(data)
     except CorruptChunk as exc:
         bound.error("serve.corrupt", offset=exc.offset)
+        store.quarantine(fetch.package, exc.offset)
         await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=str(exc)))
         return
     except StoreError as exc:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import random
 import ssl
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
@@ -68,6 +67,8 @@ class Uplink:
         self.connected = asyncio.Event()
         self.last_error = ""
         self._pending_done: asyncio.Future[list[str]] | None = None
+        # What went up on the current session and awaits its ack there.
+        self.sent: set[str] = set()
         self._ping = 0
         self.log = log.bind(node=cfg.name)
 
@@ -83,6 +84,7 @@ class Uplink:
             host, port, self.ctx, hello, self.cfg.handshake_timeout, self.cfg.idle_timeout
         )
         self.session = session
+        self.sent = set()
         self.parent_role = welcome.role
         self.parent_name = welcome.node
         self.connected.set()
@@ -165,13 +167,17 @@ class Uplink:
         async with asyncio.timeout(timeout):
             return await self._pending_done
 
-    async def send_reports(self, reports: list[Report]) -> None:
+    async def send_up(self, messages: list[tuple[str, Message]]) -> None:
+        """Send each ``(ack id, message)`` not yet sent on this session; the
+        rest are in flight and will be sent again only on a new session."""
         session = self.session
         if session is None or session.closed:
             return
         with contextlib.suppress(SessionClosed):
-            for rep in reports:
-                await session.send(rep)
+            for key, msg in messages:
+                if key not in self.sent:
+                    self.sent.add(key)
+                    await session.send(msg)
 
-    async def with_session(self, fn: Callable[[Session], Awaitable[None]], timeout: float) -> None:
-        await fn(await self.wait_session(timeout))
+    async def send_reports(self, reports: list[Report]) -> None:
+        await self.send_up([(r.report_id, r) for r in reports])

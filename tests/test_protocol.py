@@ -9,6 +9,7 @@ frame itself must be malformed.
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,7 @@ from protocol import (
     Goodbye,
     Hello,
     Holdings,
+    JobAnnounce,
     JobCancel,
     JobNotice,
     LocalProtocolError,
@@ -146,6 +148,9 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.TOPOLOGY: Topology(nodes={"client1": "client"}),
     MessageType.HOLDINGS: Holdings(packages={"app-1.0": 1.9e9}),
     MessageType.JOB_CANCEL: JobCancel(job="job1", destinations=["client1"]),
+    MessageType.JOB_ANNOUNCE: JobAnnounce(
+        job="job2", type="install", package="app-1.0", destinations=["client1"], origin="relay-a"
+    ),
     MessageType.PING: Ping(nonce=1),
     MessageType.PONG: Pong(nonce=1),
     MessageType.ERROR: Error(code=int(ErrorCode.PROTOCOL), reason="bad"),
@@ -186,6 +191,15 @@ FULL: list[Message] = [
     Topology(nodes={}),
     Topology(nodes={"c1": "client", "relay.b": "relay"}),
     Holdings(packages={"a-1": 0, "b-2.0": 1.5e9}),
+    JobAnnounce(
+        job="relay-a.7",
+        type="offer",
+        package="tool-2",
+        destinations=["c1", "c2"],
+        origin="relay-a",
+        at=1_800_000_000.0,
+        manifest=b"\x92" + bytes(100),
+    ),
     Ping(nonce=-(2**63)),
     Pong(nonce=2**64 - 1),
     Error(code=99, reason=""),
@@ -242,6 +256,18 @@ SCRIPT: list[tuple[Side, Message]] = [
     (P, ReportAck(report_id="r-1")),
     (C, Topology(nodes={"client7": "client", "client8": "client"})),
     (C, Holdings(packages={PKG: 1_900_000_000.0})),
+    (
+        C,
+        JobAnnounce(
+            job="relay-a.1",
+            type="install",
+            package=PKG,
+            destinations=["client7"],
+            origin="relay-a",
+            manifest=MANIFEST,
+        ),
+    ),
+    (P, ReportAck(report_id="job:relay-a.1")),
     (C, Ping(nonce=1)),
     (P, Pong(nonce=1)),
     (P, Ping(nonce=77)),
@@ -296,7 +322,9 @@ def replay(c2p: Iterable[bytes], p2c: Iterable[bytes]) -> tuple[list[Message], l
 def check_replay(got: list[Message], payloads: list[bytes]) -> None:
     assert got == [msg for _, msg in SCRIPT]
     assert payloads == [bytes(msg.payload) for _, msg in SCRIPT]
-    fetch1 = [p for e, p in zip(got, payloads, strict=True) if isinstance(e, Chunk) and e.fetch_id == 1]
+    fetch1 = [
+        p for e, p in zip(got, payloads, strict=True) if isinstance(e, Chunk) and e.fetch_id == 1
+    ]
     assert b"".join(fetch1) == DATA
     assert got[3].payload == MANIFEST
 
@@ -304,7 +332,7 @@ def check_replay(got: list[Message], payloads: list[bytes]) -> None:
 def split(data: bytes, points: Iterable[int]) -> list[bytes]:
     cuts = sorted({p for p in points if 0 < p < len(data)})
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def test_conversation_uses_every_type_but_error() -> None:
@@ -371,7 +399,7 @@ def test_payload_is_not_in_the_header() -> None:
     assert len(buffers) == 2
     assert buffers[1] is chunk.data  # handed over as is, not copied
     hlen, plen = PREFIX.unpack_from(buffers[0])
-    assert plen == 7
+    assert (hlen, plen) == (len(bytes(buffers[0])) - 8, 7)
     assert msgpack.unpackb(bytes(buffers[0])[8:]) == [7, {"fetch_id": 1, "offset": 0}]
     assert len(encode(Ping(nonce=1))) == 1
 
@@ -546,8 +574,22 @@ def test_child_checks_parent_preamble() -> None:
 # -- 5. hostile names ---------------------------------------------------------
 
 BAD_NAMES = ["..", ".", "...", "a/b", "/etc", "a\x00b", "", "x" * 65, "a\\b", "a b", "é", "a\nb"]
-BAD_PACKAGES = ["app", "app/1-2", "app-1/2", "../x-1", "..-1", "a-..", "a--1", "-1", "a-", "",
-                "a\x00-1", "a-1\x00", "x" * 65 + "-1", "app-" + "1" * 65]
+BAD_PACKAGES = [
+    "app",
+    "app/1-2",
+    "app-1/2",
+    "../x-1",
+    "..-1",
+    "a-..",
+    "a--1",
+    "-1",
+    "a-",
+    "",
+    "a\x00-1",
+    "a-1\x00",
+    "x" * 65 + "-1",
+    "app-" + "1" * 65,
+]
 
 
 def test_name_checks() -> None:
@@ -579,6 +621,9 @@ def _hostile_name_messages(bad: str) -> list[tuple[Side, Message]]:
         (C, JobNotice(job=bad, type="install", package="a-1", destinations=["ok"])),
         (C, JobNotice(job="j", type="install", package="a-1", destinations=[], origin=bad)),
         (C, JobCancel(job="j", destinations=[bad])),
+        (P, JobAnnounce(job="j", type="install", package="a-1", destinations=[bad], origin="r")),
+        (P, JobAnnounce(job="j", type="install", package="a-1", destinations=[], origin=bad)),
+        (P, JobAnnounce(job=bad, type="install", package="a-1", destinations=[], origin="r")),
         (C, PendingDone(jobs=[bad])),
     ]
 
@@ -606,6 +651,7 @@ def test_hostile_package_ids_refused(bad: str) -> None:
         (P, Holdings(packages={bad: 1.0})),
         (P, Report(report_id="r", job="j", node="n", state="installed", seq=1, package=bad)),
         (C, JobNotice(job="j", type="install", package=bad, destinations=["c"])),
+        (P, JobAnnounce(job="j", type="install", package=bad, destinations=[], origin="r")),
     ]:
         with pytest.raises(RemoteProtocolError):
             feed_open(receiver, wire(msg))
@@ -641,8 +687,12 @@ def test_parent_may_not_speak_first_except_error_or_goodbye() -> None:
 
 
 @pytest.mark.parametrize(
-    "mtype", [t for t in MessageType if t not in (MessageType.HELLO, MessageType.ERROR,
-                                                  MessageType.GOODBYE)]
+    "mtype",
+    [
+        t
+        for t in MessageType
+        if t not in (MessageType.HELLO, MessageType.ERROR, MessageType.GOODBYE)
+    ],
 )
 def test_nothing_but_hello_first_from_child(mtype: MessageType) -> None:
     conn = Connection(P)
@@ -683,6 +733,7 @@ def test_received_disallowed_messages() -> None:
         (C, Report(report_id="r", job="j", node="n", state="waiting", seq=1)),
         (C, Topology(nodes={})),
         (C, HELLO),
+        (C, JobAnnounce(job="j", type="install", package="a-1", destinations=[], origin="r")),
     ]:
         with pytest.raises(RemoteProtocolError):
             feed_open(receiver, wire(msg))
@@ -717,8 +768,7 @@ def test_nothing_after_goodbye_or_error(closer: Message) -> None:
 
 def test_goodbye_and_error_allowed_in_every_live_state() -> None:
     for closer in (Goodbye(), Error(code=1, reason="x")):
-        for make in (lambda: Connection(C), open_child, open_parent):
-            conn = make()
+        for conn in (Connection(C), open_child(), open_parent()):
             conn.send(closer)
             assert conn.state is State.CLOSED
         conn = Connection(C)
@@ -1081,8 +1131,11 @@ def test_eof_mid_preamble() -> None:
 # -- 9. the whole table, both ways --------------------------------------------
 
 # Fetch state a message needs to be acceptable apart from the table.
-FETCH_SETUP = {MessageType.CHUNK: {1: 0}, MessageType.FETCH_END: {1: 3},
-               MessageType.FETCH_FAIL: {1: 0}}
+FETCH_SETUP = {
+    MessageType.CHUNK: {1: 0},
+    MessageType.FETCH_END: {1: 3},
+    MessageType.FETCH_FAIL: {1: 0},
+}
 ALL_KEYS = [(s, side, t) for s in State for side in Side for t in MessageType]
 FORBIDDEN = [k for k in ALL_KEYS if k not in TRANSITIONS]
 ALLOWED = list(TRANSITIONS)
