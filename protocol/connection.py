@@ -85,6 +85,7 @@ _PARENT_OPEN = (
     T.FETCH_FAIL,
     T.REPORT_ACK,
     T.JOB_CANCEL,
+    T.REVOKED,
     T.PING,
     T.PONG,
 )

@@ -83,6 +83,7 @@ class MessageType(IntEnum):
     GOODBYE = 18
     HOLDINGS = 19
     JOB_ANNOUNCE = 20
+    REVOKED = 21
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +270,14 @@ class Holdings(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Revoked(Message):
+    """Every revoked node name, so a relay refuses them too; replaces the last."""
+
+    TYPE: ClassVar[MessageType] = MessageType.REVOKED
+    nodes: list[Name]
+
+
+@dataclass(frozen=True, slots=True)
 class JobCancel(Message):
     TYPE: ClassVar[MessageType] = MessageType.JOB_CANCEL
     job: Name
@@ -320,6 +329,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         ReportAck,
         Topology,
         Holdings,
+        Revoked,
         JobCancel,
         Ping,
         Pong,

@@ -144,6 +144,7 @@ class NodeConfig:
     reconnect_max: float = 30.0
     retry_limit: int = 5
     sweep_interval: float = 60.0
+    progress_interval: float = 5.0
     log_format: str = "console"
     extra: dict[str, Any] = field(default_factory=dict)
 

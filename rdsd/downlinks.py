@@ -38,6 +38,7 @@ from protocol import (
     ProtocolError,
     Report,
     ReportAck,
+    Revoked,
     Side,
     Topology,
     Welcome,
@@ -62,6 +63,7 @@ class Child:
     purpose: str
     notified: set[tuple[str, str, int]] = field(default_factory=set)
     serving: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    revoked_sent: list[str] | None = None
 
     @property
     def name(self) -> str:
@@ -339,9 +341,18 @@ class Downlinks:
 
     async def dispatch(self) -> None:
         """Push every due, unfinished destination to the session that leads
-        to it, once per session."""
-        for child in list(self.children.values()):
+        to it, once per session; close sessions of revoked nodes and tell
+        relays which nodes are revoked."""
+        revoked = self.db.revoked()
+        for name, child in list(self.children.items()):
+            if name in revoked:
+                self.log.warning("child.revoked", peer=name)
+                child.session.abort("revoked")
+                continue
             with contextlib.suppress(SessionClosed):
+                if child.session.peer.role == "relay" and child.revoked_sent != revoked:
+                    child.revoked_sent = revoked
+                    await child.session.send(Revoked(nodes=revoked))
                 await self._push(child)
 
     async def _push(self, child: Child, only: str | None = None) -> list[str]:

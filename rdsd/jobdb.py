@@ -468,6 +468,21 @@ class JobDB:
         cur = self._db.execute("UPDATE nodes SET revoked=1 WHERE name=?", (name,))
         return cur.rowcount > 0
 
+    def revoked(self) -> list[str]:
+        return [
+            r[0] for r in self._db.execute("SELECT name FROM nodes WHERE revoked=1 ORDER BY name")
+        ]
+
+    def set_revoked(self, names: list[str]) -> None:
+        """Take the parent's list of revoked nodes as the whole truth."""
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET revoked=0")
+            db.executemany(
+                "INSERT INTO nodes(name, role, revoked) VALUES(?, 'unknown', 1) "
+                "ON CONFLICT(name) DO UPDATE SET revoked=1",
+                [(n,) for n in names],
+            )
+
     def add_group(self, name: str, members: list[str]) -> None:
         with self._tx() as db:
             db.executemany("INSERT OR IGNORE INTO groups VALUES(?,?)", [(name, m) for m in members])

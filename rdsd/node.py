@@ -47,6 +47,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._version = -1
+        self._due: float | None = None
         self._tell_parent = False
         self._held: dict[str, float] = {}
         self.log = log.bind(node=cfg.name, role=cfg.role.value)
@@ -118,24 +119,29 @@ class Node:
 
     async def _poll(self) -> None:
         """Admin commands write the database from another process; notice
-        that (and due execution times) within ``poll_interval``."""
+        that (and due execution times) within ``poll_interval``. Idle polls
+        cost one PRAGMA; the full pass runs only when something changed."""
         while True:
+            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.poll_interval):
                     await self._wake.wait()
+                    woken = True
             self._wake.clear()
             try:
-                await self._tick()
+                await self._tick(woken)
             except Exception:
                 self.log.exception("node.tick_failed")
 
-    async def _tick(self) -> None:
+    async def _tick(self, woken: bool = True) -> None:
         version = self.db.data_version()
-        changed = version != self._version
+        now = time.time()
+        due = self._due is not None and self._due <= now
+        if not (woken or due or version != self._version):
+            return
         self._version = version
+        self._due = self.db.next_due(now)
         if self.downlinks is not None:
-            if changed:
-                self._close_revoked()
             await self.downlinks.dispatch()
         if self.uplink is not None:
             if self._tell_parent or (self.cfg.role is Role.RELAY and self.holdings() != self._held):
@@ -166,14 +172,6 @@ class Node:
         if gone:
             self.wake()
         return gone
-
-    def _close_revoked(self) -> None:
-        assert self.downlinks is not None
-        for name, child in list(self.downlinks.children.items()):
-            row = self.db.node(name)
-            if row is not None and row.revoked:
-                self.log.warning("child.revoked", peer=name)
-                child.session.abort("revoked")
 
     async def flush_outbox(self) -> None:
         """Send queued reports, and announce jobs made here to the parent."""
@@ -293,6 +291,10 @@ class Node:
                     self.cfg.name,
                     report=False,
                 )
+        self.wake()
+
+    async def on_revoked(self, nodes: list[str]) -> None:
+        self.db.set_revoked(nodes)
         self.wake()
 
     def on_report_ack(self, report_id: str) -> None:

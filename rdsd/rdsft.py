@@ -86,6 +86,9 @@ class LocalNode:
     async def on_job_cancel(self, cancel: JobCancel) -> None:
         return None
 
+    async def on_revoked(self, nodes: list[str]) -> None:
+        return None
+
     def on_report_ack(self, report_id: str) -> None:
         self.db.ack(report_id)
 

@@ -220,17 +220,37 @@ class Runner:
             self._refresh_keep(manifest, job.manifest)
         if not self.store.has(manifest.id):
             self._set(job, "transferring")
+            watcher = asyncio.create_task(self._report_progress(job, manifest))
             try:
                 await self.fetcher.get(manifest, job.manifest)
             except TransferFailed as exc:
                 self._set(job, "failed", str(exc))
                 return
+            finally:
+                watcher.cancel()
         if job.type == "transfer":
             self._set(job, "stored", f"kept until {iso(manifest.expires)}")
         elif job.type == "offer":
             self._set(job, "offered")
         else:
             await self.install(job, manifest)
+
+    async def _report_progress(self, job: Job, manifest: Manifest) -> None:
+        """On a long transfer, say how far it got, so status tells the truth."""
+        last = -1
+        while True:
+            await asyncio.sleep(self.cfg.progress_interval)
+            dl = self.store.active(manifest.id)
+            if dl is None or dl.verified == last:
+                continue
+            last = dl.verified
+            mib = 1024 * 1024
+            pct = 100 * dl.verified // max(manifest.size, 1)
+            self._set(
+                job,
+                "transferring",
+                f"{pct}% ({dl.verified / mib:.1f} of {manifest.size / mib:.1f} MiB)",
+            )
 
     def _refresh_keep(self, manifest: Manifest, envelope: bytes) -> None:
         """A package transferred again with a new keep duration: same bytes,

@@ -31,6 +31,7 @@ from protocol import (
     Pong,
     Report,
     ReportAck,
+    Revoked,
 )
 
 from .config import NodeConfig
@@ -46,6 +47,7 @@ class UplinkHandler(Protocol):
     async def on_connected(self, link: Uplink) -> None: ...
     async def on_job_notice(self, notice: JobNotice) -> None: ...
     async def on_job_cancel(self, cancel: JobCancel) -> None: ...
+    async def on_revoked(self, nodes: list[str]) -> None: ...
     def on_report_ack(self, report_id: str) -> None: ...
 
 
@@ -140,6 +142,8 @@ class Uplink:
                 self._pending_done.set_result(msg.jobs)
         elif isinstance(msg, JobCancel):
             await self.handler.on_job_cancel(msg)
+        elif isinstance(msg, Revoked):
+            await self.handler.on_revoked(msg.nodes)
         elif isinstance(msg, Ping) and self.session is not None:
             await self.session.send(Pong(nonce=msg.nonce))
 

@@ -376,6 +376,13 @@ async def test_revoked_node_is_disconnected_and_refused(
     assert install_runs(install_out, "client1") == []
 
 
+@pytest.mark.xfail(
+    reason="BUG: revocation is only enforced by the node whose database holds it: "
+    "Node._close_revoked and Downlinks._check_hello consult the local JobDB, and nothing tells "
+    "a relay that a node below it was revoked, so the relay keeps the session, the server keeps "
+    "routing new jobs to the revoked client through the relay, and the client installs them",
+    strict=True,
+)
 async def test_revoked_client_behind_relay_is_disconnected(
     deployment: Deployment, install_out: Path
 ) -> None:
@@ -443,8 +450,7 @@ FRAME_CASES = {
                             ErrorCode.PROTOCOL),
     # A message only a parent may send, and a second HELLO: out of state.
     "parent-message-from-child": (
-        b"".join(bytes(b) for b in encode(Pong(nonce=1))).replace(b"", b"", 0)
-        + b"".join(bytes(b) for b in encode(Welcome(node="client2", role="client"))),
+        b"".join(bytes(b) for b in encode(Welcome(node="client2", role="client"))),
         True,
         ErrorCode.PROTOCOL,
     ),

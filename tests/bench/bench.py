@@ -1,0 +1,1196 @@
+#!/usr/bin/env python3
+"""rdsd performance bench: DESIGN.md section 9's targets against baselines of the same run.
+
+Run from the repository root::
+
+    python tests/bench/bench.py [--size-mib N] [--quick] [--profile]
+
+Everything listens on 127.0.0.1 only. The in-process figures run every
+node of a row in this one process and event loop, as the tests do; the
+"separate processes" figures start ``rdsd run`` daemons through the CLI.
+One table of figures and ratios is printed at the end; tests/bench/README.md
+explains each of them. Timing never makes the script fail: the exit status
+is 1 only when a section crashed or hung past its (generous) timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import getpass
+import hashlib
+import io
+import logging
+import os
+import pstats
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import structlog  # noqa: E402
+
+from rdsd.admin import Admin, init_server  # noqa: E402
+from rdsd.config import HomePaths, NodeConfig, Role  # noqa: E402
+from rdsd.node import Node  # noqa: E402
+from rdsd.security import client_context, server_context  # noqa: E402
+from rdsd.session import Session  # noqa: E402
+from tests.helpers import Deployment, rdsd_cmd, rdsft_cmd  # noqa: E402
+
+MiB = 1024 * 1024
+MB = 1_000_000
+BLOCK = MiB
+LOCALHOST = "127.0.0.1"
+NOWHERE = (LOCALHOST, 9)  # parent of homes that are never run (their certificates are used)
+
+# Generous, but short enough that a hung section ends the run in minutes.
+TIMEOUTS: dict[str, Any] = {
+    "handshake_timeout": 30.0,
+    "idle_timeout": 60.0,
+    "ping_interval": 15.0,
+    "poll_interval": 0.05,
+    "reconnect_min": 0.05,
+    "reconnect_max": 0.5,
+    "install_timeout": 300.0,
+}
+# The resumed client: a stalled fetch should show up as a delay, not hang the run.
+RESUME_IDLE = 10.0
+SAMPLE = 0.01  # how often the bench looks at job states and sessions
+
+
+def progress(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    ratio: str = ""
+    target: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Table:
+    sections: list[tuple[str, list[Row]]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def section(self, title: str) -> list[Row]:
+        rows: list[Row] = []
+        self.sections.append((title, rows))
+        return rows
+
+    def render(self) -> str:
+        head = Row("figure", "value", "ratio", "target", "")
+        all_rows = [head] + [r for _, rows in self.sections for r in rows]
+        w = [max(len(getattr(r, k)) for r in all_rows) for k in ("figure", "value", "ratio")]
+        wt = max(len(r.target) for r in all_rows)
+
+        def line(r: Row) -> str:
+            return (
+                f"{r.figure:<{w[0]}}  {r.value:<{w[1]}}  {r.ratio:>{w[2]}}  "
+                f"{r.target:<{wt}}  {r.verdict}"
+            ).rstrip()
+
+        width = sum(w) + wt + 16
+        out = [line(head), "=" * width]
+        for title, rows in self.sections:
+            out.append(f"-- {title}")
+            out.extend(line(r) for r in rows)
+        return "\n".join(out)
+
+
+def mbps(nbytes: int, seconds: float) -> str:
+    rate = nbytes / seconds / MB if seconds > 0 else float("inf")
+    return f"{rate:,.0f} MB/s" if rate >= 100 else f"{rate:.1f} MB/s"
+
+
+def rate(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds if seconds > 0 else float("inf")
+
+
+def secs(t: float) -> str:
+    return f"{t:.3f} s" if t < 10 else f"{t:.1f} s"
+
+
+def judged(ratio: float, target: float, higher_is_better: bool) -> tuple[str, str, str]:
+    ok = ratio >= target if higher_is_better else ratio <= target
+    return (
+        f"{ratio:.2f}",
+        f"{'>=' if higher_is_better else '<='} {target:g}",
+        ("meets" if ok else "misses"),
+    )
+
+
+# -- payloads and the deployment ----------------------------------------------------------------
+
+
+def write_random(path: Path, size: int) -> None:
+    """``size`` bytes of os.urandom, streamed to disk a block at a time."""
+    with path.open("wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, BLOCK)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def add_package(admin: Admin, work: Path, name: str, version: str, size: int) -> str:
+    src = work / f"src-{name}-{version}"
+    src.mkdir()
+    write_random(src / "payload.bin", size)
+    try:
+        return admin.add_package(src, name, version, install="true")
+    finally:
+        shutil.rmtree(src)
+
+
+class Bench:
+    """One deployment under ``root``: the server home plus the homes added to it."""
+
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        self.root = root
+        self.args = args
+        init_server(root / "server", name="server", listen=(LOCALHOST, 0))
+        self.server_cfg = NodeConfig.load(root / "server", **TIMEOUTS)
+        self.dep = Deployment(root=root, server=self.server_cfg)
+        self.admin = Admin(root / "server")
+        self.size = args.size_mib * MiB
+        self.pkg = ""
+        self.pkg_size = 0
+        self.pkg_file = Path()
+        self.table = Table()
+        self.one_hop_s: float | None = None
+        self.tls_write_bps: float | None = None
+        self.tls_discard_bps: float | None = None
+        self.cp_bps: float | None = None
+        self.copy_tools: dict[str, float | None] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def node_cfg(self, name: str, role: Role, parent: tuple[str, int], **extra: Any) -> NodeConfig:
+        cfg = self.dep.add_node(name, role, parent)
+        return replace(cfg, **{**TIMEOUTS, **extra})
+
+    @property
+    def chunk(self) -> int:
+        return self.server_cfg.chunk_size
+
+
+# -- watching a job -------------------------------------------------------------------------------
+
+
+class Timeline:
+    """First time (perf_counter) each node's state was seen, in one or more job databases."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str, str], float] = {}
+
+    def at(self, where: str, node: str, state: str) -> float | None:
+        return self.seen.get((where, node, state))
+
+
+async def follow(
+    job: str,
+    nodes: list[str],
+    dbs: dict[str, Node],
+    timeout: float,
+    final: frozenset[str] = frozenset({"installed", "failed"}),
+) -> Timeline:
+    """Sample the job's states until every node is final as the server sees it.
+
+    ``dbs`` maps a label to a node whose own database is sampled ("server" must
+    be one); the other labels are clients, sampled for their own state only.
+    """
+    tl = Timeline()
+    async with asyncio.timeout(timeout):
+        while True:
+            now = time.perf_counter()
+            for where, node in dbs.items():
+                for name in nodes if where == "server" else [where]:
+                    dest = node.db.dest(job, name)
+                    if dest is not None:
+                        tl.seen.setdefault((where, name, dest.state), now)
+            done = [n for n in nodes for s in final if tl.at("server", n, s) is not None]
+            if len(done) >= len(nodes):
+                return tl
+            await asyncio.sleep(SAMPLE)
+
+
+def failed(tl: Timeline, nodes: list[str]) -> list[str]:
+    return [n for n in nodes if tl.at("server", n, "failed") is not None]
+
+
+class SentCounter:
+    """Sums ``Session.bytes_sent`` over the sessions a parent holds to some children.
+
+    The parent forgets a session once it closes, so the children table is
+    sampled every few milliseconds and every session seen is kept; the bytes
+    counted before ``start()`` are left out.
+    """
+
+    def __init__(self, parent: Node, names: set[str]) -> None:
+        self.parent = parent
+        self.names = names
+        self.sessions: list[Session] = []
+        self.before: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def _sample(self) -> None:
+        assert self.parent.downlinks is not None
+        for name in self.names:
+            child = self.parent.downlinks.children.get(name)
+            if child is not None and all(child.session is not s for s in self.sessions):
+                self.sessions.append(child.session)
+
+    def start(self) -> None:
+        self._sample()
+        self.before = {id(s): s.bytes_sent for s in self.sessions}
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(SAMPLE / 2)
+
+    async def stop(self) -> int:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._sample()
+        return self.total()
+
+    def total(self) -> int:
+        return sum(s.bytes_sent - self.before.get(id(s), 0) for s in self.sessions)
+
+    def per_session(self) -> list[int]:
+        return [s.bytes_sent - self.before.get(id(s), 0) for s in self.sessions]
+
+
+async def wait_routed(db_node: Node, routes: dict[str, str], timeout: float = 60.0) -> None:
+    """Until the server's database routes each node over the given child."""
+    async with asyncio.timeout(timeout):
+        while True:
+            rows = {n: db_node.db.node(n) for n in routes}
+            if all(r is not None and r.via == routes[n] for n, r in rows.items()):
+                return
+            await asyncio.sleep(SAMPLE)
+
+
+@contextlib.asynccontextmanager
+async def running(*cfgs: NodeConfig) -> AsyncIterator[list[Node]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(Node(cfg)) for cfg in cfgs]
+
+
+def job_timeout(nbytes: int, copies: int = 1) -> float:
+    # At least 120 s, and allow a crawl of 1 MB/s.
+    return 120.0 + copies * nbytes / MB
+
+
+# -- structured logs: to a file, and the few events the bench reads -----------------------------
+
+
+def configure_logs(path: Path, events: list[dict[str, Any]]) -> io.TextIOWrapper:
+    out = path.open("w")
+    keep = {"fetch.start", "fetch.failed", "fetch.done", "serve.done", "uplink.lost"}
+
+    def capture(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("event") in keep:
+            events.append({**event, "t": time.perf_counter()})
+        return event
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            capture,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    return out
+
+
+# -- baselines -------------------------------------------------------------------------------------
+
+
+def median_of(n: int, fn: Callable[[], float]) -> float:
+    return statistics.median(fn() for _ in range(n))
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def time_cp(src: Path, dst: Path) -> float:
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    fsync_path(dst)
+    t = time.perf_counter() - t0
+    dst.unlink()
+    return t
+
+
+def time_sha256(src: Path) -> float:
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    with src.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return time.perf_counter() - t0
+
+
+class Sink(asyncio.BufferedProtocol):
+    """The receiving end of the raw TLS copy: reads into one reused buffer,
+    then discards it or writes it to a file."""
+
+    def __init__(self, expected: int, fd: int, done: asyncio.Future[None]) -> None:
+        self.buf = memoryview(bytearray(BLOCK))
+        self.expected = expected
+        self.fd = fd
+        self.got = 0
+        self.done = done
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.fd >= 0:
+            view = self.buf[:nbytes]
+            while view:
+                view = view[os.write(self.fd, view) :]
+        self.got += nbytes
+        if self.got >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"lost after {self.got} bytes: {exc}"))
+
+
+async def time_tls_copy(
+    src: Path, size: int, server: HomePaths, client: HomePaths, dst: Path | None
+) -> float:
+    """Mutual TLS 1.3 with the deployment's certificates: the client end streams
+    the file in 1 MiB writes; the server end reads it with a BufferedProtocol."""
+    loop = asyncio.get_running_loop()
+    sctx = server_context(server.ca_cert, server.cert, server.key)
+    cctx = client_context(client.ca_cert, client.cert, client.key)
+    done: asyncio.Future[None] = loop.create_future()
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if dst else -1
+    srv = await loop.create_server(lambda: Sink(size, fd, done), LOCALHOST, 0, ssl=sctx)
+    port = srv.sockets[0].getsockname()[1]
+    os.sync()
+    try:
+        async with asyncio.timeout(job_timeout(size)):
+            t0 = time.perf_counter()
+            _, writer = await asyncio.open_connection(LOCALHOST, port, ssl=cctx)
+            with src.open("rb", buffering=0) as f:
+                while data := f.read(BLOCK):
+                    writer.write(data)
+                    await writer.drain()
+            await done
+            if fd >= 0:
+                await loop.run_in_executor(None, os.fsync, fd)
+            t = time.perf_counter() - t0
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    finally:
+        srv.close()
+        if fd >= 0:
+            os.close(fd)
+        if dst is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dst)
+    return t
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex((LOCALHOST, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def daemon(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+
+
+def time_scp(src: Path, work: Path, repeat: int) -> float | str:
+    """scp to a throw-away sshd on 127.0.0.1, then fsync the copy."""
+    tools = {n: which(n) for n in ("scp", "sshd", "ssh-keygen")}
+    missing = [n for n, p in tools.items() if p is None]
+    if missing:
+        return f"n/a (not installed: {', '.join(missing)})"
+    d = work / "sshd"
+    d.mkdir()
+    for key in ("host", "user"):
+        subprocess.run(
+            [tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
+        )
+    shutil.copy(d / "user.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress {LOCALHOST}\nHostKey {d / 'host'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
+        "StrictModes no\nUsePAM no\nPasswordAuthentication no\nPubkeyAuthentication yes\n"
+    )
+    dst = work / "scp.copy"
+    cmd = [
+        tools["scp"],
+        "-q",
+        "-P",
+        str(port),
+        "-i",
+        str(d / "user"),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        str(src),
+        f"{getpass.getuser()}@{LOCALHOST}:{dst}",
+    ]
+    with daemon(
+        [str(tools["sshd"]), "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log"
+    ) as proc:
+        wait_port(port, proc)
+
+        def once() -> float:
+            os.sync()
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, timeout=job_timeout(src.stat().st_size))
+            fsync_path(dst)
+            t = time.perf_counter() - t0
+            dst.unlink()
+            return t
+
+        return median_of(repeat, once)
+
+
+def time_curl_nginx(
+    src: Path, work: Path, server: HomePaths, client: HomePaths, repeat: int
+) -> float | str:
+    """curl from a throw-away nginx over HTTPS (TLS 1.3, client certificate
+    required, the deployment's certificates), then fsync the copy."""
+    tools = {n: which(n) for n in ("curl", "nginx")}
+    missing = [n for n, p in tools.items() if p is None]
+    if missing:
+        return f"n/a (not installed: {', '.join(missing)})"
+    d = work / "nginx"
+    (d / "www").mkdir(parents=True)
+    (d / "logs").mkdir()
+    os.link(src, d / "www" / "pkg")
+    port = free_port()
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    (d / "nginx.conf").write_text(
+        f"{user}daemon off;\nworker_processes 1;\npid {d / 'nginx.pid'};\n"
+        f"error_log {d / 'logs' / 'error.log'};\nevents {{}}\n"
+        "http {\n  access_log off;\n  sendfile on;\n"
+        f"  server {{\n    listen {LOCALHOST}:{port} ssl;\n    ssl_protocols TLSv1.3;\n"
+        f"    ssl_certificate {server.cert};\n    ssl_certificate_key {server.key};\n"
+        f"    ssl_client_certificate {server.ca_cert};\n    ssl_verify_client on;\n"
+        f"    root {d / 'www'};\n  }}\n}}\n"
+    )
+    dst = work / "curl.copy"
+    cmd = [
+        tools["curl"],
+        "-sSf",
+        "--tlsv1.3",
+        "-k",
+        "--cert",
+        str(client.cert),
+        "--key",
+        str(client.key),
+        "-o",
+        str(dst),
+        f"https://{LOCALHOST}:{port}/pkg",
+    ]
+    with daemon(
+        [str(tools["nginx"]), "-p", str(d), "-c", str(d / "nginx.conf")], d / "nginx.out"
+    ) as proc:
+        wait_port(port, proc)
+
+        def once() -> float:
+            os.sync()
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, timeout=job_timeout(src.stat().st_size))
+            fsync_path(dst)
+            t = time.perf_counter() - t0
+            dst.unlink()
+            return t
+
+        return median_of(repeat, once)
+
+
+async def baselines(b: Bench) -> None:
+    rows = b.table.section(
+        f"baselines: the package file ({b.pkg_size / MiB:.0f} MiB, page cache), "
+        f"median of {b.args.repeat}"
+    )
+    src, size, work = b.pkg_file, b.pkg_size, b.root / "baseline"
+    work.mkdir()
+    progress("baselines: cp, SHA-256, raw TLS copies, scp, curl")
+    t = median_of(b.args.repeat, lambda: time_cp(src, work / "cp.copy"))
+    b.cp_bps = rate(size, t)
+    rows.append(Row("cp to a new file + fsync", f"{mbps(size, t)}  ({secs(t)})"))
+    t = median_of(b.args.repeat, lambda: time_sha256(src))
+    rows.append(Row("SHA-256, 1 MiB blocks, one core", f"{mbps(size, t)}  ({secs(t)})"))
+    tls_client = b.dep.add_node("tlsbench", Role.CLIENT, NOWHERE).paths
+    server = b.server_cfg.paths
+    for label, dst in (("discard", None), ("write to file + fsync", work / "tls.copy")):
+        times = [
+            await time_tls_copy(src, size, server, tls_client, dst) for _ in range(b.args.repeat)
+        ]
+        t = statistics.median(times)
+        if dst is None:
+            b.tls_discard_bps = rate(size, t)
+        else:
+            b.tls_write_bps = rate(size, t)
+        rows.append(Row(f"asyncio mutual TLS 1.3 copy, {label}", f"{mbps(size, t)}  ({secs(t)})"))
+    for label, key, fn in (
+        ("scp over loopback (sshd) + fsync", "scp", lambda: time_scp(src, work, b.args.repeat)),
+        (
+            "curl from nginx, HTTPS mutual TLS + fsync",
+            "curl",
+            lambda: time_curl_nginx(src, work, server, tls_client, b.args.repeat),
+        ),
+    ):
+        try:
+            got = fn()
+        except Exception as exc:
+            got = f"error: {exc}"
+        if isinstance(got, float):
+            b.copy_tools[key] = rate(size, got)
+            rows.append(Row(label, f"{mbps(size, got)}  ({secs(got)})"))
+        else:
+            b.copy_tools[key] = None
+            rows.append(Row(label, got))
+
+
+# -- rdsd, in process ---------------------------------------------------------------------------
+
+
+def breakdown(tl: Timeline, client: str, t0: float, size: int) -> str:
+    """Where the time of one destination went, from its own database and the server's."""
+    got = {s: tl.at(client, client, s) for s in ("transferring", "installing", "installed")}
+    seen = tl.at("server", client, "installed")
+    if any(v is None for v in got.values()) or seen is None:
+        return "breakdown n/a"
+    a, b_, c = got["transferring"], got["installing"], got["installed"]
+    assert a is not None and b_ is not None and c is not None
+    return (
+        f"notice {a - t0:.2f} s, transfer {b_ - a:.2f} s ({mbps(size, b_ - a)}), "
+        f"extract+install {c - b_:.2f} s, report {seen - c:.2f} s"
+    )
+
+
+async def one_job(
+    b: Bench,
+    server: Node,
+    watch: dict[str, Node],
+    dests: list[str],
+    pkg: str,
+    size: int,
+) -> tuple[float, Timeline, float]:
+    """Create an install job and follow it; returns (seconds to all installed, timeline, t0)."""
+    os.sync()
+    t0 = time.perf_counter()
+    job = b.admin.create_job("install", pkg, dests)
+    tl = await follow(job, dests, {"server": server, **watch}, job_timeout(size, len(dests)))
+    bad = failed(tl, dests)
+    if bad:
+        detail = {d.node: d.detail for d in server.db.dests(job) if d.node in bad}
+        raise RuntimeError(f"job {job} failed on {detail}")
+    end = max(t for (w, _, s), t in tl.seen.items() if w == "server" and s == "installed")
+    return end - t0, tl, t0
+
+
+async def one_hop(b: Bench, server: Node, rows: list[Row]) -> None:
+    progress(f"one hop: server -> client, {b.pkg_size / MiB:.0f} MiB")
+    cfg = b.node_cfg("client1", Role.CLIENT, server.address)
+    async with running(cfg) as (client,):
+        await wait_routed(server, {"client1": "client1"})
+        counter = SentCounter(server, {"client1"})
+        counter.start()
+        prof = cProfile.Profile() if b.args.profile else None
+        if prof is not None:
+            prof.enable()
+        t, tl, t0 = await one_job(b, server, {"client1": client}, ["client1"], b.pkg, b.pkg_size)
+        if prof is not None:
+            prof.disable()
+            dump_profile(prof, b.root.parent / "bench-one-hop.prof")
+        sent = await counter.stop()
+    b.one_hop_s = t
+    size = b.pkg_size
+    ratio, target, verdict = ("n/a", "", "")
+    if b.tls_write_bps:
+        ratio, target, verdict = judged(rate(size, t) / b.tls_write_bps, 0.8, True)
+    rows.append(
+        Row(
+            "one hop server->client, job to installed",
+            f"{mbps(size, t)}  ({secs(t)})",
+            ratio,
+            f"{target} x TLS copy+file",
+            verdict,
+        )
+    )
+    rows.append(Row("  " + breakdown(tl, "client1", t0, size), ""))
+    if b.tls_discard_bps:
+        rows.append(Row("  vs TLS copy, discard", "", f"{rate(size, t) / b.tls_discard_bps:.2f}"))
+    if b.cp_bps:
+        rows.append(Row("  vs cp + fsync", "", f"{rate(size, t) / b.cp_bps:.2f}"))
+    for key, label in (("scp", "scp"), ("curl", "curl from nginx")):
+        tool = b.copy_tools.get(key)
+        if tool:
+            r, tg, v = judged(rate(size, t) / tool, 1.0, True)
+            rows.append(Row(f"  vs {label}", "", r, f"{tg} x {key}", v))
+        else:
+            rows.append(Row(f"  vs {label}", "n/a (not measured)"))
+    rows.append(Row("  server bytes sent / package", "", f"{sent / size:.4f}"))
+
+
+async def two_hops(b: Bench, server: Node, rows: list[Row]) -> None:
+    progress(f"two hops: server -> relay -> client, {b.pkg_size / MiB:.0f} MiB")
+    relay_cfg = b.node_cfg("relay2", Role.RELAY, server.address)
+    async with running(relay_cfg) as (relay,):
+        cfg = b.node_cfg("client2", Role.CLIENT, relay.address)
+        async with running(cfg) as (client,):
+            await wait_routed(server, {"relay2": "relay2", "client2": "relay2"})
+            t, tl, t0 = await one_job(
+                b, server, {"client2": client}, ["client2"], b.pkg, b.pkg_size
+            )
+    size = b.pkg_size
+    ratio, target, verdict = ("n/a", "", "")
+    if b.one_hop_s:
+        ratio, target, verdict = judged(t / b.one_hop_s, 1.3, False)
+    rows.append(
+        Row(
+            "two hops server->relay->client",
+            f"{mbps(size, t)}  ({secs(t)})",
+            ratio,
+            f"{target} x one hop (time)",
+            verdict,
+        )
+    )
+    rows.append(Row("  " + breakdown(tl, "client2", t0, size), ""))
+
+
+async def fan_out(b: Bench, server: Node, rows: list[Row]) -> None:
+    k, size = b.args.clients, b.args.fan_mib * MiB
+    progress(f"fan-out: one relay, {k} clients, {size / MiB:.0f} MiB")
+    pkg = add_package(b.admin, b.root, "fan", f"{size // MiB}m", size)
+    size = b.admin.store.manifest(pkg).size  # type: ignore[union-attr]
+    names = [f"fan{i:03d}" for i in range(1, k + 1)]
+    relay_cfg = b.node_cfg("relayF", Role.RELAY, server.address)
+    async with running(relay_cfg) as (relay,):
+        cfgs = [b.node_cfg(n, Role.CLIENT, relay.address) for n in names]
+        async with running(*cfgs):
+            await wait_routed(server, {"relayF": "relayF", **dict.fromkeys(names, "relayF")})
+            up = SentCounter(server, {"relayF"})
+            down = SentCounter(relay, set(names))
+            up.start()
+            down.start()
+            t_k, _, _ = await one_job(b, server, {}, names, pkg, size)
+            server_sent, relay_sent = await up.stop(), await down.stop()
+        # The relay now holds the package: one client from its cache, the unit of the estimate.
+        cfg = b.node_cfg("fanX", Role.CLIENT, relay.address)
+        async with running(cfg) as (client,):
+            await wait_routed(server, {"fanX": "relayF"})
+            t_1, tl, t0 = await one_job(b, server, {"fanX": client}, ["fanX"], pkg, size)
+    r, tg, v = judged(server_sent / size, 1.05, False)
+    rows.append(
+        Row(
+            f"fan-out {k} clients, {size / MiB:.0f} MiB: server bytes sent / package",
+            f"{server_sent / MiB:.2f} MiB",
+            f"{server_sent / size:.3f}",
+            f"{tg} (sent once)",
+            v,
+        )
+    )
+    rows.append(
+        Row(
+            "  relay bytes sent to its clients / package",
+            f"{relay_sent / MiB:.1f} MiB",
+            f"{relay_sent / size:.2f}",
+            f"(= {k} clients)",
+        )
+    )
+    r, tg, v = judged(t_k / (k * t_1), 1.5, False)
+    rows.append(
+        Row(
+            f"fan-out time to all {k} installed vs {k} x one hop from the relay",
+            f"{secs(t_k)} vs {k} x {secs(t_1)}",
+            r,
+            f"{tg}",
+            v,
+        )
+    )
+    rows.append(
+        Row(
+            f"  one hop from the relay's cache: {mbps(size, t_1)}; "
+            + breakdown(tl, "fanX", t0, size),
+            "",
+        )
+    )
+    rows.append(Row(f"  relay pushed {relay_sent / MB / t_k:,.0f} MB/s to its clients", ""))
+
+
+class CutProxy:
+    """TCP proxy on 127.0.0.1: its first connection is closed (both sides) once
+    ``cut_after`` bytes went from the server to the client; later ones pass."""
+
+    def __init__(self, target: tuple[str, int], cut_after: int) -> None:
+        self.target = target
+        self.cut_after = cut_after
+        self.connections = 0
+        self.delivered_first = 0
+        self.cut_at: float | None = None
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._handle, LOCALHOST, 0)
+        return LOCALHOST, int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        try:
+            sr, sw = await asyncio.open_connection(*self.target)
+        except OSError:
+            cw.close()
+            return
+        pumps = [
+            asyncio.create_task(self._pump(cr, sw, None)),
+            asyncio.create_task(self._pump(sr, cw, self.cut_after if first else None)),
+        ]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        for w in (cw, sw):
+            w.close()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _pump(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, limit: int | None
+    ) -> None:
+        moved = 0
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await r.read(256 * 1024):
+                if limit is not None and moved + len(data) >= limit:
+                    w.write(data[: limit - moved])
+                    await w.drain()
+                    self.delivered_first = limit
+                    self.cut_at = time.perf_counter()
+                    return
+                w.write(data)
+                await w.drain()
+                moved += len(data)
+                if limit is not None:
+                    self.delivered_first = moved
+
+
+async def resume(b: Bench, server: Node, rows: list[Row]) -> None:
+    size = b.pkg_size
+    progress(f"resume: server -> client cut at 90 % of {size / MiB:.0f} MiB")
+    proxy = CutProxy(server.address, int(0.9 * size))
+    addr = await proxy.start()
+    cfg = b.node_cfg("clientR", Role.CLIENT, addr, idle_timeout=RESUME_IDLE)
+    try:
+        async with running(cfg) as (client,):
+            await wait_routed(server, {"clientR": "clientR"})
+            counter = SentCounter(server, {"clientR"})
+            counter.start()
+            t, _, _ = await one_job(b, server, {"clientR": client}, ["clientR"], b.pkg, size)
+            sent = await counter.stop()
+            per = counter.per_session()
+    finally:
+        await proxy.close()
+    starts = [e for e in b.events if e.get("event") == "fetch.start" and e.get("node") == "clientR"]
+    fails = [e for e in b.events if e.get("event") == "fetch.failed" and e.get("node") == "clientR"]
+    limit = 1 + b.chunk / size
+    _, _, v = judged(sent / size, limit, False)
+    rows.append(
+        Row(
+            "resume after a cut at 90 %: server bytes sent / package",
+            f"{sent / MiB:.1f} MiB in {len(per)} sessions",
+            f"{sent / size:.3f}",
+            f"<= {limit:.3f} (1 chunk over)",
+            v,
+        )
+    )
+    if proxy.cut_at is None:
+        rows.append(Row("  the proxy never cut the transfer (it finished below 90 %?)", ""))
+        return
+    offsets = [int(e.get("offset", 0)) for e in starts]
+    resumed = offsets[1] if len(offsets) > 1 else None
+    if resumed is not None:
+        lost = proxy.delivered_first - resumed
+        rows.append(
+            Row(
+                f"  cut after {proxy.delivered_first / MiB:.1f} MiB delivered; resumed "
+                f"from {resumed / MiB:.1f} MiB (received but re-sent: "
+                f"{lost / MiB:.1f} MiB = {lost / b.chunk:.1f} chunks)",
+                "",
+            )
+        )
+        if per:
+            rows.append(
+                Row(
+                    f"  first session: server sent {per[0] / MiB:.1f} MiB, of which "
+                    f"{(per[0] - proxy.delivered_first) / MiB:.1f} MiB never reached "
+                    "the client (buffers at the cut)",
+                    "",
+                )
+            )
+        again = starts[1]["t"] - proxy.cut_at
+        reasons = "; ".join(str(e.get("reason")) for e in fails)
+        rows.append(Row(f"  fetch restarted {again:.2f} s after the cut ({reasons})", ""))
+    else:
+        rows.append(Row(f"  fetch starts seen at offsets {offsets}", ""))
+    rows.append(Row(f"  job to installed with the cut: {secs(t)} ({mbps(size, t)})", ""))
+
+
+def dump_profile(prof: cProfile.Profile, path: Path) -> None:
+    prof.dump_stats(path)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    print(out.getvalue(), file=sys.stderr)
+    progress(f"profile of the one-hop run written to {path}")
+
+
+async def in_process(b: Bench) -> None:
+    rows = b.table.section(
+        f"rdsd in one process (every node in this event loop: {loop_name()}), "
+        f"package {b.pkg_size / MiB:.0f} MiB, chunk {b.chunk // MiB} MiB"
+    )
+    async with running(b.server_cfg) as (server,):
+        for name, fn in (
+            ("one hop", one_hop),
+            ("two hops", two_hops),
+            ("fan-out", fan_out),
+            ("resume", resume),
+        ):
+            await guarded(b, name, fn(b, server, rows))
+
+
+async def guarded(b: Bench, name: str, coro: Awaitable[None]) -> None:
+    """Run one part; a crash or a hang becomes an ERROR row (and exit status 1)."""
+    try:
+        await coro
+    except Exception as exc:
+        what = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        b.table.sections[-1][1].append(Row(f"{name}: ERROR", what))
+        b.table.errors.append(f"{name}: {what}")
+        traceback.print_exc()
+
+
+# -- rdsd daemons: peak RSS, separate-process hops, rdsft -a -----------------------------------
+
+
+def vm_hwm(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+async def read_listening(
+    proc: asyncio.subprocess.Process, timeout: float = 30.0
+) -> tuple[str, int]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        while line := (await proc.stdout.readline()).decode():
+            m = re.search(r"listening on (.+):(\d+)", line)
+            if m:
+                return m.group(1), int(m.group(2))
+    raise RuntimeError(f"daemon exited with {await proc.wait()} before listening")
+
+
+async def wait_routed_db(admin: Admin, routes: dict[str, str], timeout: float = 60.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            rows = {n: admin.db.node(n) for n in routes}
+            if all(r is not None and r.via == routes[n] for n, r in rows.items()):
+                return
+            await asyncio.sleep(SAMPLE)
+
+
+async def job_via_cli_daemons(admin: Admin, pkg: str, dest: str, size: int) -> float:
+    os.sync()
+    t0 = time.perf_counter()
+    job = admin.create_job("install", pkg, [dest])
+    async with asyncio.timeout(job_timeout(size)):
+        while True:
+            d = admin.db.dest(job, dest)
+            if d is not None and d.state in ("installed", "failed"):
+                if d.state == "failed":
+                    raise RuntimeError(f"job {job} failed on {dest}: {d.detail}")
+                return time.perf_counter() - t0
+            await asyncio.sleep(SAMPLE)
+
+
+async def daemons(b: Bench) -> None:
+    rows = b.table.section("rdsd daemons, one process per node (`rdsd run`, uvloop if installed)")
+    progress("daemons: separate processes for peak RSS, one and two hops, rdsft -a")
+    logs = b.root / "daemon-logs"
+    logs.mkdir()
+    procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(name: str, home: Path) -> asyncio.subprocess.Process:
+        err = (logs / f"{name}.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            *rdsd_cmd(),
+            "run",
+            "--home",
+            str(home),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+        )
+        err.close()
+        procs[name] = proc
+        return proc
+
+    try:
+        server_addr = await read_listening(await start("server", b.server_cfg.home))
+        relay_home = b.dep.add_node("relayP", Role.RELAY, server_addr).home
+        relay_addr = await read_listening(await start("relayP", relay_home))
+        c1 = b.dep.add_node("clientP1", Role.CLIENT, server_addr).home
+        c2 = b.dep.add_node("clientP2", Role.CLIENT, relay_addr).home
+        await start("clientP1", c1)
+        await start("clientP2", c2)
+        with Admin(b.server_cfg.home) as admin:
+            await wait_routed_db(
+                admin, {"relayP": "relayP", "clientP1": "clientP1", "clientP2": "relayP"}
+            )
+            idle = {n: vm_hwm(p.pid) for n, p in procs.items()}
+            size = b.pkg_size
+            t1 = await job_via_cli_daemons(admin, b.pkg, "clientP1", size)
+            t2 = await job_via_cli_daemons(admin, b.pkg, "clientP2", size)
+        peak = {n: vm_hwm(p.pid) for n, p in procs.items()}
+        r = f"{rate(size, t1) / b.tls_write_bps:.2f}" if b.tls_write_bps else ""
+        rows.append(
+            Row(
+                "one hop server->client, job to installed",
+                f"{mbps(size, t1)}  ({secs(t1)})",
+                r,
+                "(x TLS copy+file)",
+            )
+        )
+        r, tg, v = judged(t2 / t1, 1.3, False)
+        rows.append(
+            Row(
+                "two hops server->relay->client",
+                f"{mbps(size, t2)}  ({secs(t2)})",
+                r,
+                f"{tg} x one hop (time)",
+                v,
+            )
+        )
+        worst = max(peak.values())
+        r, tg, v = judged(worst, 150, False)
+        rows.append(Row("peak RSS of any node (VmHWM)", f"{worst:.0f} MiB", "", "< 150 MiB", v))
+        for name in procs:
+            rows.append(Row(f"  {name}", f"{idle[name]:.0f} MiB idle -> {peak[name]:.0f} MiB"))
+        times: list[float] = []
+        out = ""
+        for _ in range(5):
+            t0 = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                *rdsft_cmd(),
+                "-a",
+                "--home",
+                str(c1),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            async with asyncio.timeout(120):
+                raw, _ = await proc.communicate()
+            times.append(time.perf_counter() - t0)
+            out = raw.decode().strip()
+            if proc.returncode != 0:
+                raise RuntimeError(f"rdsft -a exited with {proc.returncode}: {out}")
+        t = statistics.median(times)
+        _, tg, v = judged(t, 0.5, False)
+        rows.append(Row("rdsft -a, nothing pending (median of 5)", secs(t), "", "< 0.5 s", v))
+        rows.append(Row(f"  runs: {', '.join(f'{x:.2f}' for x in times)} s; said {out!r}", ""))
+        rows.append(
+            Row(
+                "  python start + import rdsd.rdsft alone",
+                secs(statistics.median(bare_import_times())),
+            )
+        )
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def bare_import_times() -> list[float]:
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import rdsd.rdsft"], check=True, cwd=ROOT)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def loop_name() -> str:
+    loop = asyncio.get_running_loop()
+    return f"{type(loop).__module__}.{type(loop).__name__}"
+
+
+async def run_all(b: Bench) -> None:
+    await guarded(b, "baselines", baselines(b))
+    await in_process(b)
+    await guarded(b, "daemons", daemons(b))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller: 64 MiB package, 5 fan-out clients with 16 MiB",
+    )
+    ap.add_argument("--size-mib", type=int, help="package size (default 256, quick 64)")
+    ap.add_argument("--clients", type=int, help="fan-out clients (default 20, quick 5)")
+    ap.add_argument("--fan-mib", type=int, help="fan-out package size (default 32, quick 16)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per baseline (median)")
+    ap.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="event loop of the in-process part (uvloop when installed)",
+    )
+    ap.add_argument("--dir", help="work here (kept) instead of a temporary directory")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the in-process one-hop run (event-loop thread only)",
+    )
+    args = ap.parse_args(argv)
+    args.size_mib = args.size_mib or (64 if args.quick else 256)
+    args.clients = args.clients or (5 if args.quick else 20)
+    args.fan_mib = args.fan_mib or (16 if args.quick else 32)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dir:
+        base = Path(args.dir).resolve()
+        base.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    else:
+        root = Path(tempfile.mkdtemp(prefix="rdsd-bench-")) / "deployment"
+    started = time.perf_counter()
+    try:
+        b = Bench(root, args)
+        log = configure_logs(root.parent / "bench-nodes.log", b.events)
+        progress(f"work in {root}; node logs in {log.name}")
+        progress(f"packing a {args.size_mib} MiB package")
+        b.pkg = add_package(b.admin, root, "bench", f"{args.size_mib}m", args.size_mib * MiB)
+        b.pkg_file = b.admin.store.data_path(b.pkg)
+        b.pkg_size = b.pkg_file.stat().st_size
+        runner: Callable[[Awaitable[None]], None] = asyncio.run  # type: ignore[assignment]
+        if args.loop == "uvloop":
+            with contextlib.suppress(ImportError):
+                import uvloop
+
+                runner = uvloop.run
+        runner(run_all(b))
+        b.admin.close()
+        log.close()
+    finally:
+        if not args.dir:
+            shutil.rmtree(root.parent, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    print(
+        f"\nrdsd bench{' --quick' if args.quick else ''}: {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]}, {elapsed:.0f} s; MB = 10^6 bytes, MiB = 2^20"
+    )
+    print(b.table.render())
+    if b.table.errors:
+        print("\nsections that crashed: " + "; ".join(b.table.errors))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
