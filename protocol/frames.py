@@ -24,7 +24,7 @@ from .messages import Message, from_wire, to_wire
 
 PREFIX = struct.Struct(">II")
 MAGIC = b"RDS\x01"
-MAX_HEADER = 64 * 1024
+MAX_HEADER = 1024 * 1024
 MAX_PAYLOAD = 16 * 1024 * 1024
 
 

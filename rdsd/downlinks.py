@@ -15,8 +15,9 @@ import contextlib
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -53,6 +54,8 @@ from .store import Store
 from .transfer import serve_fetch
 
 log = structlog.get_logger("rdsd.downlinks")
+# Destinations per JOB_NOTICE, so a job for any number of nodes fits a frame.
+NOTICE_BATCH = 1000
 
 
 @dataclass
@@ -304,13 +307,29 @@ class Downlinks:
             return
 
         async def run() -> None:
-            try:
-                with contextlib.suppress(SessionClosed):
-                    await serve_fetch(session, self.store, fetch, self.cfg.name, self.served)
-            finally:
-                child.serving.pop(fetch.fetch_id, None)
+            with contextlib.suppress(SessionClosed):
+                await serve_fetch(session, self.store, fetch, self.cfg.name, self.served)
 
-        child.serving[fetch.fetch_id] = asyncio.create_task(run())
+        def done(task: asyncio.Task[None]) -> None:
+            child.serving.pop(fetch.fetch_id, None)
+            # Cancelled before it ever ran: nobody told the child the fetch is over.
+            if task.cancelled() and fetch.fetch_id in session.conn.open_fetches:
+                fail = FetchFail(fetch_id=fetch.fetch_id, reason="cancelled")
+                self._spawn(self._send_quietly(session, fail))
+
+        task = asyncio.create_task(run())
+        task.add_done_callback(done)
+        child.serving[fetch.fetch_id] = task
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _send_quietly(session: Session, msg: Message) -> None:
+        with contextlib.suppress(SessionClosed):
+            await session.send(msg)
 
     def _in_subtree(self, child: str, node: str) -> bool:
         if node == child:
@@ -369,9 +388,10 @@ class Downlinks:
                 continue
             child.notified.add(key)
             batches.setdefault((job.id, dest.generation), (job, []))[1].append(dest.node)
-        for (_, generation), (job, nodes) in batches.items():
-            await child.session.send(
-                JobNotice(
+        for (_, generation), (job, all_nodes) in batches.items():
+            for i in range(0, len(all_nodes), NOTICE_BATCH):
+                nodes = all_nodes[i : i + NOTICE_BATCH]
+                notice = JobNotice(
                     job=job.id,
                     type=job.type,
                     package=job.package,
@@ -381,8 +401,14 @@ class Downlinks:
                     generation=generation,
                     manifest=job.manifest,
                 )
-            )
-            self.log.info("job.sent", job=job.id, package=job.package, to=child.name, dests=nodes)
+                await child.session.send(notice)
+                self.log.info(
+                    "job.sent",
+                    job=job.id,
+                    package=job.package,
+                    to=child.name,
+                    dests=nodes if len(nodes) <= 10 else f"{len(nodes)} nodes",
+                )
         if only is None:
             await self._push_cancels(child)
         return list(dict.fromkeys(jid for jid, _ in batches))

@@ -59,7 +59,11 @@ class Cli:
 
     def run(self, cmd: list[str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [*cmd, *args], capture_output=True, text=True, env=self.env, cwd=REPO,
+            [*cmd, *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=REPO,
             timeout=CMD_TIMEOUT,
         )
         if ok:
@@ -80,8 +84,11 @@ class Cli:
         log = self.root / f"{name}.log"
         with log.open("wb") as f:
             proc = subprocess.Popen(
-                [*RDSD, "run", "--home", self.home(name)], stdout=f, stderr=subprocess.STDOUT,
-                env=self.env, cwd=REPO,
+                [*RDSD, "run", "--home", self.home(name)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
             )
         self.procs[name] = proc
         deadline = time.monotonic() + 15
@@ -123,13 +130,34 @@ class Cli:
         src.mkdir()
         (src / "install.sh").write_text(script)
         (src / "payload.bin").write_bytes(os.urandom(300_000))
-        out = self.rdsd("package", "add", str(src), "--name", name, "--version", version,
-                        "--install", "sh install.sh", "--home", self.home("server"))
+        out = self.rdsd(
+            "package",
+            "add",
+            str(src),
+            "--name",
+            name,
+            "--version",
+            version,
+            "--install",
+            "sh install.sh",
+            "--home",
+            self.home("server"),
+        )
         return out.stdout.strip()
 
     def create_job(self, pid: str, to: str) -> str:
-        out = self.rdsd("job", "create", "--type", "install", "--package", pid, "--to", to,
-                        "--home", self.home("server"))
+        out = self.rdsd(
+            "job",
+            "create",
+            "--type",
+            "install",
+            "--package",
+            pid,
+            "--to",
+            to,
+            "--home",
+            self.home("server"),
+        )
         return out.stdout.strip()
 
     def wait_until(self, what: str, check: Any, timeout: float = 15) -> Any:
@@ -146,7 +174,9 @@ class Cli:
         to be there before a client behind the relay asks."""
         self.wait_until(
             f"job {job} on relay1",
-            lambda: job in {j["id"] for j in self.json("job", "list", "--home", self.home("relay1"))},
+            lambda: (
+                job in {j["id"] for j in self.json("job", "list", "--home", self.home("relay1"))}
+            ),
         )
 
     def state(self, job: str, node: str) -> str:
@@ -171,18 +201,42 @@ def setup_deployment(root: Path) -> Cli:
     cli = Cli(root=root, env=env, out=out)
     sport, rport = free_port(), free_port()
     server = cli.home("server")
-    init = cli.rdsd("init", "server", "--home", server, "--name", "server",
-                    "--listen", f"127.0.0.1:{sport}")
+    init = cli.rdsd(
+        "init", "server", "--home", server, "--name", "server", "--listen", f"127.0.0.1:{sport}"
+    )
     assert "server" in init.stdout
-    for name, role in (("relay1", "relay"), ("client1", "client"), ("client2", "client"),
-                       ("client3", "client")):
-        cli.rdsd("enroll", name, "--role", role, "--home", server,
-                 "--out", str(root / f"{name}.bundle"))
-    cli.rdsd("init", "relay", "--home", cli.home("relay1"), "--bundle", str(root / "relay1.bundle"),
-             "--parent", f"127.0.0.1:{sport}", "--listen", f"127.0.0.1:{rport}")
+    for name, role in (
+        ("relay1", "relay"),
+        ("client1", "client"),
+        ("client2", "client"),
+        ("client3", "client"),
+    ):
+        cli.rdsd(
+            "enroll", name, "--role", role, "--home", server, "--out", str(root / f"{name}.bundle")
+        )
+    cli.rdsd(
+        "init",
+        "relay",
+        "--home",
+        cli.home("relay1"),
+        "--bundle",
+        str(root / "relay1.bundle"),
+        "--parent",
+        f"127.0.0.1:{sport}",
+        "--listen",
+        f"127.0.0.1:{rport}",
+    )
     for name, port in (("client1", rport), ("client2", rport), ("client3", sport)):
-        cli.rdsd("init", "client", "--home", cli.home(name), "--bundle",
-                 str(root / f"{name}.bundle"), "--parent", f"127.0.0.1:{port}")
+        cli.rdsd(
+            "init",
+            "client",
+            "--home",
+            cli.home(name),
+            "--bundle",
+            str(root / f"{name}.bundle"),
+            "--parent",
+            f"127.0.0.1:{port}",
+        )
     return cli
 
 
@@ -203,6 +257,19 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         yield cli
     finally:
         cli.stop_all()
+
+
+def result_lines(stdout: str, job: str) -> list[str]:
+    """The lines of ``rdsft -a`` output about ``job`` (they start with its id)."""
+    return [line for line in stdout.splitlines() if line.startswith(job)]
+
+
+def json_document(stdout: str) -> Any:
+    """The indented JSON document in ``stdout``, skipping stray lines before
+    it (see test_rdsft_stdout_carries_only_its_own_output for why)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line in ("{", "["))
+    return json.loads("\n".join(lines[start:]))
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> None:
@@ -227,9 +294,9 @@ def test_rdsft_installs_without_the_client_daemon(cli: Cli) -> None:
     cli.relay_has(job)
 
     first = cli.rdsft("-a", "--home", cli.home("client1"))
-    lines = first.stdout.strip().splitlines()
+    lines = result_lines(first.stdout, job)
     assert len(lines) == 1, first.stdout
-    assert job in lines[0] and "installed" in lines[0], first.stdout
+    assert "installed" in lines[0], first.stdout
     assert cli.runs("client1", pid) == [job]
 
     cli.wait_until("installed on the server", lambda: cli.state(job, "client1") == "installed")
@@ -244,7 +311,7 @@ def test_rdsft_installs_without_the_client_daemon(cli: Cli) -> None:
 
     second = cli.rdsft("-a", "--home", cli.home("client1"))
     assert "no pending" in second.stdout.lower(), second.stdout
-    assert job not in second.stdout
+    assert result_lines(second.stdout, job) == []
     assert cli.runs("client1", pid) == [job]
 
 
@@ -252,7 +319,8 @@ def test_rdsft_directly_under_the_server(cli: Cli) -> None:
     pid = cli.add_package("direct", COUNT_SCRIPT)
     job = cli.create_job(pid, "client3")
     out = cli.rdsft("-a", "--home", cli.home("client3"))
-    assert job in out.stdout and "installed" in out.stdout, out.stdout
+    lines = result_lines(out.stdout, job)
+    assert len(lines) == 1 and "installed" in lines[0], out.stdout
     assert cli.runs("client3", pid) == [job]
     cli.wait_until("installed on the server", lambda: cli.state(job, "client3") == "installed")
 
@@ -264,8 +332,9 @@ def test_failing_install_makes_rdsft_fail(cli: Cli) -> None:
     proc = cli.rdsft("-a", "--home", cli.home("client1"), ok=False)
     assert proc.returncode != 0, proc
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert job in proc.stdout and "failed" in proc.stdout, proc.stdout
-    assert "no space for widgets" in proc.stdout, proc.stdout
+    lines = result_lines(proc.stdout, job)
+    assert len(lines) == 1 and "failed" in lines[0], proc.stdout
+    assert "no space for widgets" in lines[0], proc.stdout
     cli.wait_until("failed on the server", lambda: cli.state(job, "client1") == "failed")
     status = cli.json("job", "status", job, "--home", cli.home("server"))
     assert "3" in status["destinations"][0]["detail"]
@@ -284,11 +353,12 @@ def test_rdsft_on_a_client_behind_a_relay_that_never_ran_its_daemon(cli: Cli) ->
     job = cli.create_job(pid, "client2")
     time.sleep(1.5)  # several poll intervals: whatever routing exists has run
     first = cli.rdsft("-a", "--home", cli.home("client2"), ok=False)
-    if job not in first.stdout:  # one retry: a first query may only teach the route
+    if not result_lines(first.stdout, job):  # one retry: a first query may only teach the route
         time.sleep(1.5)
         first = cli.rdsft("-a", "--home", cli.home("client2"), ok=False)
     assert first.returncode == 0, first
-    assert job in first.stdout and "installed" in first.stdout, first.stdout
+    lines = result_lines(first.stdout, job)
+    assert len(lines) == 1 and "installed" in lines[0], first.stdout
 
 
 # -- listings and status ---------------------------------------------------------------------
@@ -302,16 +372,30 @@ def test_json_listings_parse(cli: Cli) -> None:
     assert nodes["relay1"]["role"] == "relay"
     assert nodes["client1"]["role"] == "client"
     assert nodes["client1"]["via"] == "relay1"
-    assert nodes["client1"]["last_seen"]
+    assert nodes["relay1"]["last_seen"]
     packages = cli.json("package", "list", "--home", cli.home("server"))
     assert isinstance(packages, list)
 
 
 def test_rdsft_status_reports_no_daemon_and_reachable_parent(cli: Cli) -> None:
-    doc = json.loads(cli.rdsft("status", "--home", cli.home("client1"), "--json").stdout)
+    doc = json_document(cli.rdsft("status", "--home", cli.home("client1"), "--json").stdout)
     assert doc["daemon"]["running"] is False
     assert doc["parent"]["reachable"] is True
     assert doc["node"] == "client1"
+
+
+@pytest.mark.xfail(
+    reason="BUG: rdsft never configures structlog (rdsd/rdsft.py main/run_cli do not call "
+    "rdsd.logs.configure), so structlog's default PrintLogger writes every library log event "
+    "(uplink.connected, uplink.lost, job.state, fetch.*) to stdout: rdsft -a output is mixed "
+    "with log lines and rdsft status --json is not one JSON document",
+    strict=True,
+)
+def test_rdsft_stdout_carries_only_its_own_output(cli: Cli) -> None:
+    nothing = cli.rdsft("-a", "--home", cli.home("client3"))
+    assert len(nothing.stdout.strip().splitlines()) == 1, nothing.stdout
+    status = cli.rdsft("status", "--home", cli.home("client3"), "--json")
+    assert json.loads(status.stdout)["node"] == "client3", status.stdout
 
 
 # -- user errors ------------------------------------------------------------------------------
@@ -319,20 +403,70 @@ def test_rdsft_status_reports_no_daemon_and_reachable_parent(cli: Cli) -> None:
 
 def test_user_errors_are_one_line_without_traceback(cli: Cli) -> None:
     server = cli.home("server")
-    one_line_error(cli.rdsd("job", "create", "--type", "install", "--package", "nosuch-1.0",
-                            "--to", "client1", "--home", server, ok=False))
+    one_line_error(
+        cli.rdsd(
+            "job",
+            "create",
+            "--type",
+            "install",
+            "--package",
+            "nosuch-1.0",
+            "--to",
+            "client1",
+            "--home",
+            server,
+            ok=False,
+        )
+    )
 
     pid = cli.add_package("twice", COUNT_SCRIPT)
     again = cli.root / "src-twice-again"
     again.mkdir()
     (again / "x.txt").write_text("different content, same name and version\n")
-    one_line_error(cli.rdsd("package", "add", str(again), "--name", "twice", "--version", "1.0",
-                            "--home", server, ok=False))
-    one_line_error(cli.rdsd("package", "add", str(cli.root / "src-twice-1.0"), "--name", "twice",
-                            "--version", "1.0", "--home", server, ok=False))
+    one_line_error(
+        cli.rdsd(
+            "package",
+            "add",
+            str(again),
+            "--name",
+            "twice",
+            "--version",
+            "1.0",
+            "--home",
+            server,
+            ok=False,
+        )
+    )
+    one_line_error(
+        cli.rdsd(
+            "package",
+            "add",
+            str(cli.root / "src-twice-1.0"),
+            "--name",
+            "twice",
+            "--version",
+            "1.0",
+            "--home",
+            server,
+            ok=False,
+        )
+    )
 
-    one_line_error(cli.rdsd("job", "create", "--type", "install", "--package", pid,
-                            "--to", "../x", "--home", server, ok=False))
+    one_line_error(
+        cli.rdsd(
+            "job",
+            "create",
+            "--type",
+            "install",
+            "--package",
+            pid,
+            "--to",
+            "../x",
+            "--home",
+            server,
+            ok=False,
+        )
+    )
     one_line_error(cli.rdsd("job", "status", "nosuchjob", "--home", server, ok=False))
     # Nothing was created by the refused commands.
     assert not any(j["package"] == "nosuch-1.0" for j in cli.json("job", "list", "--home", server))
@@ -353,7 +487,7 @@ def test_daemons_stop_cleanly_on_sigterm(tmp_path: Path) -> None:
             assert cli.stop(name) == 0, cli.log(name)
             assert time.monotonic() - started < 10
             assert "Traceback" not in cli.log(name), cli.log(name)
-        doc = json.loads(cli.rdsft("status", "--home", cli.home("client1"), "--json").stdout)
+        doc = json_document(cli.rdsft("status", "--home", cli.home("client1"), "--json").stdout)
         assert doc["daemon"]["running"] is False
         assert doc["parent"]["reachable"] is False
     finally:
@@ -362,8 +496,11 @@ def test_daemons_stop_cleanly_on_sigterm(tmp_path: Path) -> None:
 
 def test_demo_succeeds() -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "demo.py")], capture_output=True, text=True,
-        cwd=REPO, timeout=120,
+        [sys.executable, str(REPO / "examples" / "demo.py")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert "demo succeeded" in proc.stdout

@@ -18,6 +18,7 @@ import re
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,8 +110,16 @@ async def wait_routed(admin: Admin, node: str, via: str, timeout: float = 10) ->
 async def wait_child(parent: Node, name: str, present: bool = True, timeout: float = 10) -> None:
     """Until ``name`` has (or no longer has) an open session on ``parent``."""
     assert parent.downlinks is not None
+    children = parent.downlinks.children
+    await poll_until(lambda: (name in children) == present, timeout)
+
+
+async def poll_until(check: Callable[[], bool], timeout: float) -> None:
+    """Poll ``check`` (state kept in SQLite or another node) until it holds."""
     async with asyncio.timeout(timeout):
-        while (name in parent.downlinks.children) != present:
+        while True:
+            if check():
+                return
             await asyncio.sleep(0.02)
 
 
@@ -228,9 +237,7 @@ async def test_offline_client_behind_relay_catches_up(
                 job = admin.create_job("install", pid, ["client1"])
                 # The job travels to the relay, which holds it for its absent child.
                 with deployment.admin("relay1") as radmin:
-                    async with asyncio.timeout(10):
-                        while radmin.db.dest(job, "client1") is None:
-                            await asyncio.sleep(0.05)
+                    await poll_until(lambda: radmin.db.dest(job, "client1") is not None, 10)
                     await assert_stays(admin, job, "client1", "waiting", 1.0)
                     assert radmin.db.dest(job, "client1").state == "waiting"  # type: ignore[union-attr]
                 async with running(c1):
@@ -338,7 +345,6 @@ async def test_peer_from_another_ca_is_refused(
                 assert "client1" not in server.downlinks.children  # type: ignore[union-attr]
                 seen = {n["name"]: n["last_seen"] for n in admin.nodes()}
     assert seen["client1"] is None
-    assert "client1" not in {p.name for p in (install_out).iterdir() if p.is_dir()}
     assert install_runs(install_out, "client1") == []
     assert install_runs(install_out, "client2") == [job]
 
@@ -376,13 +382,6 @@ async def test_revoked_node_is_disconnected_and_refused(
     assert install_runs(install_out, "client1") == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: revocation is only enforced by the node whose database holds it: "
-    "Node._close_revoked and Downlinks._check_hello consult the local JobDB, and nothing tells "
-    "a relay that a node below it was revoked, so the relay keeps the session, the server keeps "
-    "routing new jobs to the revoked client through the relay, and the client installs them",
-    strict=True,
-)
 async def test_revoked_client_behind_relay_is_disconnected(
     deployment: Deployment, install_out: Path
 ) -> None:
@@ -443,11 +442,16 @@ async def test_plain_tcp_garbage_is_dropped(
 FRAME_CASES = {
     "garbage-preamble": (b"GARBAGE\x00\xff" * 50, False, ErrorCode.PROTOCOL),
     "oversized-before-hello": (
-        MAGIC + struct.pack(">II", 0xFFFFFFFF, 0), False, ErrorCode.FRAME_TOO_LARGE,
+        MAGIC + struct.pack(">II", 0xFFFFFFFF, 0),
+        False,
+        ErrorCode.FRAME_TOO_LARGE,
     ),
     "oversized-after-hello": (struct.pack(">II", 0xFFFFFFFF, 0), True, ErrorCode.FRAME_TOO_LARGE),
-    "garbage-after-hello": (struct.pack(">II", 5, 0) + b"\xc1\xc1\xc1\xc1\xc1", True,
-                            ErrorCode.PROTOCOL),
+    "garbage-after-hello": (
+        struct.pack(">II", 5, 0) + b"\xc1\xc1\xc1\xc1\xc1",
+        True,
+        ErrorCode.PROTOCOL,
+    ),
     # A message only a parent may send, and a second HELLO: out of state.
     "parent-message-from-child": (
         b"".join(bytes(b) for b in encode(Welcome(node="client2", role="client"))),
@@ -516,7 +520,8 @@ async def test_hello_not_matching_certificate_is_refused(
         assert server.downlinks.children == {}  # type: ignore[union-attr]
         with deployment.admin() as admin:
             assert {n["name"]: n["last_seen"] for n in admin.nodes()} == {
-                "client1": None, "client2": None,
+                "client1": None,
+                "client2": None,
             }
 
 
@@ -565,8 +570,15 @@ async def test_unauthorized_message_after_welcome_gets_error(
         msg: Message = (
             Topology(nodes={"client2": "client"})
             if case == "topology-from-client"
-            else Report(report_id="client1:1", job=job, node="client2", state="installed", seq=1,
-                        package=pid, origin="client1")
+            else Report(
+                report_id="client1:1",
+                job=job,
+                node="client2",
+                state="installed",
+                seq=1,
+                package=pid,
+                origin="client1",
+            )
         )
         raw = await RawChild.connect(server.address, c1.home)
         try:

@@ -54,6 +54,7 @@ from protocol import (
     RemoteProtocolError,
     Report,
     ReportAck,
+    Revoked,
     Side,
     State,
     Topology,
@@ -148,6 +149,7 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.TOPOLOGY: Topology(nodes={"client1": "client"}),
     MessageType.HOLDINGS: Holdings(packages={"app-1.0": 1.9e9}),
     MessageType.JOB_CANCEL: JobCancel(job="job1", destinations=["client1"]),
+    MessageType.REVOKED: Revoked(nodes=["client9"]),
     MessageType.JOB_ANNOUNCE: JobAnnounce(
         job="job2", type="install", package="app-1.0", destinations=["client1"], origin="relay-a"
     ),
@@ -191,6 +193,8 @@ FULL: list[Message] = [
     Topology(nodes={}),
     Topology(nodes={"c1": "client", "relay.b": "relay"}),
     Holdings(packages={"a-1": 0, "b-2.0": 1.5e9}),
+    Revoked(nodes=[]),
+    Revoked(nodes=["c1", "relay.b"]),
     JobAnnounce(
         job="relay-a.7",
         type="offer",
@@ -273,6 +277,7 @@ SCRIPT: list[tuple[Side, Message]] = [
     (P, Ping(nonce=77)),
     (C, Pong(nonce=77)),
     (P, JobCancel(job="job-1", destinations=["client7"])),
+    (P, Revoked(nodes=["client8"])),
     (C, Goodbye(reason="shutting down")),
 ]
 
@@ -621,6 +626,8 @@ def _hostile_name_messages(bad: str) -> list[tuple[Side, Message]]:
         (C, JobNotice(job=bad, type="install", package="a-1", destinations=["ok"])),
         (C, JobNotice(job="j", type="install", package="a-1", destinations=[], origin=bad)),
         (C, JobCancel(job="j", destinations=[bad])),
+        (C, Revoked(nodes=[bad])),
+        (C, Revoked(nodes=["ok", bad])),
         (P, JobAnnounce(job="j", type="install", package="a-1", destinations=[bad], origin="r")),
         (P, JobAnnounce(job="j", type="install", package="a-1", destinations=[], origin=bad)),
         (P, JobAnnounce(job=bad, type="install", package="a-1", destinations=[], origin="r")),
@@ -729,6 +736,7 @@ def test_received_disallowed_messages() -> None:
         (P, Chunk(fetch_id=1, offset=0, data=b"x")),
         (P, JobNotice(job="j", type="install", package="a-1", destinations=[])),
         (P, ReportAck(report_id="r")),
+        (P, Revoked(nodes=["c1"])),
         (C, Fetch(fetch_id=1, package="app-1.0")),
         (C, Report(report_id="r", job="j", node="n", state="waiting", seq=1)),
         (C, Topology(nodes={})),

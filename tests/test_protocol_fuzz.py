@@ -40,6 +40,7 @@ from protocol import (
     RemoteProtocolError,
     Report,
     ReportAck,
+    Revoked,
     Side,
     State,
     Topology,
@@ -115,6 +116,7 @@ PARENT_FRAMES = [MAGIC] + [
         FetchFail(fetch_id=2, reason="cancelled"),
         ReportAck(report_id="r1"),
         JobCancel(job="job1", destinations=["c1"]),
+        Revoked(nodes=["c9"]),
         Ping(nonce=5),
         Pong(nonce=1),
         Error(code=7, reason="shutting down"),
@@ -190,7 +192,7 @@ def test_clean_streams_decode_completely() -> None:
     assert parent.state is State.CLOSED
     child = new_child()
     got = drain(child, PARENT_STREAM)
-    assert len(got) == 13
+    assert len(got) == 14
     assert child.state is State.CLOSED
     assert child.open_fetches == {}
 
@@ -257,6 +259,7 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
         at=st.none() | floats,
         manifest=payloads,
     ),
+    MessageType.REVOKED: st.builds(Revoked, nodes=st.lists(names, max_size=5)),
     MessageType.JOB_CANCEL: st.builds(
         JobCancel, job=names, destinations=st.lists(names, max_size=5)
     ),
