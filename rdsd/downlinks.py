@@ -293,7 +293,7 @@ class Downlinks:
 
     async def _start_serving(self, child: Child, fetch: Fetch) -> None:
         session = child.session
-        if not self._may_fetch(child.name, fetch.package):
+        if not self.db.may_fetch(fetch.package, child.name):
             await session.send(
                 FetchFail(
                     fetch_id=fetch.fetch_id, reason=f"no job gives {child.name} {fetch.package}"
@@ -336,16 +336,6 @@ class Downlinks:
             return True
         row = self.db.node(node)
         return row is not None and row.via == child
-
-    def _may_fetch(self, child: str, package: str) -> bool:
-        """A node may fetch only packages of jobs addressed to it or, for a
-        relay, to a node below it."""
-        for job in self.db.jobs():
-            if job.package != package:
-                continue
-            if any(self._in_subtree(child, d.node) for d in self.db.dests(job.id)):
-                return True
-        return False
 
     # -- pushing jobs down ------------------------------------------------------
 

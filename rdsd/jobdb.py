@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS installed(
     PRIMARY KEY(node, package));
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
+CREATE INDEX IF NOT EXISTS jobs_package ON jobs(package);
+CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
 """
 
 
@@ -467,6 +469,17 @@ class JobDB:
     def revoke(self, name: str) -> bool:
         cur = self._db.execute("UPDATE nodes SET revoked=1 WHERE name=?", (name,))
         return cur.rowcount > 0
+
+    def may_fetch(self, package: str, child: str) -> bool:
+        """Is some job for ``package`` addressed to ``child`` or to a node
+        reached through it?"""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs j JOIN dests d ON d.job = j.id "
+            "LEFT JOIN nodes n ON n.name = d.node "
+            "WHERE j.package = ? AND (d.node = ? OR n.via = ?) LIMIT 1",
+            (package, child, child),
+        ).fetchone()
+        return row is not None
 
     def revoked(self) -> list[str]:
         return [

@@ -81,6 +81,7 @@ class FetchRouter:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue[Message | None]] = {}
+        self._wakers: dict[int, asyncio.Task[None]] = {}
 
     def open(self) -> tuple[int, asyncio.Queue[Message | None]]:
         fid = next(self._ids)
@@ -90,6 +91,9 @@ class FetchRouter:
 
     def close(self, fid: int) -> None:
         self._queues.pop(fid, None)
+        waker = self._wakers.pop(fid, None)
+        if waker is not None:
+            waker.cancel()
 
     async def deliver(self, msg: Chunk | FetchEnd | FetchFail) -> None:
         q = self._queues.get(msg.fetch_id)
@@ -97,10 +101,11 @@ class FetchRouter:
             await q.put(msg)
 
     def session_lost(self) -> None:
-        """Wake every waiting fetch: its session is gone."""
-        for q in self._queues.values():
-            if q.empty():
-                q.put_nowait(None)
+        """Tell every running fetch its session is gone, after the chunks it
+        already has (they are good and will be written)."""
+        for fid, q in self._queues.items():
+            if fid not in self._wakers:
+                self._wakers[fid] = asyncio.create_task(q.put(None))
 
 
 async def receive(
