@@ -185,8 +185,12 @@ class Downlinks:
                 await self._on_message(child, msg)
         except SessionClosed as exc:
             self.log.info("child.disconnected", peer=peer.name, reason=str(exc))
+        except ProtocolError as exc:
+            # A well-formed message this child may not send: say why, hang up.
+            self.log.warning("child.refused", peer=peer.name, reason=str(exc))
+            await session.fail(exc)
         finally:
-            for task in child.serving.values():
+            for task in list(child.serving.values()):
                 task.cancel()
             if self.children.get(peer.name) is child:
                 del self.children[peer.name]
@@ -224,6 +228,16 @@ class Downlinks:
                 raise ProtocolError(
                     f"{child.name} may not report for {msg.node}", ErrorCode.UNAUTHORIZED
                 )
+            row = self.db.node(msg.node)
+            if row is not None and row.revoked:
+                self.log.warning("report.refused", job=msg.job, dest=msg.node, reason="revoked")
+                await session.send(ReportAck(report_id=msg.report_id))
+                return
+            if self.db.job(msg.job) is None:
+                # Not acknowledged: the child keeps it and sends it again on its
+                # next session, by when the job's announcement has arrived.
+                self.log.warning("report.unknown_job", job=msg.job, dest=msg.node)
+                return
             if self.db.apply_report(msg, forward=self.hooks.forward_reports):
                 self.log.info(
                     "report.applied",

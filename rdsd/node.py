@@ -122,11 +122,12 @@ class Node:
         that (and due execution times) within ``poll_interval``. Idle polls
         cost one PRAGMA; the full pass runs only when something changed."""
         while True:
-            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.poll_interval):
                     await self._wake.wait()
-                    woken = True
+            # Read the flag itself: a wake() in the same step as the timeout
+            # must not be lost.
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
                 await self._tick(woken)
@@ -174,10 +175,10 @@ class Node:
         return gone
 
     async def flush_outbox(self) -> None:
-        """Send queued reports, and announce jobs made here to the parent."""
+        """Announce jobs made here, then send queued reports: the parent must
+        know a job before it hears how it went."""
         if self.uplink is None:
             return
-        await self.uplink.send_reports(self.db.outbox())
         if self.cfg.role is Role.RELAY:
             await self.uplink.send_up(
                 [
@@ -196,6 +197,7 @@ class Node:
                     for job in self.db.unannounced()
                 ]
             )
+        await self.uplink.send_reports(self.db.outbox())
 
     # -- the relay's parent-half hook -------------------------------------------
 
@@ -282,15 +284,14 @@ class Node:
     async def on_job_cancel(self, cancel: JobCancel) -> None:
         for node in cancel.destinations:
             dest = self.db.dest(cancel.job, node)
-            if dest is not None and not dest.final:
-                self.db.change(
-                    cancel.job,
-                    node,
-                    "cancelled",
-                    "cancelled by the server",
-                    self.cfg.name,
-                    report=False,
-                )
+            if dest is None or dest.final:
+                continue
+            self.db.change(
+                cancel.job, node, "cancelled", "cancelled upstream", self.cfg.name, report=False
+            )
+            self.log.info("job.cancelled", job=cancel.job, dest=node)
+            if node == self.cfg.name and self.runner is not None:
+                self.runner.cancel(cancel.job)
         self.wake()
 
     async def on_revoked(self, nodes: list[str]) -> None:
@@ -298,7 +299,10 @@ class Node:
         self.wake()
 
     def on_report_ack(self, report_id: str) -> None:
-        self.db.ack(report_id)
+        if report_id.startswith("job:"):
+            self.db.mark_announced(report_id[4:])
+        else:
+            self.db.ack(report_id)
 
     # -- for embedders and rdsft ---------------------------------------------------
 

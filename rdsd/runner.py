@@ -228,6 +228,9 @@ class Runner:
                 return
             finally:
                 watcher.cancel()
+        current = self.db.dest(job.id, self.cfg.name)
+        if current is None or current.state == "cancelled":
+            return  # cancelled while it was transferring
         if job.type == "transfer":
             self._set(job, "stored", f"kept until {iso(manifest.expires)}")
         elif job.type == "offer":

@@ -23,13 +23,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
+import rdsd.downlinks as downlinks_mod
 from rdsd.admin import Admin, AdminError, parse_time
 from rdsd.config import Role, iso
 from rdsd.jobdb import JobDB
 from rdsd.node import Node
+from rdsd.session import Session
 
 from .helpers import Deployment, rdsd_cmd, rdsft_cmd, running, wait_state
 
@@ -56,8 +59,11 @@ echo "ok"
 # -- helpers ------------------------------------------------------------------------
 
 
-async def until(pred: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``pred`` until it is true; fail the test after ``timeout``."""
+async def until(
+    pred: Callable[[], object], timeout: float = 10.0, what: str | Callable[[], str] = ""
+) -> None:
+    """Poll ``pred`` until it is true; fail the test after ``timeout``
+    (``what``, or what it returns then, says what was awaited)."""
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -65,7 +71,8 @@ async def until(pred: Callable[[], object], timeout: float = 10.0, what: str = "
                     return
                 await asyncio.sleep(0.05)
     except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}") from None
+        said = what() if callable(what) else what
+        raise AssertionError(f"timed out after {timeout}s waiting for {said or pred}") from None
 
 
 async def run_cmd(argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str, str]:
@@ -142,14 +149,21 @@ async def wait_routed(admin: Admin, node: str, via: str, timeout: float = 10) ->
     await until(routed, timeout, f"{node} routed via {via}")
 
 
-def server_link(server: Node) -> object:
-    """The server's session to relay1 (its bytes_sent counts what it sent)."""
+def server_link(server: Node) -> Session:
+    """The server's live session to relay1 (its bytes_sent counts what it sent)."""
     assert server.downlinks is not None
     return server.downlinks.children["relay1"].session
 
 
-def sent(session: object) -> int:
-    return int(session.bytes_sent)  # type: ignore[attr-defined]
+def sent(session: Session) -> int:
+    return session.bytes_sent
+
+
+def states_detail(admin: Admin, job: str, node: str) -> str:
+    for d in admin.job_status(job)["destinations"]:
+        if d["node"] == node:
+            return str(d["detail"])
+    raise AssertionError(f"{node} is not a destination of {job}")
 
 
 @dataclass
@@ -238,13 +252,6 @@ async def test_transfer_stores_on_relay_and_install_is_served_from_cache(
         ).stat().st_size
 
 
-def states_detail(admin: Admin, job: str, node: str) -> str:
-    for d in admin.job_status(job)["destinations"]:
-        if d["node"] == node:
-            return str(d["detail"])
-    raise AssertionError(f"{node} is not a destination of {job}")
-
-
 # -- 2. a relay fetches once for all its children ---------------------------------------
 
 
@@ -285,15 +292,18 @@ async def test_relay_fetches_once_for_three_children(
 async def test_package_expires_from_relay_and_is_sent_again(
     deployment: Deployment, package_src: Path
 ) -> None:
-    pid = add_tool(deployment, package_src, keep=2)
     async with tiers(deployment, sweep_interval=0.3) as t:
         admin = t.admin
-        m = admin.store.manifest(pid)
-        assert m is not None and m.keep == 2
         relay_home = deployment.configs["relay1"].home
-        await transfer(admin, pid, timeout=1.5)
-        assert [c["package"] for c in cache(relay_home)] == [pid]
-        assert cache(relay_home)[0]["expires"] == iso(m.added + 2)
+        # added only now: the two seconds start with the topology already up
+        pid = admin.add_package(package_src, "tool", "1.0", install="sh install.sh", keep=2)
+        m = admin.store.manifest(pid)
+        assert m is not None and m.keep == 2 and m.expires == m.added + 2
+        await transfer(admin, pid, timeout=m.expires - time.time())
+        listed = cache(relay_home)
+        assert listed == [{"package": pid, "size": m.size, "expires": iso(m.expires)}], (
+            f"{time.time() - m.added:.2f}s after it was added"
+        )
         await until(lambda: pid in holds(admin, "relay1"), 1.5, "server to learn it is held")
 
         await until(lambda: cache(relay_home) == [], 5, "the relay to delete it on expiry")
@@ -494,12 +504,6 @@ async def test_jobs_created_at_a_relay(
         assert sent(link) - before < SMALL, "relay jobs are served from the relay's cache"
 
 
-@pytest.mark.xfail(
-    reason="BUG: node.flush_outbox sends queued reports before the JobAnnounce of a job made "
-    "at the relay; after a reconnect the server acks and drops reports for a job it does "
-    "not know yet, so its status stays 'waiting' forever",
-    strict=True,
-)
 async def test_job_made_at_relay_while_server_down_reaches_server_status(
     deployment: Deployment, package_src: Path, install_out: Path
 ) -> None:
@@ -523,7 +527,56 @@ async def test_job_made_at_relay_while_server_down_reaches_server_status(
         async with running(replace(deployment.server, listen=address)):
             with deployment.admin() as admin:
                 await wait_known(admin, rjob)
-                await wait_state(admin, rjob, "client1", DONE, 5)
+                await until(
+                    lambda: state_of(admin.db, rjob, "client1") == "installed",
+                    3,
+                    lambda: (
+                        f"server status of client1 (still {state_of(admin.db, rjob, 'client1')!r})"
+                    ),
+                )
+                assert "tool-1.0" in {p for n in admin.nodes() for p in n["installed"]}
+
+
+async def test_relay_job_does_not_break_relay_session_after_client_moves(
+    deployment: Deployment, package_src: Path, install_out: Path
+) -> None:
+    """A finished job made at the relay must not be announced again on every
+    new session: once its client has moved elsewhere, the server would refuse
+    the stale announcement and drop the relay's session, again and again."""
+    pid = add_tool(deployment, package_src)
+    async with tiers(deployment) as t:
+        admin = t.admin
+        await transfer(admin, pid)
+        c1 = deployment.add_node("client1", Role.CLIENT, t.relay.address)
+        async with running(c1):
+            await wait_routed(admin, "client1", "relay1")
+            with Admin(deployment.configs["relay1"].home) as radmin:
+                rjob = radmin.create_job("install", pid, ["client1"])
+                assert await wait_state(radmin, rjob, "client1", DONE, 10) == "installed"
+            await wait_known(admin, rjob)
+            assert await wait_state(admin, rjob, "client1", DONE, 5) == "installed"
+        # client1 moves directly under the server
+        moved = deployment.reparent("client1", t.server.address)
+        async with running(moved):
+            await wait_routed(admin, "client1", "client1")
+            # the relay's session drops and comes back (a network blip)
+            assert t.server.downlinks is not None and t.relay.uplink is not None
+            downlinks, uplink = t.server.downlinks, t.relay.uplink
+            old = downlinks.children["relay1"].session
+            old.abort("test: network blip")
+
+            def reconnected() -> bool:
+                child = downlinks.children.get("relay1")
+                return child is not None and child.session is not old
+
+            await until(reconnected, 5, "relay1 to reconnect")
+            fresh = downlinks.children["relay1"].session
+            await asyncio.sleep(1.0)
+            child = downlinks.children.get("relay1")
+            assert child is not None and child.session is fresh, (
+                f"relay1's session was dropped again: {uplink.last_error!r}"
+            )
+        assert states(admin, rjob) == {"client1": "installed"}
 
 
 # -- 8. groups --------------------------------------------------------------------------------
@@ -560,7 +613,11 @@ async def test_install_waits_for_its_execution_time(
         status = admin.job_status(job)
         assert status["at"] == iso(at)
         while time.time() < at - 0.3:
-            assert states(admin, job) == {"client1": "waiting"}
+            status = admin.job_status(job)
+            assert status["at"] == iso(at)
+            assert [(d["node"], d["state"]) for d in status["destinations"]] == [
+                ("client1", "waiting")
+            ]
             assert not (install_out / "client1").exists()
             await asyncio.sleep(0.05)
         assert await wait_state(admin, job, "client1", DONE, 8) == "installed"
@@ -680,6 +737,73 @@ async def test_cancel_while_client_offline(deployment: Deployment, install_out: 
             assert state_of(n3.db, job, "client3") in (None, "cancelled")
         assert runs(install_out, "client1") == [] and runs(install_out, "client3") == []
         assert states(admin, job) == {"client1": "cancelled", "client3": "cancelled"}
+
+
+async def test_cancel_during_transfer_stops_it(
+    deployment: Deployment, package_src: Path, install_out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancel is "stop what has not finished": a client that is still
+    fetching when the cancel reaches it must not go on to install."""
+    pid = add_tool(deployment, package_src)
+    gate = asyncio.Event()
+    original = downlinks_mod.serve_fetch
+
+    async def held_serve(*args: Any, **kwargs: Any) -> None:
+        await gate.wait()  # the transfer stalls until the test lets it go
+        await original(*args, **kwargs)
+
+    monkeypatch.setattr(downlinks_mod, "serve_fetch", held_serve)
+    try:
+        async with tiers(deployment, direct=["client1"]) as t:
+            admin = t.admin
+            client = t.clients["client1"]
+            job = admin.create_job("install", pid, ["client1"])
+            assert await wait_state(admin, job, "client1", {"transferring"}, 5) == "transferring"
+            assert admin.cancel(job) == ["client1"]
+            await until(
+                lambda: state_of(client.db, job, "client1") == "cancelled", 5, "client told"
+            )
+            gate.set()
+            await asyncio.sleep(1.5)
+            assert states(admin, job) == {"client1": "cancelled"}
+            assert state_of(client.db, job, "client1") == "cancelled"
+            assert not (install_out / "client1").exists(), "a cancelled job was installed"
+    finally:
+        gate.set()
+
+
+# -- a wake-up that lands together with the poll timeout -------------------------------------
+
+
+class LateEvent(asyncio.Event):
+    """Every ``set()`` arrives just too late for the waiter: the wait never
+    returns, so the poll's timeout cancels it while the flag is already set.
+    In real runs this happens when ``Node.wake()`` (a finished install, a
+    report from below) runs in the same loop iteration as the timeout."""
+
+    async def wait(self) -> Literal[True]:
+        await asyncio.Event().wait()
+        return True
+
+
+async def test_a_wake_landing_with_the_poll_timeout_is_not_lost(
+    deployment: Deployment, package_src: Path, install_out: Path
+) -> None:
+    pid = add_tool(deployment, package_src)
+    async with tiers(deployment, direct=["client1"]) as t:
+        admin = t.admin
+        client = t.clients["client1"]
+        client._wake = LateEvent()  # every wake from now on lands late
+        job = admin.create_job("install", pid, ["client1"])
+        await until(lambda: client.db.job(job) is not None, 5, "client1 to receive the job")
+        await until(
+            lambda: state_of(admin.db, job, "client1") == "installed",
+            3,
+            lambda: (
+                f"client1 to install (client: {state_of(client.db, job, 'client1')!r}, "
+                f"server: {state_of(admin.db, job, 'client1')!r})"
+            ),
+        )
 
 
 # -- 11. inventory ----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import structlog  # noqa: E402
 
 from rdsd.admin import Admin, init_server  # noqa: E402
 from rdsd.config import HomePaths, NodeConfig, Role  # noqa: E402
+from rdsd.jobdb import JobDB  # noqa: E402
 from rdsd.node import Node  # noqa: E402
 from rdsd.security import client_context, server_context  # noqa: E402
 from rdsd.session import Session  # noqa: E402
@@ -208,35 +209,58 @@ class Timeline:
         return self.seen.get((where, node, state))
 
 
-async def follow(
-    job: str,
-    nodes: list[str],
-    dbs: dict[str, Node],
-    timeout: float,
-    final: frozenset[str] = frozenset({"installed", "failed"}),
-) -> Timeline:
-    """Sample the job's states until every node is final as the server sees it.
+class Stalled(Exception):
+    """No watched state changed for ``--stall`` seconds: rdsd is stuck, not slow."""
 
-    ``dbs`` maps a label to a node whose own database is sampled ("server" must
-    be one); the other labels are clients, sampled for their own state only.
-    """
+
+# (label, job database, the destinations whose rows to read there)
+Watch = tuple[str, JobDB, list[str]]
+
+
+async def follow(
+    job: str, nodes: list[str], watch: list[Watch], timeout: float, stall: float
+) -> Timeline:
+    """Sample the job's rows until every node is final in the first database
+    watched (the server's). Raises Stalled when nothing changes for ``stall``
+    seconds (a transfer reports progress every few seconds, so that is a hang)."""
     tl = Timeline()
+    last: list[tuple[str, str, str, str]] = []
+    changed = time.perf_counter()
+    top = watch[0][0]
     async with asyncio.timeout(timeout):
         while True:
             now = time.perf_counter()
-            for where, node in dbs.items():
-                for name in nodes if where == "server" else [where]:
-                    dest = node.db.dest(job, name)
+            snap = []
+            for label, db, names in watch:
+                for name in names:
+                    dest = db.dest(job, name)
                     if dest is not None:
-                        tl.seen.setdefault((where, name, dest.state), now)
-            done = [n for n in nodes for s in final if tl.at("server", n, s) is not None]
-            if len(done) >= len(nodes):
+                        tl.seen.setdefault((label, name, dest.state), now)
+                        snap.append((label, name, dest.state, dest.detail))
+            if snap != last:
+                last, changed = snap, now
+            if all(any(tl.at(top, n, s) for s in FINAL) for n in nodes):
                 return tl
+            if now - changed > stall:
+                raise Stalled(stuck(job, watch, stall))
             await asyncio.sleep(SAMPLE)
 
 
-def failed(tl: Timeline, nodes: list[str]) -> list[str]:
-    return [n for n in nodes if tl.at("server", n, "failed") is not None]
+FINAL = ("installed", "failed")
+
+
+def stuck(job: str, watch: list[Watch], stall: float) -> str:
+    """Where each watched node's row stands, and the reports still queued there."""
+    parts = []
+    for label, db, names in watch:
+        queued = [r for r in db.outbox() if r.job == job]
+        for name in names:
+            dest = db.dest(job, name)
+            state = dest.state if dest else "no row"
+            parts.append(f"{label} has {name} {state}")
+        if queued:
+            parts.append(f"{label} outbox holds {', '.join(r.state for r in queued)}")
+    return f"no state change for {stall:.0f} s: " + "; ".join(parts)
 
 
 class SentCounter:
@@ -648,23 +672,21 @@ def breakdown(tl: Timeline, client: str, t0: float, size: int) -> str:
 
 
 async def one_job(
-    b: Bench,
-    server: Node,
-    watch: dict[str, Node],
-    dests: list[str],
-    pkg: str,
-    size: int,
+    b: Bench, watch: list[Watch], dests: list[str], pkg: str, size: int
 ) -> tuple[float, Timeline, float]:
-    """Create an install job and follow it; returns (seconds to all installed, timeline, t0)."""
+    """Create an install job as an operator would (the server's database from
+    another connection) and follow it; returns (seconds to all installed as the
+    server sees it, timeline, t0)."""
     os.sync()
     t0 = time.perf_counter()
     job = b.admin.create_job("install", pkg, dests)
-    tl = await follow(job, dests, {"server": server, **watch}, job_timeout(size, len(dests)))
-    bad = failed(tl, dests)
+    tl = await follow(job, dests, watch, job_timeout(size, len(dests)), b.args.stall)
+    top, db, _ = watch[0]
+    bad = [n for n in dests if tl.at(top, n, "failed") is not None]
     if bad:
-        detail = {d.node: d.detail for d in server.db.dests(job) if d.node in bad}
+        detail = {d.node: d.detail for d in db.dests(job) if d.node in bad}
         raise RuntimeError(f"job {job} failed on {detail}")
-    end = max(t for (w, _, s), t in tl.seen.items() if w == "server" and s == "installed")
+    end = max(t for (w, _, st), t in tl.seen.items() if w == top and st == "installed")
     return end - t0, tl, t0
 
 
