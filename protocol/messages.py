@@ -170,16 +170,19 @@ class JobAnnounce(Message):
 
 @dataclass(frozen=True, slots=True)
 class PendingQuery(Message):
-    """Child asks for every open job addressed to it; answered by one
-    JOB_NOTICE per job and then PENDING_DONE."""
+    """Child asks for every open job addressed to it (or, from a relay, to
+    ``node`` below it); answered by one JOB_NOTICE per job and then
+    PENDING_DONE naming the same node."""
 
     TYPE: ClassVar[MessageType] = MessageType.PENDING_QUERY
+    node: Name | None = None  # asked on behalf of a node below; default the sender
 
 
 @dataclass(frozen=True, slots=True)
 class PendingDone(Message):
     TYPE: ClassVar[MessageType] = MessageType.PENDING_DONE
     jobs: list[Name]
+    node: Name | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,6 +361,9 @@ def run_cli(prog: str, args: argparse.Namespace) -> int:
     """Shared by rdsd and rdsft: dispatch, and turn user errors into one line
     on stderr and exit status 1."""
     fn: Callable[[argparse.Namespace], int] = args.fn
+    # Commands print their results on stdout; library events are for the
+    # daemon's log, so here only warnings and errors show, on stderr.
+    configure("console", "warning")
     # Past a file-size limit a write should fail with EFBIG (which the store
     # turns into a clean "disk full" failure), not kill the process.
     if hasattr(signal, "SIGXFSZ"):

@@ -83,6 +83,8 @@ class ParentHooks:
     reports_changed: Callable[[], None]
     # The set of nodes below us changed (a relay tells its parent).
     topology_changed: Callable[[], None]
+    # A relay asks its own parent for a node's pending jobs before answering.
+    ask_parent: Callable[[str], Awaitable[None]] | None = None
     forward_reports: bool = False
 
 
@@ -169,11 +171,14 @@ class Downlinks:
         assert isinstance(hello, Hello)
         await session.send(Welcome(node=self.cfg.name, role=self.cfg.role.value, time=time.time()))
         child = Child(session, hello.purpose)
+        known = self.db.node(peer.name)
         if hello.purpose == "session":
             old = self.children.get(peer.name)
             if old is not None:
                 old.session.abort("replaced by a new session")
             self.children[peer.name] = child
+        if hello.purpose == "session" or known is None or known.via != peer.name:
+            # Even a one-shot query tells us the node sits right below us.
             self.db.upsert_node(peer.name, peer.role, via=peer.name)
             self.hooks.topology_changed()
         self.log.info("child.connected", peer=peer.name, role=peer.role, purpose=hello.purpose)
@@ -250,8 +255,15 @@ class Downlinks:
                 self.hooks.reports_changed()
             await session.send(ReportAck(report_id=msg.report_id))
         elif isinstance(msg, PendingQuery):
-            jobs = await self._push(child, only=child.name)
-            await session.send(PendingDone(jobs=jobs))
+            target = msg.node or child.name
+            if not self._in_subtree(child.name, target):
+                raise ProtocolError(
+                    f"{child.name} may not ask for {target}'s jobs", ErrorCode.UNAUTHORIZED
+                )
+            if self.hooks.ask_parent is not None:
+                await self.hooks.ask_parent(target)
+            jobs = await self._push(child, only=target)
+            await session.send(PendingDone(jobs=jobs, node=msg.node))
         elif isinstance(msg, Topology):
             if child.session.peer.role != "relay":
                 raise ProtocolError("only a relay has nodes below it", ErrorCode.UNAUTHORIZED)

@@ -84,6 +84,7 @@ class Node:
                 reports_changed=self.wake,
                 topology_changed=self._topology_changed,
                 forward_reports=cfg.role is Role.RELAY,
+                ask_parent=self._ask_parent if cfg.role is Role.RELAY else None,
             )
             ctx = server_context(paths.ca_cert, paths.cert, paths.key)
             self.downlinks = Downlinks(cfg, self.db, self.store, ctx, hooks)
@@ -214,6 +215,19 @@ class Node:
                     return False
                 return await self.fetcher.started(manifest, job.manifest)
         return False
+
+    async def _ask_parent(self, node: str) -> None:
+        """Before answering a child's query, fetch its pending jobs from our
+        own parent, so ``rdsft -a`` works even where no daemon has run yet.
+        Best effort: if the parent is away, answer from what we have."""
+        if self.uplink is None or self.uplink.session is None:
+            return
+        self._tell_parent = True
+        await self._describe_subtree()
+        try:
+            await self.uplink.query_pending(self.cfg.handshake_timeout, node=node)
+        except (TimeoutError, SessionClosed) as exc:
+            self.log.warning("query.parent_unavailable", dest=node, reason=str(exc))
 
     # -- the child half's handler ------------------------------------------------
 

@@ -68,7 +68,7 @@ class Uplink:
         self.parent_name = ""
         self.connected = asyncio.Event()
         self.last_error = ""
-        self._pending_done: asyncio.Future[list[str]] | None = None
+        self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
         # What went up on the current session and awaits its ack there.
         self.sent: set[str] = set()
         self._ping = 0
@@ -126,8 +126,10 @@ class Uplink:
             self.connected.clear()
             self.session = None
             self.router.session_lost()
-            if self._pending_done is not None and not self._pending_done.done():
-                self._pending_done.set_exception(SessionClosed(self.last_error))
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(SessionClosed(self.last_error))
+            self._pending.clear()
             await session.close(self.last_error)
 
     async def _dispatch(self, msg: Message) -> None:
@@ -138,8 +140,9 @@ class Uplink:
         elif isinstance(msg, ReportAck):
             self.handler.on_report_ack(msg.report_id)
         elif isinstance(msg, PendingDone):
-            if self._pending_done is not None and not self._pending_done.done():
-                self._pending_done.set_result(msg.jobs)
+            fut = self._pending.pop(msg.node, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.jobs)
         elif isinstance(msg, JobCancel):
             await self.handler.on_job_cancel(msg)
         elif isinstance(msg, Revoked):
@@ -162,14 +165,18 @@ class Uplink:
                     return self.session
                 await asyncio.sleep(0.05)
 
-    async def query_pending(self, timeout: float) -> list[str]:
-        """Ask for this node's pending jobs; the notices arrive through the
-        handler before the answer, so they are recorded when this returns."""
+    async def query_pending(self, timeout: float, node: str | None = None) -> list[str]:
+        """Ask for this node's pending jobs (or, on a relay, a child's); the
+        notices arrive through the handler before the answer, so they are
+        recorded when this returns."""
         session = await self.wait_session(timeout)
-        self._pending_done = asyncio.get_running_loop().create_future()
-        await session.send(PendingQuery())
+        fut = self._pending.get(node)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[node] = fut
+            await session.send(PendingQuery(node=node))
         async with asyncio.timeout(timeout):
-            return await self._pending_done
+            return await asyncio.shield(fut)
 
     async def send_up(self, messages: list[tuple[str, Message]]) -> None:
         """Send each ``(ack id, message)`` not yet sent on this session; the
