@@ -33,6 +33,7 @@ from protocol import (
 from .security import SecurityError, peer_identity
 
 READ_SIZE = 1024 * 1024
+WRITE_BUFFER = 4 * 1024 * 1024
 
 
 class SessionClosed(Exception):
@@ -68,6 +69,9 @@ class Session:
     ) -> None:
         self._reader = reader
         self._writer = writer
+        # Let a few chunks queue in the transport so the sender is never idle
+        # waiting for a full flush between chunks.
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         self.conn = Connection(side)
         self.peer = peer
         self.idle_timeout = idle_timeout

@@ -22,7 +22,9 @@ import errno
 import fcntl
 import hashlib
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +37,8 @@ from .manifest import Manifest, ManifestError, open_envelope
 from .security import Verifier
 
 T = TypeVar("T")
+IN_FLIGHT = 4  # chunks being checked and written while the next ones arrive
+READ_AHEAD = 2  # chunks read and checked ahead of the one being sent
 log = structlog.get_logger("rdsd.store")
 
 
@@ -55,6 +59,12 @@ class DiskFull(StoreError):
     """ENOSPC/EFBIG while writing: the download is dropped, the store intact."""
 
 
+def _quiet(fut: asyncio.Future[None]) -> None:
+    """Collect the outcome of a write nobody waits for any more."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
@@ -73,6 +83,12 @@ class Download:
         self._hash = hashlib.sha256()
         self._fd = -1
         self._changed = asyncio.Event()
+        # One writer thread per file keeps writes (and the running whole-file
+        # hash) in order while several chunks are in flight.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"rdsd-write-{manifest.id}")
+        self._inflight: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._submitted = 0
+        self._broken = False
 
     # -- life cycle ----------------------------------------------------------
 
@@ -92,6 +108,29 @@ class Download:
         else:
             os.ftruncate(self._fd, 0)
             atomic_write(env_path, self.envelope)
+        self._submitted = self.verified
+        try:
+            await _in_thread(self._preallocate)
+        except DiskFull as exc:
+            self.fail(str(exc), keep_partial=False)
+            raise
+
+    def _preallocate(self) -> None:
+        """Reserve the rest of the file up front: writes into reserved space
+        are several times faster than growing the file, and a disk that
+        cannot hold the package says so now, before anything is written."""
+        rest = self.manifest.size - self.verified
+        if rest <= 0:
+            return
+        try:
+            os.posix_fallocate(self._fd, self.verified, rest)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise DiskFull(
+                    f"{self.manifest.id}: no room for {rest} more bytes: {exc.strerror}"
+                ) from exc
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
     def _rescan(self) -> int:
         """Length of the prefix whose chunks all match; cut the file there."""
@@ -108,22 +147,50 @@ class Download:
         return good
 
     async def write_chunk(self, offset: int, data: bytes | memoryview) -> None:
-        """Check ``data`` against the manifest, then write it; a mismatch
-        raises CorruptChunk and nothing is written."""
+        """Queue ``data`` to be checked against the manifest and written; a
+        mismatch raises CorruptChunk (here or from a later call) and nothing
+        of it is written. Up to IN_FLIGHT chunks are checked and written
+        while the next ones arrive; ``verified`` counts only finished ones."""
         m = self.manifest
         if self.done or self.error is not None:
             raise StoreError(f"{m.id}: download already closed")
-        if offset != self.verified or offset % m.chunk_size:
-            raise StoreError(f"{m.id}: chunk at {offset}, expected {self.verified}")
+        if offset != self._submitted or offset % m.chunk_size:
+            raise StoreError(f"{m.id}: chunk at {offset}, expected {self._submitted}")
         index = offset // m.chunk_size
         if index >= len(m.chunks) or len(data) != m.chunk_length(index):
             raise CorruptChunk(m.id, offset, "wrong length")
-        await _in_thread(self._write, index, offset, data)
-        self.verified += len(data)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._writer, self._write, index, offset, data)
+        self._inflight.append((fut, len(data)))
+        self._submitted += len(data)
+        while self._inflight and (len(self._inflight) > IN_FLIGHT or self._inflight[0][0].done()):
+            await self._settle_one()
+
+    async def flush(self) -> None:
+        """Wait for every queued chunk to be written (or to fail)."""
+        while self._inflight:
+            await self._settle_one()
+
+    async def _settle_one(self) -> None:
+        fut, length = self._inflight.popleft()
+        try:
+            await fut
+        except BaseException:
+            # Later chunks were refused in the thread; collect them quietly.
+            for rest, _ in self._inflight:
+                with contextlib.suppress(BaseException):
+                    await rest
+            self._inflight.clear()
+            self._submitted = self.verified
+            raise
+        self.verified += length
         self._notify()
 
     def _write(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        if self._broken:
+            raise StoreError(f"{self.manifest.id}: an earlier chunk failed")
         if hashlib.sha256(data).digest() != self.manifest.chunks[index]:
+            self._broken = True
             raise CorruptChunk(self.manifest.id, offset, "received")
         view = memoryview(data)
         pos = offset
@@ -133,6 +200,7 @@ class Download:
                 view = view[n:]
                 pos += n
         except OSError as exc:
+            self._broken = True
             os.ftruncate(self._fd, offset)
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise DiskFull(f"{self.manifest.id}: disk full writing at {offset}: {exc}") from exc
@@ -143,6 +211,7 @@ class Download:
         """Check the whole-file digest, make it durable and move it into the
         store. Afterwards the package is complete for every reader."""
         m = self.manifest
+        await self.flush()
         if self.verified != m.size:
             raise StoreError(f"{m.id}: {self.verified} of {m.size} bytes received")
         if self._hash.digest() != m.sha256:
@@ -175,6 +244,11 @@ class Download:
         self._notify()
 
     def _close(self) -> None:
+        # No write may still be running when the descriptor goes away.
+        self._writer.shutdown(wait=True, cancel_futures=True)
+        for fut, _ in self._inflight:
+            fut.add_done_callback(_quiet)
+        self._inflight.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -211,16 +285,14 @@ class Store:
         m = self.manifest(package)
         if m is None:
             raise StoreError(f"{package} is not in the store")
-        whole = hashlib.sha256()
+        # The signed chunk digests cover every byte, so one pass suffices.
         with self.data_path(package).open("rb") as f:
             for index in range(len(m.chunks)):
                 data = f.read(m.chunk_length(index))
                 if hashlib.sha256(data).digest() != m.chunks[index]:
                     raise CorruptChunk(package, index * m.chunk_size, "at rest")
-                whole.update(data)
-            trailing = f.read(1)
-        if whole.digest() != m.sha256 or trailing:
-            raise CorruptChunk(package, 0, "whole file at rest")
+            if f.read(1):
+                raise CorruptChunk(package, m.size, "trailing bytes at rest")
 
     def prepare(self) -> None:
         """Create the layout and remove debris a crash may have left."""
@@ -362,18 +434,36 @@ class Store:
             raise StoreError(f"{package}: offset {offset} is not a chunk boundary")
         fd = os.open(path, os.O_RDONLY)
         self._readers[package] = self._readers.get(package, 0) + 1
+        loop = asyncio.get_running_loop()
+        ahead: deque[asyncio.Future[bytes]] = deque()
         try:
-            pos = offset
+            pos = ahead_pos = offset
             while pos < m.size:
-                if dl is not None and not dl.done:
+                # Read and check the next chunks in threads while this one is
+                # sent, but never beyond what a running download has verified.
+                while (
+                    len(ahead) < READ_AHEAD
+                    and ahead_pos < m.size
+                    and (dl is None or dl.done or dl.verified > ahead_pos)
+                ):
+                    index = ahead_pos // m.chunk_size
+                    ahead.append(
+                        loop.run_in_executor(None, self._read_chunk, fd, m, index, ahead_pos)
+                    )
+                    ahead_pos += m.chunk_length(index)
+                if not ahead:
+                    assert dl is not None
                     await dl.wait_beyond(pos, wait_timeout)
                     if dl.error is not None and dl.verified <= pos:
                         raise StoreError(f"{package}: upstream fetch failed: {dl.error}")
-                index = pos // m.chunk_size
-                data = await _in_thread(self._read_chunk, fd, m, index, pos)
+                    continue
+                data = await ahead.popleft()
                 yield pos, data
                 pos += len(data)
         finally:
+            for fut in ahead:  # let reads finish before the descriptor closes
+                with contextlib.suppress(BaseException):
+                    await fut
             os.close(fd)
             self._readers[package] -= 1
 

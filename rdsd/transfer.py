@@ -134,20 +134,20 @@ async def receive(
                 async with asyncio.timeout(timeout):
                     msg = await q.get()
             except TimeoutError:
+                await _store_step(dl.flush())
                 raise TransferFailed(
                     f"no data from {session.peer.name} for {timeout:.0f}s"
                 ) from None
             if msg is None:
+                # Keep every chunk already received: the resume starts after them.
+                await _store_step(dl.flush())
                 raise TransferFailed(f"link lost: {session.close_reason}")
             if isinstance(msg, Chunk):
                 try:
-                    await dl.write_chunk(msg.offset, msg.data)
-                except CorruptChunk as exc:
+                    await _store_step(dl.write_chunk(msg.offset, msg.data))
+                except TransferFailed:
                     await _cancel(session, fid)
-                    raise TransferFailed(str(exc)) from None
-                except DiskFull as exc:
-                    await _cancel(session, fid)
-                    raise TransferFailed(str(exc), retryable=False) from None
+                    raise
                 now = time.monotonic()
                 if progress is not None and now - last >= PROGRESS_EVERY:
                     last = now
@@ -156,15 +156,25 @@ async def receive(
                 raise TransferFailed(f"{session.peer.name} refused: {msg.reason}")
             elif isinstance(msg, FetchEnd):
                 break
-        try:
-            await dl.finish()
-        except CorruptChunk as exc:
-            raise TransferFailed(str(exc)) from None
-        except OSError as exc:
-            raise TransferFailed(f"cannot store {m.id}: {exc}", retryable=False) from None
+        await _store_step(dl.finish())
         bound.info("fetch.done", resumed_from=start, bytes=m.size - start)
     finally:
         router.close(fid)
+
+
+async def _store_step(step: Awaitable[None]) -> None:
+    """Run a store operation, turning its failures into TransferFailed: a bad
+    chunk may go better next time, a full disk will not."""
+    try:
+        await step
+    except CorruptChunk as exc:
+        raise TransferFailed(str(exc)) from None
+    except DiskFull as exc:
+        raise TransferFailed(str(exc), retryable=False) from None
+    except StoreError as exc:
+        raise TransferFailed(str(exc)) from None
+    except OSError as exc:
+        raise TransferFailed(f"cannot store {exc.filename or ''}: {exc}", retryable=False) from None
 
 
 async def _cancel(session: Session, fid: int) -> None:

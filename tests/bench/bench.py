@@ -101,23 +101,28 @@ class Table:
         return rows
 
     def render(self) -> str:
+        """Aligned columns; a row with only a figure is a note, printed as is."""
         head = Row("figure", "value", "ratio", "target", "")
-        all_rows = [head] + [r for _, rows in self.sections for r in rows]
-        w = [max(len(getattr(r, k)) for r in all_rows) for k in ("figure", "value", "ratio")]
-        wt = max(len(r.target) for r in all_rows)
+        rows = [head] + [r for _, rs in self.sections for r in rs if not is_note(r)]
+        w = [max(len(getattr(r, k)) for r in rows) for k in ("figure", "value", "ratio", "target")]
 
         def line(r: Row) -> str:
+            if is_note(r):
+                return r.figure
             return (
                 f"{r.figure:<{w[0]}}  {r.value:<{w[1]}}  {r.ratio:>{w[2]}}  "
-                f"{r.target:<{wt}}  {r.verdict}"
+                f"{r.target:<{w[3]}}  {r.verdict}"
             ).rstrip()
 
-        width = sum(w) + wt + 16
-        out = [line(head), "=" * width]
-        for title, rows in self.sections:
+        out = [line(head), "=" * (sum(w) + 16)]
+        for title, rs in self.sections:
             out.append(f"-- {title}")
-            out.extend(line(r) for r in rows)
+            out.extend(line(r) for r in rs)
         return "\n".join(out)
+
+
+def is_note(r: Row) -> bool:
+    return not (r.value or r.ratio or r.target or r.verdict)
 
 
 def mbps(nbytes: int, seconds: float) -> str:
@@ -657,26 +662,30 @@ async def baselines(b: Bench) -> None:
 # -- rdsd, in process ---------------------------------------------------------------------------
 
 
-def breakdown(tl: Timeline, client: str, t0: float, size: int) -> str:
+def note(text: str) -> Row:
+    return Row(text, "")
+
+
+def breakdown(tl: Timeline, client: str, t0: float, size: int) -> Row:
     """Where the time of one destination went, from its own database and the server's."""
-    got = {s: tl.at(client, client, s) for s in ("transferring", "installing", "installed")}
+    got = [tl.at(client, client, s) for s in ("transferring", "installing", "installed")]
     seen = tl.at("server", client, "installed")
-    if any(v is None for v in got.values()) or seen is None:
-        return "breakdown n/a"
-    a, b_, c = got["transferring"], got["installing"], got["installed"]
-    assert a is not None and b_ is not None and c is not None
-    return (
-        f"notice {a - t0:.2f} s, transfer {b_ - a:.2f} s ({mbps(size, b_ - a)}), "
-        f"extract+install {c - b_:.2f} s, report {seen - c:.2f} s"
+    if any(v is None for v in got) or seen is None:
+        return note("  breakdown n/a (a state was not sampled)")
+    a, b, c = got
+    assert a is not None and b is not None and c is not None
+    return note(
+        f"  notice {a - t0:.2f} s, transfer {b - a:.2f} s ({mbps(size, b - a)}), "
+        f"verify+extract+install {c - b:.2f} s, report {seen - c:.2f} s"
     )
 
 
 async def one_job(
     b: Bench, watch: list[Watch], dests: list[str], pkg: str, size: int
 ) -> tuple[float, Timeline, float]:
-    """Create an install job as an operator would (the server's database from
-    another connection) and follow it; returns (seconds to all installed as the
-    server sees it, timeline, t0)."""
+    """Create an install job as an operator would (the server's database, from
+    another connection) and follow it; returns (seconds until the server sees
+    every destination installed, the timeline, t0)."""
     os.sync()
     t0 = time.perf_counter()
     job = b.admin.create_job("install", pkg, dests)
@@ -685,9 +694,26 @@ async def one_job(
     bad = [n for n in dests if tl.at(top, n, "failed") is not None]
     if bad:
         detail = {d.node: d.detail for d in db.dests(job) if d.node in bad}
-        raise RuntimeError(f"job {job} failed on {detail}")
+        raise RuntimeError(f"job {job} failed: {detail}")
     end = max(t for (w, _, st), t in tl.seen.items() if w == top and st == "installed")
     return end - t0, tl, t0
+
+
+def one_hop_rows(b: Bench, rows: list[Row], t: float, tl: Timeline, t0: float, who: str) -> None:
+    size = b.pkg_size
+    ratio, target, verdict = "n/a", "", ""
+    if b.tls_write_bps:
+        ratio, target, verdict = judged(rate(size, t) / b.tls_write_bps, 0.8, True)
+    rows.append(
+        Row(
+            "one hop server->client, job to installed",
+            f"{mbps(size, t)}  ({secs(t)})",
+            ratio,
+            f"{target} x TLS copy+file",
+            verdict,
+        )
+    )
+    rows.append(breakdown(tl, who, t0, size))
 
 
 async def one_hop(b: Bench, server: Node, rows: list[Row]) -> None:
@@ -700,26 +726,15 @@ async def one_hop(b: Bench, server: Node, rows: list[Row]) -> None:
         prof = cProfile.Profile() if b.args.profile else None
         if prof is not None:
             prof.enable()
-        t, tl, t0 = await one_job(b, server, {"client1": client}, ["client1"], b.pkg, b.pkg_size)
+        watch = [("server", server.db, ["client1"]), ("client1", client.db, ["client1"])]
+        t, tl, t0 = await one_job(b, watch, ["client1"], b.pkg, b.pkg_size)
         if prof is not None:
             prof.disable()
             dump_profile(prof, b.root.parent / "bench-one-hop.prof")
         sent = await counter.stop()
     b.one_hop_s = t
     size = b.pkg_size
-    ratio, target, verdict = ("n/a", "", "")
-    if b.tls_write_bps:
-        ratio, target, verdict = judged(rate(size, t) / b.tls_write_bps, 0.8, True)
-    rows.append(
-        Row(
-            "one hop server->client, job to installed",
-            f"{mbps(size, t)}  ({secs(t)})",
-            ratio,
-            f"{target} x TLS copy+file",
-            verdict,
-        )
-    )
-    rows.append(Row("  " + breakdown(tl, "client1", t0, size), ""))
+    one_hop_rows(b, rows, t, tl, t0, "client1")
     if b.tls_discard_bps:
         rows.append(Row("  vs TLS copy, discard", "", f"{rate(size, t) / b.tls_discard_bps:.2f}"))
     if b.cp_bps:
@@ -730,24 +745,14 @@ async def one_hop(b: Bench, server: Node, rows: list[Row]) -> None:
             r, tg, v = judged(rate(size, t) / tool, 1.0, True)
             rows.append(Row(f"  vs {label}", "", r, f"{tg} x {key}", v))
         else:
-            rows.append(Row(f"  vs {label}", "n/a (not measured)"))
-    rows.append(Row("  server bytes sent / package", "", f"{sent / size:.4f}"))
+            rows.append(Row(f"  vs {label}", "n/a (baseline not measured)"))
+    rows.append(Row("  server bytes sent / package", f"{sent / MiB:.1f} MiB", f"{sent / size:.4f}"))
 
 
-async def two_hops(b: Bench, server: Node, rows: list[Row]) -> None:
-    progress(f"two hops: server -> relay -> client, {b.pkg_size / MiB:.0f} MiB")
-    relay_cfg = b.node_cfg("relay2", Role.RELAY, server.address)
-    async with running(relay_cfg) as (relay,):
-        cfg = b.node_cfg("client2", Role.CLIENT, relay.address)
-        async with running(cfg) as (client,):
-            await wait_routed(server, {"relay2": "relay2", "client2": "relay2"})
-            t, tl, t0 = await one_job(
-                b, server, {"client2": client}, ["client2"], b.pkg, b.pkg_size
-            )
-    size = b.pkg_size
-    ratio, target, verdict = ("n/a", "", "")
-    if b.one_hop_s:
-        ratio, target, verdict = judged(t / b.one_hop_s, 1.3, False)
+def two_hop_rows(rows: list[Row], size: int, t: float, one: float | None) -> None:
+    ratio, target, verdict = "n/a", "", ""
+    if one:
+        ratio, target, verdict = judged(t / one, 1.3, False)
     rows.append(
         Row(
             "two hops server->relay->client",
@@ -757,14 +762,30 @@ async def two_hops(b: Bench, server: Node, rows: list[Row]) -> None:
             verdict,
         )
     )
-    rows.append(Row("  " + breakdown(tl, "client2", t0, size), ""))
+
+
+async def two_hops(b: Bench, server: Node, rows: list[Row]) -> None:
+    progress(f"two hops: server -> relay -> client, {b.pkg_size / MiB:.0f} MiB")
+    relay_cfg = b.node_cfg("relay2", Role.RELAY, server.address)
+    async with running(relay_cfg) as (relay,):
+        cfg = b.node_cfg("client2", Role.CLIENT, relay.address)
+        async with running(cfg) as (client,):
+            await wait_routed(server, {"relay2": "relay2", "client2": "relay2"})
+            watch = [
+                ("server", server.db, ["client2"]),
+                ("relay2", relay.db, ["client2"]),
+                ("client2", client.db, ["client2"]),
+            ]
+            t, tl, t0 = await one_job(b, watch, ["client2"], b.pkg, b.pkg_size)
+    two_hop_rows(rows, b.pkg_size, t, b.one_hop_s)
+    rows.append(breakdown(tl, "client2", t0, b.pkg_size))
 
 
 async def fan_out(b: Bench, server: Node, rows: list[Row]) -> None:
     k, size = b.args.clients, b.args.fan_mib * MiB
     progress(f"fan-out: one relay, {k} clients, {size / MiB:.0f} MiB")
     pkg = add_package(b.admin, b.root, "fan", f"{size // MiB}m", size)
-    size = b.admin.store.manifest(pkg).size  # type: ignore[union-attr]
+    size = b.admin.store.data_path(pkg).stat().st_size
     names = [f"fan{i:03d}" for i in range(1, k + 1)]
     relay_cfg = b.node_cfg("relayF", Role.RELAY, server.address)
     async with running(relay_cfg) as (relay,):
@@ -775,17 +796,20 @@ async def fan_out(b: Bench, server: Node, rows: list[Row]) -> None:
             down = SentCounter(relay, set(names))
             up.start()
             down.start()
-            t_k, _, _ = await one_job(b, server, {}, names, pkg, size)
+            watch = [("server", server.db, names), ("relayF", relay.db, names)]
+            t_k, _, _ = await one_job(b, watch, names, pkg, size)
             server_sent, relay_sent = await up.stop(), await down.stop()
         # The relay now holds the package: one client from its cache, the unit of the estimate.
         cfg = b.node_cfg("fanX", Role.CLIENT, relay.address)
         async with running(cfg) as (client,):
             await wait_routed(server, {"fanX": "relayF"})
-            t_1, tl, t0 = await one_job(b, server, {"fanX": client}, ["fanX"], pkg, size)
+            watch = [("server", server.db, ["fanX"]), ("fanX", client.db, ["fanX"])]
+            t_1, tl, t0 = await one_job(b, watch, ["fanX"], pkg, size)
     r, tg, v = judged(server_sent / size, 1.05, False)
     rows.append(
         Row(
-            f"fan-out {k} clients, {size / MiB:.0f} MiB: server bytes sent / package",
+            f"fan-out, {k} clients behind one relay, {size / MiB:.0f} MiB: "
+            "server bytes sent / package",
             f"{server_sent / MiB:.2f} MiB",
             f"{server_sent / size:.3f}",
             f"{tg} (sent once)",
@@ -803,21 +827,16 @@ async def fan_out(b: Bench, server: Node, rows: list[Row]) -> None:
     r, tg, v = judged(t_k / (k * t_1), 1.5, False)
     rows.append(
         Row(
-            f"fan-out time to all {k} installed vs {k} x one hop from the relay",
+            f"fan-out time to all {k} installed / ({k} x one hop from the relay)",
             f"{secs(t_k)} vs {k} x {secs(t_1)}",
             r,
-            f"{tg}",
+            tg,
             v,
         )
     )
-    rows.append(
-        Row(
-            f"  one hop from the relay's cache: {mbps(size, t_1)}; "
-            + breakdown(tl, "fanX", t0, size),
-            "",
-        )
-    )
-    rows.append(Row(f"  relay pushed {relay_sent / MB / t_k:,.0f} MB/s to its clients", ""))
+    rows.append(note(f"  one hop from the relay's cache: {mbps(size, t_1)}"))
+    rows.append(breakdown(tl, "fanX", t0, size))
+    rows.append(note(f"  the relay pushed {relay_sent / MB / t_k:,.0f} MB/s to its clients"))
 
 
 class CutProxy:
@@ -889,54 +908,60 @@ async def resume(b: Bench, server: Node, rows: list[Row]) -> None:
             await wait_routed(server, {"clientR": "clientR"})
             counter = SentCounter(server, {"clientR"})
             counter.start()
-            t, _, _ = await one_job(b, server, {"clientR": client}, ["clientR"], b.pkg, size)
+            watch = [("server", server.db, ["clientR"]), ("clientR", client.db, ["clientR"])]
+            t, _, _ = await one_job(b, watch, ["clientR"], b.pkg, size)
             sent = await counter.stop()
             per = counter.per_session()
     finally:
         await proxy.close()
-    starts = [e for e in b.events if e.get("event") == "fetch.start" and e.get("node") == "clientR"]
-    fails = [e for e in b.events if e.get("event") == "fetch.failed" and e.get("node") == "clientR"]
+    mine = [e for e in b.events if e.get("node") == "clientR"]
+    starts = [e for e in mine if e.get("event") == "fetch.start"]
+    fails = [e for e in mine if e.get("event") == "fetch.failed"]
     limit = 1 + b.chunk / size
     _, _, v = judged(sent / size, limit, False)
     rows.append(
         Row(
             "resume after a cut at 90 %: server bytes sent / package",
-            f"{sent / MiB:.1f} MiB in {len(per)} sessions",
+            f"{sent / MiB:.1f} MiB, {len(per)} sessions",
             f"{sent / size:.3f}",
             f"<= {limit:.3f} (1 chunk over)",
             v,
         )
     )
-    if proxy.cut_at is None:
-        rows.append(Row("  the proxy never cut the transfer (it finished below 90 %?)", ""))
+    if proxy.cut_at is None or len(starts) < 2:
+        offsets = [e.get("offset") for e in starts]
+        rows.append(note(f"  no resume seen (cut: {proxy.cut_at is not None}, fetches {offsets})"))
         return
-    offsets = [int(e.get("offset", 0)) for e in starts]
-    resumed = offsets[1] if len(offsets) > 1 else None
-    if resumed is not None:
-        lost = proxy.delivered_first - resumed
+    resumed = int(starts[1].get("offset", 0))
+    lost = proxy.delivered_first - resumed
+    _, _, v = judged(lost / b.chunk, 1.0, False)
+    rows.append(
+        Row(
+            "  of it delivered before the cut, then sent again",
+            f"{lost / MiB:.2f} MiB",
+            f"{lost / b.chunk:.2f}",
+            "<= 1 chunk",
+            v,
+        )
+    )
+    rows.append(
+        note(
+            f"  cut after {proxy.delivered_first / MiB:.1f} MiB had reached the client; "
+            f"the fetch resumed from {resumed / MiB:.1f} MiB"
+        )
+    )
+    if per:
         rows.append(
-            Row(
-                f"  cut after {proxy.delivered_first / MiB:.1f} MiB delivered; resumed "
-                f"from {resumed / MiB:.1f} MiB (received but re-sent: "
-                f"{lost / MiB:.1f} MiB = {lost / b.chunk:.1f} chunks)",
-                "",
+            note(
+                f"  first session: the server had sent {per[0] / MiB:.1f} MiB; "
+                f"{(per[0] - proxy.delivered_first) / MiB:.1f} MiB were in socket and proxy "
+                "buffers at the cut"
             )
         )
-        if per:
-            rows.append(
-                Row(
-                    f"  first session: server sent {per[0] / MiB:.1f} MiB, of which "
-                    f"{(per[0] - proxy.delivered_first) / MiB:.1f} MiB never reached "
-                    "the client (buffers at the cut)",
-                    "",
-                )
-            )
-        again = starts[1]["t"] - proxy.cut_at
-        reasons = "; ".join(str(e.get("reason")) for e in fails)
-        rows.append(Row(f"  fetch restarted {again:.2f} s after the cut ({reasons})", ""))
-    else:
-        rows.append(Row(f"  fetch starts seen at offsets {offsets}", ""))
-    rows.append(Row(f"  job to installed with the cut: {secs(t)} ({mbps(size, t)})", ""))
+    again = float(starts[1]["t"]) - proxy.cut_at
+    reasons = "; ".join(str(e.get("reason")) for e in fails)
+    rows.append(note(f"  fetch restarted {again:.2f} s after the cut ({reasons})"))
+    rows.append(note(f"  job to installed, cut included: {secs(t)} ({mbps(size, t)})"))
 
 
 def dump_profile(prof: cProfile.Profile, path: Path) -> None:
@@ -948,10 +973,11 @@ def dump_profile(prof: cProfile.Profile, path: Path) -> None:
 
 
 async def in_process(b: Bench) -> None:
-    rows = b.table.section(
-        f"rdsd in one process (every node in this event loop: {loop_name()}), "
+    b.table.section(
+        f"rdsd, every node in this one process and event loop ({loop_name()}); "
         f"package {b.pkg_size / MiB:.0f} MiB, chunk {b.chunk // MiB} MiB"
     )
+    rows = b.table.sections[-1][1]
     async with running(b.server_cfg) as (server,):
         for name, fn in (
             ("one hop", one_hop),
@@ -963,17 +989,24 @@ async def in_process(b: Bench) -> None:
 
 
 async def guarded(b: Bench, name: str, coro: Awaitable[None]) -> None:
-    """Run one part; a crash or a hang becomes an ERROR row (and exit status 1)."""
+    """Run one part; a crash, a stall or a hang becomes an ERROR row (exit status 1)."""
     try:
         await coro
     except Exception as exc:
-        what = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-        b.table.sections[-1][1].append(Row(f"{name}: ERROR", what))
-        b.table.errors.append(f"{name}: {what}")
-        traceback.print_exc()
+        if isinstance(exc, TimeoutError):
+            kind, what = "timed out", f"no result within {job_timeout(b.pkg_size):.0f} s or so"
+        elif isinstance(exc, Stalled):
+            kind, what = "stalled", str(exc)
+        else:
+            kind, what = "crashed", f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        what = " ".join(what.split())[:400]
+        b.table.sections[-1][1].append(Row(f"{name}: ERROR", kind))
+        b.table.sections[-1][1].append(note(f"  {what}"))
+        b.table.errors.append(f"{name} {kind}")
 
 
-# -- rdsd daemons: peak RSS, separate-process hops, rdsft -a -----------------------------------
+# -- rdsd daemons: peak RSS, hops between processes, rdsft -a -----------------------------------
 
 
 def vm_hwm(pid: int) -> float:
@@ -985,6 +1018,7 @@ def vm_hwm(pid: int) -> float:
 async def read_listening(
     proc: asyncio.subprocess.Process, timeout: float = 30.0
 ) -> tuple[str, int]:
+    """The daemon prints where it listens on stdout once it does."""
     assert proc.stdout is not None
     async with asyncio.timeout(timeout):
         while line := (await proc.stdout.readline()).decode():
@@ -994,119 +1028,97 @@ async def read_listening(
     raise RuntimeError(f"daemon exited with {await proc.wait()} before listening")
 
 
-async def wait_routed_db(admin: Admin, routes: dict[str, str], timeout: float = 60.0) -> None:
+async def wait_routed_db(db: JobDB, routes: dict[str, str], timeout: float = 60.0) -> None:
     async with asyncio.timeout(timeout):
         while True:
-            rows = {n: admin.db.node(n) for n in routes}
+            rows = {n: db.node(n) for n in routes}
             if all(r is not None and r.via == routes[n] for n, r in rows.items()):
                 return
             await asyncio.sleep(SAMPLE)
 
 
-async def job_via_cli_daemons(admin: Admin, pkg: str, dest: str, size: int) -> float:
-    os.sync()
-    t0 = time.perf_counter()
-    job = admin.create_job("install", pkg, [dest])
-    async with asyncio.timeout(job_timeout(size)):
-        while True:
-            d = admin.db.dest(job, dest)
-            if d is not None and d.state in ("installed", "failed"):
-                if d.state == "failed":
-                    raise RuntimeError(f"job {job} failed on {dest}: {d.detail}")
-                return time.perf_counter() - t0
-            await asyncio.sleep(SAMPLE)
+async def time_rdsft(home: Path) -> tuple[list[float], str]:
+    times: list[float] = []
+    said = ""
+    for _ in range(5):
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            *rdsft_cmd(),
+            "-a",
+            "--home",
+            str(home),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(120):
+            raw, _ = await proc.communicate()
+        times.append(time.perf_counter() - t0)
+        said = raw.decode().strip()
+        if proc.returncode != 0:
+            raise RuntimeError(f"rdsft -a exited with {proc.returncode}: {said}")
+    return times, said
 
 
 async def daemons(b: Bench) -> None:
-    rows = b.table.section("rdsd daemons, one process per node (`rdsd run`, uvloop if installed)")
+    rows = b.table.section(
+        "rdsd daemons, one process per node (`rdsd run`, its default poll interval)"
+    )
     progress("daemons: separate processes for peak RSS, one and two hops, rdsft -a")
     logs = b.root / "daemon-logs"
     logs.mkdir()
     procs: dict[str, asyncio.subprocess.Process] = {}
+    dbs: list[JobDB] = []
 
     async def start(name: str, home: Path) -> asyncio.subprocess.Process:
-        err = (logs / f"{name}.log").open("wb")
-        proc = await asyncio.create_subprocess_exec(
-            *rdsd_cmd(),
-            "run",
-            "--home",
-            str(home),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=err,
-        )
-        err.close()
+        with (logs / f"{name}.log").open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *rdsd_cmd(), "run", "--home", str(home), stdout=asyncio.subprocess.PIPE, stderr=err
+            )
         procs[name] = proc
         return proc
 
+    def db_of(home: Path) -> JobDB:
+        dbs.append(JobDB(HomePaths(home).db))
+        return dbs[-1]
+
     try:
         server_addr = await read_listening(await start("server", b.server_cfg.home))
-        relay_home = b.dep.add_node("relayP", Role.RELAY, server_addr).home
-        relay_addr = await read_listening(await start("relayP", relay_home))
+        relay = b.dep.add_node("relayP", Role.RELAY, server_addr).home
+        relay_addr = await read_listening(await start("relayP", relay))
         c1 = b.dep.add_node("clientP1", Role.CLIENT, server_addr).home
         c2 = b.dep.add_node("clientP2", Role.CLIENT, relay_addr).home
         await start("clientP1", c1)
         await start("clientP2", c2)
-        with Admin(b.server_cfg.home) as admin:
-            await wait_routed_db(
-                admin, {"relayP": "relayP", "clientP1": "clientP1", "clientP2": "relayP"}
-            )
-            idle = {n: vm_hwm(p.pid) for n, p in procs.items()}
-            size = b.pkg_size
-            t1 = await job_via_cli_daemons(admin, b.pkg, "clientP1", size)
-            t2 = await job_via_cli_daemons(admin, b.pkg, "clientP2", size)
+        server = b.admin.db
+        routes = {"relayP": "relayP", "clientP1": "clientP1", "clientP2": "relayP"}
+        await wait_routed_db(server, routes)
+        idle = {n: vm_hwm(p.pid) for n, p in procs.items()}
+        size = b.pkg_size
+        watch = [("server", server, ["clientP1"]), ("clientP1", db_of(c1), ["clientP1"])]
+        t1, tl1, s1 = await one_job(b, watch, ["clientP1"], b.pkg, size)
+        watch = [
+            ("server", server, ["clientP2"]),
+            ("relayP", db_of(relay), ["clientP2"]),
+            ("clientP2", db_of(c2), ["clientP2"]),
+        ]
+        t2, tl2, s2 = await one_job(b, watch, ["clientP2"], b.pkg, size)
         peak = {n: vm_hwm(p.pid) for n, p in procs.items()}
-        r = f"{rate(size, t1) / b.tls_write_bps:.2f}" if b.tls_write_bps else ""
-        rows.append(
-            Row(
-                "one hop server->client, job to installed",
-                f"{mbps(size, t1)}  ({secs(t1)})",
-                r,
-                "(x TLS copy+file)",
-            )
-        )
-        r, tg, v = judged(t2 / t1, 1.3, False)
-        rows.append(
-            Row(
-                "two hops server->relay->client",
-                f"{mbps(size, t2)}  ({secs(t2)})",
-                r,
-                f"{tg} x one hop (time)",
-                v,
-            )
-        )
+        one_hop_rows(b, rows, t1, tl1, s1, "clientP1")
+        two_hop_rows(rows, size, t2, t1)
+        rows.append(breakdown(tl2, "clientP2", s2, size))
         worst = max(peak.values())
-        r, tg, v = judged(worst, 150, False)
+        _, _, v = judged(worst, 150, False)
         rows.append(Row("peak RSS of any node (VmHWM)", f"{worst:.0f} MiB", "", "< 150 MiB", v))
         for name in procs:
-            rows.append(Row(f"  {name}", f"{idle[name]:.0f} MiB idle -> {peak[name]:.0f} MiB"))
-        times: list[float] = []
-        out = ""
-        for _ in range(5):
-            t0 = time.perf_counter()
-            proc = await asyncio.create_subprocess_exec(
-                *rdsft_cmd(),
-                "-a",
-                "--home",
-                str(c1),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-            async with asyncio.timeout(120):
-                raw, _ = await proc.communicate()
-            times.append(time.perf_counter() - t0)
-            out = raw.decode().strip()
-            if proc.returncode != 0:
-                raise RuntimeError(f"rdsft -a exited with {proc.returncode}: {out}")
+            rows.append(Row(f"  {name}", f"{idle[name]:.0f} MiB idle, {peak[name]:.0f} MiB peak"))
+        times, said = await time_rdsft(c1)
         t = statistics.median(times)
-        _, tg, v = judged(t, 0.5, False)
+        _, _, v = judged(t, 0.5, False)
         rows.append(Row("rdsft -a, nothing pending (median of 5)", secs(t), "", "< 0.5 s", v))
-        rows.append(Row(f"  runs: {', '.join(f'{x:.2f}' for x in times)} s; said {out!r}", ""))
-        rows.append(
-            Row(
-                "  python start + import rdsd.rdsft alone",
-                secs(statistics.median(bare_import_times())),
-            )
-        )
+        last = said.splitlines()[-1] if said else ""
+        rows.append(note(f"  runs {', '.join(f'{x:.2f}' for x in times)} s; it said {last!r}"))
+        bare = statistics.median(bare_import_times())
+        rows.append(Row("  python start + import rdsd.rdsft alone", secs(bare)))
     finally:
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -1118,6 +1130,8 @@ async def daemons(b: Bench) -> None:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        for db in dbs:
+            db.close()
 
 
 def bare_import_times() -> list[float]:
@@ -1146,14 +1160,18 @@ async def run_all(b: Bench) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick",
-        action="store_true",
-        help="smaller: 64 MiB package, 5 fan-out clients with 16 MiB",
+        "--quick", action="store_true", help="smaller: 64 MiB package, 5 fan-out clients, 16 MiB"
     )
     ap.add_argument("--size-mib", type=int, help="package size (default 256, quick 64)")
     ap.add_argument("--clients", type=int, help="fan-out clients (default 20, quick 5)")
     ap.add_argument("--fan-mib", type=int, help="fan-out package size (default 32, quick 16)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per baseline (median)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per baseline (median), default 3")
+    ap.add_argument(
+        "--stall",
+        type=float,
+        default=30.0,
+        help="give up on a job when no watched state changed for this long (default 30 s)",
+    )
     ap.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],
@@ -1184,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         b = Bench(root, args)
-        log = configure_logs(root.parent / "bench-nodes.log", b.events)
+        log = configure_logs(root.parent / f"{root.name}-nodes.log", b.events)
         progress(f"work in {root}; node logs in {log.name}")
         progress(f"packing a {args.size_mib} MiB package")
         b.pkg = add_package(b.admin, root, "bench", f"{args.size_mib}m", args.size_mib * MiB)
@@ -1205,11 +1223,11 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(
         f"\nrdsd bench{' --quick' if args.quick else ''}: {os.cpu_count()} cores, "
-        f"Python {sys.version.split()[0]}, {elapsed:.0f} s; MB = 10^6 bytes, MiB = 2^20"
+        f"Python {sys.version.split()[0]}, {elapsed:.0f} s; MB = 10^6 bytes, MiB = 2^20 bytes"
     )
     print(b.table.render())
     if b.table.errors:
-        print("\nsections that crashed: " + "; ".join(b.table.errors))
+        print("\nparts that crashed or hung: " + "; ".join(b.table.errors))
         return 1
     return 0
 
