@@ -256,6 +256,9 @@ class Admin:
             raise AdminError(f"no package {package!r} in this {where}")
         try:
             nodes = self.db.expand(to)
+            revoked = sorted(set(nodes) & set(self.db.revoked()))
+            if revoked:
+                raise AdminError(f"revoked node(s) cannot get jobs: {', '.join(revoked)}")
             return self.db.create_job(type_, package, nodes, envelope, at, origin=self.cfg.name)
         except JobError as exc:
             raise AdminError(str(exc)) from None

@@ -145,6 +145,10 @@ class Downlinks:
         self._tasks.add(task)
         try:
             await self._handle(reader, writer)
+        except asyncio.CancelledError:
+            # Shutting down. This is the connection's top-level task, and
+            # asyncio's server logs a traceback for one that ends cancelled.
+            pass
         except Exception:
             self.log.exception("child.crashed")
         finally:

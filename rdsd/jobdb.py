@@ -360,6 +360,12 @@ class JobDB:
             )
             if rep.state == "installed" and rep.package:
                 self._record_installed(db, rep.node, rep.package, rep.job, rep.time)
+            # A node behind a relay is never seen directly: its reports are
+            # how we hear from it.
+            db.execute(
+                "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE name=?",
+                (rep.time or time.time(), rep.node),
+            )
             if forward:
                 self._enqueue(db, rep)
             return True
