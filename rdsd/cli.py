@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .admin import Admin, AdminError, enroll, init_node, init_server, parse_time
 from .config import ConfigError, NodeConfig, Role, parse_address, parse_duration
@@ -27,6 +27,7 @@ from .packing import PackingError
 from .security import SecurityError
 from .store import StoreError
 
+T = TypeVar("T")
 USER_ERRORS = (
     AdminError,
     ConfigError,
@@ -47,6 +48,20 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _listing(
+    as_json: bool,
+    items: Sequence[T],
+    header: list[str],
+    row: Callable[[T], list[str]],
+    doc: Any = None,
+) -> None:
+    """What every list command does: one JSON document, or an aligned table."""
+    if as_json:
+        _print_json(items if doc is None else doc)
+    else:
+        _table([row(item) for item in items], header)
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -137,16 +152,13 @@ def cmd_package(args: argparse.Namespace) -> int:
             print(pid)
         elif args.pcmd == "list":
             pkgs = admin.packages()
-            if args.json:
-                _print_json([p.to_json() for p in pkgs])
-            else:
-                _table(
-                    [
-                        [p.id, str(p.size), p.added or "", p.expires or "", " ".join(p.install)]
-                        for p in pkgs
-                    ],
-                    ["PACKAGE", "SIZE", "ADDED", "EXPIRES", "INSTALL"],
-                )
+            _listing(
+                args.json,
+                pkgs,
+                ["PACKAGE", "SIZE", "ADDED", "EXPIRES", "INSTALL"],
+                lambda p: [p.id, str(p.size), p.added or "", p.expires or "", " ".join(p.install)],
+                doc=[p.to_json() for p in pkgs],
+            )
         else:
             info = admin.keep_package(args.id, parse_duration(args.duration))
             print(f"{info.id} now expires {info.expires}")
@@ -169,23 +181,18 @@ def cmd_job(args: argparse.Namespace) -> int:
             print(f"cancelled {args.job} on {', '.join(nodes) or 'no unfinished destination'}")
             return 0
         if args.jcmd == "list":
-            jobs = admin.jobs()
-            if args.json:
-                _print_json(jobs)
-            else:
-                _table(
-                    [
-                        [
-                            j["id"],
-                            j["type"],
-                            j["package"],
-                            j["at"] or "-",
-                            ", ".join(f"{k}={v}" for k, v in sorted(j["states"].items())),
-                        ]
-                        for j in jobs
-                    ],
-                    ["JOB", "TYPE", "PACKAGE", "AT", "STATES"],
-                )
+            _listing(
+                args.json,
+                admin.jobs(),
+                ["JOB", "TYPE", "PACKAGE", "AT", "STATES"],
+                lambda j: [
+                    j["id"],
+                    j["type"],
+                    j["package"],
+                    j["at"] or "-",
+                    ", ".join(f"{k}={v}" for k, v in sorted(j["states"].items())),
+                ],
+            )
             return 0
         status = admin.job_status(args.job)
         if args.json:
@@ -210,24 +217,20 @@ def cmd_group(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     with Admin(_home(args)) as admin:
         nodes = admin.nodes()
-    if args.json:
-        _print_json(nodes)
-    else:
-        _table(
-            [
-                [
-                    n["name"],
-                    n["role"],
-                    n["via"] or "-",
-                    n["last_seen"] or "never",
-                    "revoked" if n["revoked"] else "",
-                    ",".join(n["installed"]),
-                    ",".join(h["package"] for h in n["holds"]),
-                ]
-                for n in nodes
-            ],
-            ["NODE", "ROLE", "VIA", "LAST SEEN", "", "INSTALLED", "HOLDS"],
-        )
+    _listing(
+        args.json,
+        nodes,
+        ["NODE", "ROLE", "VIA", "LAST SEEN", "", "INSTALLED", "HOLDS"],
+        lambda n: [
+            n["name"],
+            n["role"],
+            n["via"] or "-",
+            n["last_seen"] or "never",
+            "revoked" if n["revoked"] else "",
+            ",".join(n["installed"]),
+            ",".join(h["package"] for h in n["holds"]),
+        ],
+    )
     return 0
 
 
@@ -241,13 +244,12 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     with Admin(_home(args)) as admin:
         items = admin.cache()
-    if args.json:
-        _print_json(items)
-    else:
-        _table(
-            [[i["package"], str(i["size"]), i["expires"]] for i in items],
-            ["PACKAGE", "SIZE", "EXPIRES"],
-        )
+    _listing(
+        args.json,
+        items,
+        ["PACKAGE", "SIZE", "EXPIRES"],
+        lambda i: [i["package"], str(i["size"]), i["expires"]],
+    )
     return 0
 
 
