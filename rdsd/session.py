@@ -33,7 +33,9 @@ from protocol import (
 from .security import SecurityError, peer_identity
 
 READ_SIZE = 1024 * 1024
-WRITE_BUFFER = 4 * 1024 * 1024
+# Two chunks may wait in a transport: enough to keep the link busy, small
+# enough that many slow children cannot add up to much memory.
+WRITE_BUFFER = 2 * 1024 * 1024
 
 
 class SessionClosed(Exception):
@@ -76,6 +78,7 @@ class Session:
         self.peer = peer
         self.idle_timeout = idle_timeout
         self.closed = False
+        self._close_started = False
         self.close_reason = ""
         self.bytes_sent = 0
         self.log = structlog.get_logger("rdsd.session").bind(peer=peer.name)
@@ -156,11 +159,16 @@ class Session:
         await self.close(reason or "goodbye")
 
     async def close(self, reason: str = "") -> None:
+        """Close once; later calls return at once. The wait for the peer's
+        side of the TLS close is bounded and shielded, so a peer that never
+        answers cannot leave the stream's shared close future cancelled."""
         self._mark_closed(reason)
+        if self._close_started:
+            return
+        self._close_started = True
         with contextlib.suppress(Exception):
             self._writer.close()
-            async with asyncio.timeout(2):
-                await self._writer.wait_closed()
+            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), 2)
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (revocation, shutdown)."""

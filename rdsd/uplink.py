@@ -108,7 +108,12 @@ class Uplink:
                 delay = min(delay * 2, self.cfg.reconnect_max)
                 continue
             delay = self.cfg.reconnect_min
-            await self.serve(session)
+            try:
+                await self.serve(session)
+            except Exception:
+                # A bug in handling one message must not end the link for good.
+                self.log.exception("uplink.crashed")
+                await asyncio.sleep(self.cfg.reconnect_min)
 
     async def serve(self, session: Session) -> None:
         """Read until the session ends, dispatching every message."""

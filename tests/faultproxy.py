@@ -26,13 +26,16 @@ Faults:
 - ``delay(s, d)``: sleep ``s`` seconds before each write (``d=None``: both).
 - ``split(size, d)``: forward in writes of at most ``size`` bytes.
 
-``buffer`` fixes the proxy's receive buffer towards the target (default:
-the kernel's autotuning); ``on_fire`` is called the moment a trigger fires,
-before anything is closed. ``cut``, ``reset`` and ``stall`` take ``at_record_end=True`` to fire at the
+``cut``, ``reset`` and ``stall`` take ``at_record_end=True`` to fire at the
 first TLS record boundary at or after ``n`` instead (the proxy follows the
 TLS record headers, which travel in clear), so a test can cut exactly where
-a record that completes a chunk ends. Byte counts are what the proxy has
-written to the other side, per connection and direction.
+a record that completes a chunk ends. ``buffer`` fixes the proxy's receive
+buffer towards the target (default: the kernel's autotuning); ``on_fire`` is
+called the moment a trigger fires, before anything is closed.
+
+Byte counts (``ConnStats.forwarded``) are what the proxy has written to the
+other side, per connection and direction; ``ConnStats.records`` holds the
+TLS record boundaries seen in each direction.
 """
 
 from __future__ import annotations
@@ -186,9 +189,7 @@ class FaultProxy:
         if host != LOOPBACK:
             raise ValueError(f"FaultProxy forwards to {LOOPBACK} only, not {host!r}")
         self.target = (host, int(port))
-        self.plans: dict[int, tuple[Fault, ...]] = {
-            k: tuple(v) for k, v in (plans or {}).items()
-        }
+        self.plans: dict[int, tuple[Fault, ...]] = {k: tuple(v) for k, v in (plans or {}).items()}
         self.default = tuple(default)
         self.read_size = read_size
         self.buffer = buffer

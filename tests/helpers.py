@@ -86,9 +86,6 @@ class Deployment:
         return cfg
 
 
-
-
-
 @contextlib.asynccontextmanager
 async def running(*cfgs: NodeConfig) -> AsyncIterator[list[Node]]:
     """Run nodes in this loop; stop them all (in reverse) on the way out."""
@@ -97,8 +94,9 @@ async def running(*cfgs: NodeConfig) -> AsyncIterator[list[Node]]:
         yield nodes
 
 
-async def wait_state(admin: Admin, job: str, node: str, states: set[str],
-                     timeout: float = 30.0) -> str:
+async def wait_state(
+    admin: Admin, job: str, node: str, states: set[str], timeout: float = 30.0
+) -> str:
     """Poll the job database (as an operator would) until a state is reached."""
     async with asyncio.timeout(timeout):
         while True:
@@ -118,4 +116,3 @@ def rdsft_cmd() -> list[str]:
 
 def is_executable(path: Path) -> bool:
     return bool(path.stat().st_mode & stat.S_IXUSR)
-

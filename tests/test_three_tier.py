@@ -35,8 +35,14 @@ async def test_install_through_relay_and_directly(
                 with deployment.admin() as admin:
                     await wait_until_routed(admin, "client1", "relay1")
                     job = admin.create_job("install", pid, ["client1", "client2"])
-                    assert await wait_state(admin, job, "client1", {"installed", "failed"}) == "installed"
-                    assert await wait_state(admin, job, "client2", {"installed", "failed"}) == "installed"
+                    assert (
+                        await wait_state(admin, job, "client1", {"installed", "failed"})
+                        == "installed"
+                    )
+                    assert (
+                        await wait_state(admin, job, "client2", {"installed", "failed"})
+                        == "installed"
+                    )
                     nodes = {n["name"]: n for n in admin.nodes()}
     for name in ("client1", "client2"):
         env = dict(
