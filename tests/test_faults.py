@@ -1266,7 +1266,7 @@ async def test_stalled_client_does_not_hold_up_others(
             await wait_until(lambda: session.closed, 10, what="the stalled session dropped")
             dropped = time.monotonic() - stalled_at
             # Let clientA's side finish closing it too before everything stops
-            # (test_close_after_a_stalled_tls_close_is_harmless covers stopping earlier).
+            # (test_stalled_client_recovers_on_the_next_connection covers stopping earlier).
             await wait_until(lambda: uplink.session is not first_session, 10)
     print(
         f"\nclientB installed while clientA stalled; clientA's session was dropped "
