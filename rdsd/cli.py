@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -98,9 +99,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_fd_limit() -> None:
+    """A relay holds one socket per child: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = NodeConfig.load(_home(args), log_format=args.log_format)
     configure(args.log_format, args.log_level)
+    _raise_fd_limit()
     pidfile = cfg.paths.pidfile
     fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o644)
     try:
