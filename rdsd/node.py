@@ -60,7 +60,12 @@ class Node:
         return self.downlinks.address
 
     async def __aenter__(self) -> Node:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # e.g. the listen address is taken: release what was opened.
+            await self.stop()
+            raise
         return self
 
     async def __aexit__(
