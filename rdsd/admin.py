@@ -90,8 +90,12 @@ def enroll(server_home: Path, name: str, role: str, out: Path) -> None:
     try:
         admin.require_role(Role.SERVER)
         paths = admin.paths
-        if admin.db.node(name) is not None and name == admin.cfg.name:
+        if name == admin.cfg.name:
             raise AdminError(f"{name} is the server's own name")
+        row = admin.db.node(name)
+        if row is not None and row.revoked:
+            # Revocation is by name: reusing it would let the old certificate in again.
+            raise AdminError(f"{name} was revoked; enrol the replacement under a new name")
         cert, key, _ = issue_certificate(
             paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), name, role
         )
@@ -259,6 +263,15 @@ class Admin:
             revoked = sorted(set(nodes) & set(self.db.revoked()))
             if revoked:
                 raise AdminError(f"revoked node(s) cannot get jobs: {', '.join(revoked)}")
+            if self.cfg.role is Role.RELAY:
+                # A relay can reach only nodes that have connected to it (or below).
+                foreign = [n for n in nodes if (row := self.db.node(n)) is None or not row.via]
+                if foreign:
+                    raise AdminError(f"not behind this relay: {', '.join(foreign)}")
+            else:
+                unknown = [n for n in nodes if self.db.node(n) is None]
+                if unknown:
+                    raise AdminError(f"no node named {', '.join(unknown)}; enroll it first")
             return self.db.create_job(type_, package, nodes, envelope, at, origin=self.cfg.name)
         except JobError as exc:
             raise AdminError(str(exc)) from None

@@ -233,10 +233,24 @@ class Downlinks:
             if task is not None:
                 task.cancel()
         elif isinstance(msg, Report):
-            if not self._in_subtree(child.name, msg.node):
+            if child.session.peer.role == "client" and msg.node != child.name:
                 raise ProtocolError(
                     f"{child.name} may not report for {msg.node}", ErrorCode.UNAUTHORIZED
                 )
+            if not self._in_subtree(child.name, msg.node) or msg.report_id != (
+                f"{msg.origin or msg.node}:{msg.seq}"
+            ):
+                # Acknowledged and dropped: a node that moved to another relay
+                # must not make its old relay's link fail over and over.
+                self.log.warning(
+                    "report.refused",
+                    job=msg.job,
+                    dest=msg.node,
+                    peer=child.name,
+                    reason="not from this child's subtree or malformed id",
+                )
+                await session.send(ReportAck(report_id=msg.report_id))
+                return
             row = self.db.node(msg.node)
             if row is not None and row.revoked:
                 self.log.warning("report.refused", job=msg.job, dest=msg.node, reason="revoked")
@@ -279,6 +293,10 @@ class Downlinks:
         elif isinstance(msg, JobAnnounce):
             await self._on_announce(child, msg)
         elif isinstance(msg, Holdings):
+            if child.session.peer.role != "relay":
+                raise ProtocolError(
+                    "only a relay holds packages for others", ErrorCode.UNAUTHORIZED
+                )
             self.db.set_holdings(child.name, msg.packages)
         elif isinstance(msg, Ping):
             await session.send(Pong(nonce=msg.nonce))
@@ -289,23 +307,36 @@ class Downlinks:
             raise ProtocolError(
                 f"{child.name} may not announce a {msg.type} job", ErrorCode.UNAUTHORIZED
             )
-        outside = [d for d in msg.destinations if not self._in_subtree(child.name, d)]
-        if outside or not self._in_subtree(child.name, msg.origin):
-            raise ProtocolError(
-                f"{child.name} announced job {msg.job} for nodes not behind it: {outside}",
-                ErrorCode.UNAUTHORIZED,
-            )
+        ack = ReportAck(report_id=f"job:{msg.job}")
+        inside = [d for d in msg.destinations if self._in_subtree(child.name, d)]
+        refusal = None
         try:
             manifest = open_envelope(msg.manifest, self.store.verifier)
         except ManifestError as exc:
-            raise ProtocolError(f"job {msg.job}: {exc}", ErrorCode.UNAUTHORIZED) from None
-        if manifest.id != msg.package:
-            raise ProtocolError(f"job {msg.job}: manifest is for {manifest.id}")
+            manifest, refusal = None, str(exc)
+        known = self.db.job(msg.job)
+        if manifest is not None and manifest.id != msg.package:
+            refusal = f"manifest is for {manifest.id}"
+        elif known is not None and (known.origin, known.type, known.package, known.manifest) != (
+            msg.origin,
+            msg.type,
+            msg.package,
+            msg.manifest,
+        ):
+            refusal = "a different job already has this id"
+        elif not inside or not self._in_subtree(child.name, msg.origin):
+            refusal = "no destination is behind the announcing relay"
+        if refusal is not None:
+            # Acknowledged so the relay stops sending it, but not recorded:
+            # one bad announcement must not cut the relay's whole subtree off.
+            self.log.warning("job.announce_refused", job=msg.job, peer=child.name, reason=refusal)
+            await child.session.send(ack)
+            return
         self.db.receive_job(
             msg.job,
             msg.type,
             msg.package,
-            msg.destinations,
+            inside,
             msg.manifest,
             msg.at,
             msg.origin,
@@ -318,7 +349,7 @@ class Downlinks:
             origin=msg.origin,
             dests=msg.destinations,
         )
-        await child.session.send(ReportAck(report_id=f"job:{msg.job}"))
+        await child.session.send(ack)
         self.hooks.reports_changed()
 
     async def _start_serving(self, child: Child, fetch: Fetch) -> None:
@@ -342,8 +373,9 @@ class Downlinks:
 
         def done(task: asyncio.Task[None]) -> None:
             child.serving.pop(fetch.fetch_id, None)
-            # Cancelled before it ever ran: nobody told the child the fetch is over.
-            if task.cancelled() and fetch.fetch_id in session.conn.open_fetches:
+            # Cancelled before it ever ran, or crashed: tell the child it is over.
+            failed = task.cancelled() or task.exception() is not None
+            if failed and fetch.fetch_id in session.conn.open_fetches:
                 fail = FetchFail(fetch_id=fetch.fetch_id, reason="cancelled")
                 self._spawn(self._send_quietly(session, fail))
 

@@ -198,7 +198,6 @@ class JobDB:
                 f"INSERT OR IGNORE INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,?)",
                 (jid, type_, package, now, at, origin, envelope, int(announced)),
             )
-            db.execute("UPDATE jobs SET manifest=?, at=? WHERE id=?", (envelope, at, jid))
             new = []
             for n in nodes:
                 cur = db.execute(
@@ -339,12 +338,14 @@ class JobDB:
         origin = rep.origin or rep.node
         with self._tx() as db:
             row = db.execute(
-                "SELECT origin, seq FROM dests WHERE job=? AND node=?", (rep.job, rep.node)
+                "SELECT origin, seq, state FROM dests WHERE job=? AND node=?", (rep.job, rep.node)
             ).fetchone()
             if row is None:
                 return False
             if row[0] == origin and rep.seq <= row[1]:
                 return False
+            if row[2] == "cancelled" and rep.state not in FINAL_STATES:
+                return False  # a late progress report does not reopen a cancel
             db.execute(
                 "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
                 "WHERE job=? AND node=?",
@@ -453,8 +454,7 @@ class JobDB:
     def enroll(self, name: str, role: str) -> None:
         self._db.execute(
             "INSERT INTO nodes(name, role, enrolled) VALUES(?,?,?) "
-            "ON CONFLICT(name) DO UPDATE SET role=excluded.role, enrolled=excluded.enrolled, "
-            "revoked=0",
+            "ON CONFLICT(name) DO UPDATE SET role=excluded.role, enrolled=excluded.enrolled",
             (name, role, time.time()),
         )
 
@@ -482,8 +482,9 @@ class JobDB:
         row = self._db.execute(
             "SELECT 1 FROM jobs j JOIN dests d ON d.job = j.id "
             "LEFT JOIN nodes n ON n.name = d.node "
-            "WHERE j.package = ? AND (d.node = ? OR n.via = ?) LIMIT 1",
-            (package, child, child),
+            "WHERE j.package = ? AND (d.node = ? OR n.via = ?) "
+            "AND (j.at IS NULL OR j.at <= ?) AND d.state NOT IN ('cancelled', 'failed') LIMIT 1",
+            (package, child, child, time.time()),
         ).fetchone()
         return row is not None
 

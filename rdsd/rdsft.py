@@ -68,9 +68,14 @@ class LocalNode:
         if self.cfg.name not in notice.destinations:
             return
         try:
-            open_envelope(notice.manifest, self.verifier)
+            manifest = open_envelope(notice.manifest, self.verifier)
         except ManifestError as exc:
             print(f"rdsft: job {notice.job} refused: {exc}", file=sys.stderr)
+            return
+        if manifest.id != notice.package:
+            print(
+                f"rdsft: job {notice.job} refused: manifest is for {manifest.id}", file=sys.stderr
+            )
             return
         self.db.receive_job(
             notice.job,

@@ -72,11 +72,14 @@ class Fetcher:
     async def started(self, manifest: Manifest, envelope: bytes, timeout: float = 10.0) -> bool:
         """Start fetching and return once readers can follow the download."""
         task = self.start(manifest, envelope)
-        async with asyncio.timeout(timeout):
-            while not (self.store.has(manifest.id) or self.store.active(manifest.id)):
-                if task.done():
-                    return self.store.has(manifest.id)
-                await asyncio.sleep(0.01)
+        try:
+            async with asyncio.timeout(timeout):
+                while not (self.store.has(manifest.id) or self.store.active(manifest.id)):
+                    if task.done():
+                        return self.store.has(manifest.id)
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            return False  # our own parent is away; the child will try again
         return True
 
     async def _obtain(self, manifest: Manifest, envelope: bytes) -> None:

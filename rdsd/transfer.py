@@ -58,9 +58,10 @@ async def serve_fetch(
         store.quarantine(fetch.package, exc.offset)
         await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=str(exc)))
         return
-    except StoreError as exc:
-        bound.warning("serve.failed", reason=str(exc))
-        await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=str(exc)))
+    except (StoreError, OSError, TimeoutError) as exc:
+        reason = str(exc) or type(exc).__name__
+        bound.warning("serve.failed", reason=reason)
+        await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
         return
     except asyncio.CancelledError:
         if not session.closed:
@@ -90,7 +91,11 @@ class FetchRouter:
         return fid, q
 
     def close(self, fid: int) -> None:
-        self._queues.pop(fid, None)
+        q = self._queues.pop(fid, None)
+        # The session's reader may be blocked putting into this full queue:
+        # empty it so the reader moves on (later messages for fid are dropped).
+        while q is not None and not q.empty():
+            q.get_nowait()
         waker = self._wakers.pop(fid, None)
         if waker is not None:
             waker.cancel()

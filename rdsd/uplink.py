@@ -76,8 +76,9 @@ class Uplink:
 
     @property
     def resumes(self) -> bool:
-        """Below a relay a failed transfer starts over; elsewhere it resumes."""
-        return self.parent_role != "relay"
+        """A client below a relay starts a failed transfer over; every other
+        hop (below the server, and between relays) resumes."""
+        return self.parent_role != "relay" or self.cfg.role.value == "relay"
 
     async def connect_once(self) -> Session:
         host, port = self.cfg.parent  # type: ignore[misc]
