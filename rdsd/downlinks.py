@@ -46,7 +46,7 @@ from protocol import (
 )
 
 from .config import NodeConfig
-from .jobdb import Job, JobDB
+from .jobdb import Dest, Job, JobDB
 from .manifest import ManifestError, open_envelope
 from .security import SecurityError
 from .session import Session, SessionClosed
@@ -280,14 +280,12 @@ class Downlinks:
                 )
             if self.hooks.ask_parent is not None:
                 await self.hooks.ask_parent(target)
-            jobs = await self._push(child, only=target)
+            jobs = await self.answer_query(child, target)
             await session.send(PendingDone(jobs=jobs, node=msg.node))
         elif isinstance(msg, Topology):
             if child.session.peer.role != "relay":
                 raise ProtocolError("only a relay has nodes below it", ErrorCode.UNAUTHORIZED)
-            for name, role in msg.nodes.items():
-                if name != self.cfg.name and name not in self.children:
-                    self.db.upsert_node(name, role, via=child.name, seen=False)
+            self._take_topology(child, msg.nodes)
             self.hooks.topology_changed()
             await self.dispatch()
         elif isinstance(msg, JobAnnounce):
@@ -300,6 +298,27 @@ class Downlinks:
             self.db.set_holdings(child.name, msg.packages)
         elif isinstance(msg, Ping):
             await session.send(Pong(nonce=msg.nonce))
+
+    def _take_topology(self, child: Child, claimed: dict[str, str]) -> None:
+        """A relay's TOPOLOGY replaces its last one. A node already reached
+        through another connected child stays there: a relay cannot pull a
+        node away from a live route by claiming it."""
+        taken: set[str] = set()
+        for name, role in claimed.items():
+            if name == self.cfg.name or name == child.name or name in self.children:
+                continue
+            row = self.db.node(name)
+            if row is not None and row.revoked:
+                continue
+            if row is not None and row.via not in (None, child.name) and row.via in self.children:
+                self.log.warning(
+                    "topology.claim_refused", node=name, peer=child.name, current=row.via
+                )
+                continue
+            known_role = row.role if row is not None and row.role != "unknown" else role
+            self.db.upsert_node(name, known_role, via=child.name, seen=False)
+            taken.add(name)
+        self.db.drop_routes(via=child.name, keep=taken | {child.name})
 
     async def _on_announce(self, child: Child, msg: JobAnnounce) -> None:
         """Record a job made at a relay so its status is known here too."""
@@ -401,20 +420,31 @@ class Downlinks:
 
     # -- pushing jobs down ------------------------------------------------------
 
-    def route(self, node: str) -> Child | None:
-        child = self.children.get(node)
-        if child is not None:
-            return child
-        row = self.db.node(node)
-        if row is not None and row.via is not None:
-            return self.children.get(row.via)
-        return None
+    def _route_name(self, node: str, via: dict[str, str | None]) -> str | None:
+        """The child session that leads to ``node``, by name, if connected."""
+        if node in self.children:
+            return node
+        hop = via.get(node)
+        return hop if hop in self.children else None
 
     async def dispatch(self) -> None:
         """Push every due, unfinished destination to the session that leads
         to it, once per session; close sessions of revoked nodes and tell
-        relays which nodes are revoked."""
+        relays which nodes are revoked. One pass over the open work, whatever
+        the number of children."""
         revoked = self.db.revoked()
+        via = self.db.routes()
+        work: dict[str, list[tuple[Job, Dest]]] = {}
+        for job, dest in self.db.open_work():
+            hop = self._route_name(dest.node, via) if dest.node != self.cfg.name else None
+            if hop is not None:
+                work.setdefault(hop, []).append((job, dest))
+        cancels: dict[str, list[tuple[str, str]]] = {}
+        for jid, nodes in self.db.cancelled():
+            for n in nodes:
+                hop = self._route_name(n, via)
+                if hop is not None:
+                    cancels.setdefault(hop, []).append((jid, n))
         for name, child in list(self.children.items()):
             if name in revoked:
                 self.log.warning("child.revoked", peer=name)
@@ -424,19 +454,27 @@ class Downlinks:
                 if child.session.peer.role == "relay" and child.revoked_sent != revoked:
                     child.revoked_sent = revoked
                     await child.session.send(Revoked(nodes=revoked))
-                await self._push(child)
+                await self._send_notices(child, work.get(name, []), via, fresh_only=True)
+                await self._push_cancels(child, cancels.get(name, []))
 
-    async def _push(self, child: Child, only: str | None = None) -> list[str]:
+    async def answer_query(self, child: Child, target: str) -> list[str]:
+        """Every open job for ``target``, sent to ``child`` even if sent before."""
+        items = [(j, d) for j, d in self.db.open_work() if d.node == target]
+        return await self._send_notices(child, items, self.db.routes(), fresh_only=False)
+
+    async def _send_notices(
+        self,
+        child: Child,
+        items: list[tuple[Job, Dest]],
+        via: dict[str, str | None],
+        fresh_only: bool,
+    ) -> list[str]:
         batches: dict[tuple[str, int], tuple[Job, list[str]]] = {}
-        for job, dest in self.db.open_work():
-            if dest.node == self.cfg.name or (only is not None and dest.node != only):
-                continue
-            if only is None and self.route(dest.node) is not child:
-                continue
-            if self._in_subtree(child.name, job.origin):
+        for job, dest in items:
+            if job.origin == child.name or via.get(job.origin) == child.name:
                 continue  # made below: the child already has it
             key = (job.id, dest.node, dest.generation)
-            if only is None and key in child.notified:
+            if fresh_only and key in child.notified:
                 continue
             child.notified.add(key)
             batches.setdefault((job.id, dest.generation), (job, []))[1].append(dest.node)
@@ -461,17 +499,15 @@ class Downlinks:
                     to=child.name,
                     dests=nodes if len(nodes) <= 10 else f"{len(nodes)} nodes",
                 )
-        if only is None:
-            await self._push_cancels(child)
         return list(dict.fromkeys(jid for jid, _ in batches))
 
-    async def _push_cancels(self, child: Child) -> None:
+    async def _push_cancels(self, child: Child, cancelled: list[tuple[str, str]]) -> None:
         """Tell a child, once per session, which destinations it leads to
         were cancelled, so a node that was away does not run them later."""
-        for jid, nodes in self.db.cancelled():
-            todo = [
-                n for n in nodes if (jid, n, -1) not in child.notified and self.route(n) is child
-            ]
-            if todo:
-                child.notified.update((jid, n, -1) for n in todo)
-                await child.session.send(JobCancel(job=jid, destinations=todo))
+        todo: dict[str, list[str]] = {}
+        for jid, node in cancelled:
+            if (jid, node, -1) not in child.notified:
+                child.notified.add((jid, node, -1))
+                todo.setdefault(jid, []).append(node)
+        for jid, nodes in todo.items():
+            await child.session.send(JobCancel(job=jid, destinations=nodes))

@@ -488,6 +488,19 @@ class JobDB:
         ).fetchone()
         return row is not None
 
+    def routes(self) -> dict[str, str | None]:
+        """Every known node and the child it is reached through."""
+        return dict(self._db.execute("SELECT name, via FROM nodes"))
+
+    def drop_routes(self, via: str, keep: set[str]) -> None:
+        """Forget routes through ``via`` for nodes no longer behind it."""
+        gone = [
+            (n,)
+            for (n,) in self._db.execute("SELECT name FROM nodes WHERE via=?", (via,))
+            if n not in keep
+        ]
+        self._db.executemany("UPDATE nodes SET via=NULL WHERE name=?", gone)
+
     def revoked(self) -> list[str]:
         return [
             r[0] for r in self._db.execute("SELECT name FROM nodes WHERE revoked=1 ORDER BY name")

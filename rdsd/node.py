@@ -249,7 +249,11 @@ class Node:
         if self.cfg.role is not Role.RELAY or session is None or session.closed:
             return
         self._tell_parent = False
-        nodes = {n.name: n.role for n in self.db.nodes() if n.name != self.cfg.name}
+        nodes = {
+            n.name: n.role
+            for n in self.db.nodes()
+            if n.name != self.cfg.name and n.via and not n.revoked
+        }
         self._held = self.holdings()
         try:
             await session.send(Topology(nodes=nodes))

@@ -25,7 +25,9 @@ import io
 import logging
 import os
 import pstats
+import random
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,12 +48,13 @@ if str(ROOT) not in sys.path:
 
 import structlog  # noqa: E402
 
+from protocol import Hello, Ping, Pong  # noqa: E402
 from rdsd.admin import Admin, init_server  # noqa: E402
 from rdsd.config import HomePaths, NodeConfig, Role  # noqa: E402
 from rdsd.jobdb import JobDB  # noqa: E402
 from rdsd.node import Node  # noqa: E402
-from rdsd.security import client_context, server_context  # noqa: E402
-from rdsd.session import Session  # noqa: E402
+from rdsd.security import client_context, issue_certificate, server_context  # noqa: E402
+from rdsd.session import Session, SessionClosed, open_child_session  # noqa: E402
 from tests.helpers import Deployment, rdsd_cmd, rdsft_cmd  # noqa: E402
 
 MiB = 1024 * 1024
@@ -72,6 +76,18 @@ TIMEOUTS: dict[str, Any] = {
 # The resumed client: a stalled fetch should show up as a delay, not hang the run.
 RESUME_IDLE = 10.0
 SAMPLE = 0.01  # how often the bench looks at job states and sessions
+
+# The idle-clients part: sessions this process opens to one relay daemon.
+IDLE_TARGET_MIB = 200  # DESIGN.md: 10,000 idle clients on one relay under 200 MiB
+IDLE_TARGET_N = 10_000
+IDLE_CONCURRENCY = 200  # handshakes in flight at once
+IDLE_HANDSHAKE = 30.0  # connect + TLS + HELLO/WELCOME, per session
+IDLE_PING = 20.0  # the relay drops a child silent for idle_timeout (60 s by default)
+IDLE_PONG_WAIT = 60.0
+IDLE_PKG_MIB = 8  # the install jobs that show the relay still serves
+IDLE_FD_SPARE = 256  # descriptors kept for everything but the idle sessions
+IDLE_SETTLE = 10.0  # seconds of idleness over which the relay's CPU is sampled
+IDLE_STALL = 120.0  # the install through the loaded relay: its uplink may be reconnecting
 
 
 def progress(text: str) -> None:
@@ -681,15 +697,20 @@ def breakdown(tl: Timeline, client: str, t0: float, size: int) -> Row:
 
 
 async def one_job(
-    b: Bench, watch: list[Watch], dests: list[str], pkg: str, size: int
+    b: Bench,
+    watch: list[Watch],
+    dests: list[str],
+    pkg: str,
+    size: int,
+    stall: float | None = None,
 ) -> tuple[float, Timeline, float]:
     """Create an install job as an operator would (the server's database, from
     another connection) and follow it; returns (seconds until the server sees
-    every destination installed, the timeline, t0)."""
+    every destination installed, the timeline, t0). ``stall`` overrides ``--stall``."""
     os.sync()
     t0 = time.perf_counter()
     job = b.admin.create_job("install", pkg, dests)
-    tl = await follow(job, dests, watch, job_timeout(size, len(dests)), b.args.stall)
+    tl = await follow(job, dests, watch, job_timeout(size, len(dests)), stall or b.args.stall)
     top, db, _ = watch[0]
     bad = [n for n in dests if tl.at(top, n, "failed") is not None]
     if bad:
@@ -988,13 +1009,19 @@ async def in_process(b: Bench) -> None:
             await guarded(b, name, fn(b, server, rows))
 
 
+def bench_frame(exc: BaseException) -> str:
+    """The innermost line of this script in the exception's traceback."""
+    here = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == __file__]
+    return f"{here[-1].name}, line {here[-1].lineno}: {here[-1].line}" if here else "?"
+
+
 async def guarded(b: Bench, name: str, coro: Awaitable[None]) -> None:
     """Run one part; a crash, a stall or a hang becomes an ERROR row (exit status 1)."""
     try:
         await coro
     except Exception as exc:
         if isinstance(exc, TimeoutError):
-            kind, what = "timed out", f"no result within {job_timeout(b.pkg_size):.0f} s or so"
+            kind, what = "timed out", f"a bounded wait ran out ({bench_frame(exc)})"
         elif isinstance(exc, Stalled):
             kind, what = "stalled", str(exc)
         else:
@@ -1009,10 +1036,51 @@ async def guarded(b: Bench, name: str, coro: Awaitable[None]) -> None:
 # -- rdsd daemons: peak RSS, hops between processes, rdsft -a -----------------------------------
 
 
-def vm_hwm(pid: int) -> float:
+def vm_status(pid: int | str, field: str) -> float:
+    """A ``/proc/PID/status`` memory figure (VmRSS, VmHWM, ...) in MiB."""
     text = Path(f"/proc/{pid}/status").read_text()
-    m = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def vm_hwm(pid: int) -> float:
+    return vm_status(pid, "VmHWM")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from ``/proc/PID/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Daemons:
+    """``rdsd run`` subprocesses, each with its stderr in ``logs/NAME.log``."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        logs.mkdir(exist_ok=True)
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, name: str, home: Path) -> asyncio.subprocess.Process:
+        with (self.logs / f"{name}.log").open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *rdsd_cmd(), "run", "--home", str(home), stdout=asyncio.subprocess.PIPE, stderr=err
+            )
+        self.procs[name] = proc
+        return proc
+
+    async def stop(self) -> None:
+        """SIGTERM to all, then up to 10 s each before SIGKILL."""
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 async def read_listening(
@@ -1064,18 +1132,10 @@ async def daemons(b: Bench) -> None:
         "rdsd daemons, one process per node (`rdsd run`, its default poll interval)"
     )
     progress("daemons: separate processes for peak RSS, one and two hops, rdsft -a")
-    logs = b.root / "daemon-logs"
-    logs.mkdir()
-    procs: dict[str, asyncio.subprocess.Process] = {}
+    fleet = Daemons(b.root / "daemon-logs")
+    procs = fleet.procs
+    start = fleet.start
     dbs: list[JobDB] = []
-
-    async def start(name: str, home: Path) -> asyncio.subprocess.Process:
-        with (logs / f"{name}.log").open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                *rdsd_cmd(), "run", "--home", str(home), stdout=asyncio.subprocess.PIPE, stderr=err
-            )
-        procs[name] = proc
-        return proc
 
     def db_of(home: Path) -> JobDB:
         dbs.append(JobDB(HomePaths(home).db))
@@ -1120,16 +1180,7 @@ async def daemons(b: Bench) -> None:
         bare = statistics.median(bare_import_times())
         rows.append(Row("  python start + import rdsd.rdsft alone", secs(bare)))
     finally:
-        for proc in procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await fleet.stop()
         for db in dbs:
             db.close()
 
@@ -1143,6 +1194,396 @@ def bare_import_times() -> list[float]:
     return times
 
 
+# -- one relay, many idle clients ----------------------------------------------------------------
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, as the daemon
+    does for itself; the daemons started afterwards inherit it. Returns the
+    soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    cert: Path
+    key: Path
+
+
+def issue_identities(server: HomePaths, names: list[str], out: Path) -> list[Identity]:
+    """One client certificate and key per name, signed in this process with the
+    deployment's CA: what ``rdsd enroll`` does, without writing a bundle."""
+    ca_cert, ca_key = server.ca_cert.read_bytes(), server.ca_key.read_bytes()
+    out.mkdir()
+    ids = []
+    for name in names:
+        cert, key, _ = issue_certificate(ca_cert, ca_key, name, "client")
+        ident = Identity(name, out / f"{name}.pem", out / f"{name}.key")
+        ident.cert.write_bytes(cert)
+        fd = os.open(ident.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        ids.append(ident)
+    return ids
+
+
+def why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:100]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class IdleFleet:
+    """Idle child sessions to one relay, all held by this process. Each is a
+    genuine client: its own certificate, mutual TLS 1.3, HELLO (purpose
+    "session") and the relay's WELCOME (``open_child_session``, as the daemon's
+    uplink does); then a PING every ``IDLE_PING`` s, answered by a PONG, so the
+    relay's idle timeout never closes it."""
+
+    def __init__(self, addr: tuple[str, int], ca: Path) -> None:
+        self.addr = addr
+        self.ca = ca
+        self.sessions: list[Session] = []
+        self.names: list[str] = []  # of the sessions that opened
+        self.handshakes: list[float] = []  # seconds per successful open
+        self.failed: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()
+        self.pongs = 0
+        self.untried = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def open(
+        self, ids: list[Identity], concurrency: int, limit: float, tick: Callable[[int], None]
+    ) -> None:
+        """Open a session per identity, ``concurrency`` handshakes at a time;
+        ``tick(done)`` after each attempt. No new attempt starts after ``limit``
+        seconds; those not tried are counted in ``untried``."""
+        todo = iter(ids)
+        done = 0
+        deadline = time.monotonic() + limit
+
+        async def worker() -> None:
+            nonlocal done
+            for ident in todo:
+                if time.monotonic() > deadline:
+                    self.untried += 1
+                    continue
+                await self._open_one(ident)
+                done += 1
+                tick(done)
+
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(ids)))))
+
+    async def _open_one(self, ident: Identity) -> None:
+        t0 = time.perf_counter()
+        try:
+            ctx = client_context(self.ca, ident.cert, ident.key)
+            hello = Hello(node=ident.name, role="client", purpose="session")
+            session, _ = await open_child_session(
+                *self.addr, ctx, hello, IDLE_HANDSHAKE, IDLE_PONG_WAIT
+            )
+        except Exception as exc:
+            self.failed[why(exc)] += 1
+            return
+        self.handshakes.append(time.perf_counter() - t0)
+        self.sessions.append(session)
+        self.names.append(ident.name)
+        task = asyncio.create_task(self._keep(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep(self, session: Session) -> None:
+        nonce = 0
+        try:
+            # Spread the pings: sessions opened together should not all ping together.
+            await asyncio.sleep(random.uniform(0.5, 1.0) * IDLE_PING)
+            while True:
+                nonce += 1
+                await session.send(Ping(nonce=nonce))
+                while not isinstance(msg := await session.recv(IDLE_PONG_WAIT), Pong):
+                    if isinstance(msg, Ping):
+                        await session.send(Pong(nonce=msg.nonce))
+                self.pongs += 1
+                await asyncio.sleep(IDLE_PING)
+        except SessionClosed as exc:
+            self.lost[why(exc)] += 1
+
+    @property
+    def alive(self) -> int:
+        return len(self.sessions) - sum(self.lost.values())
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for session in self.sessions:
+            with contextlib.suppress(Exception):
+                session.abort("bench done")
+
+
+LOG_EVENTS = (
+    "uplink.lost",
+    "uplink.connect_failed",
+    "child.handshake_failed",
+    "child.refused",
+    "child.crashed",
+    "session.error",
+    "node.tick_failed",
+)
+
+
+def log_summary(logs: Path, names: tuple[str, ...]) -> list[Row]:
+    """Notes on the trouble a daemon logged (its console log: ``TIME [level] event k=v``)."""
+    out = []
+    for name in names:
+        seen: Counter[str] = Counter()
+        first: dict[str, str] = {}
+        with contextlib.suppress(OSError), (logs / f"{name}.log").open(errors="replace") as f:
+            for line in f:
+                m = re.search(r"\] (\S+)\s*(.*)", line)
+                if m and m.group(1) in LOG_EVENTS:
+                    seen[m.group(1)] += 1
+                    first.setdefault(m.group(1), " ".join(m.group(2).split())[:120])
+        if seen:
+            said = "; ".join(f"{c} x {e} (first: {first[e]})" for e, c in seen.most_common())
+            out.append(note(f"  {name} logged: {said}"))
+    return out
+
+
+async def wait_idle_routes(db: JobDB, relay: str, names: set[str], timeout: float) -> int:
+    """Until the server's database routes every one of ``names`` over ``relay``
+    (the relay's TOPOLOGY arrived) or ``timeout``; returns how many it does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        routed = sum(1 for r in db.nodes() if r.via == relay and r.name in names)
+        if routed >= len(names) or time.monotonic() > deadline:
+            return routed
+        await asyncio.sleep(0.5)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def idle_clients(b: Bench) -> None:
+    """DESIGN.md: "10,000 idle clients on one relay under 200 MiB". A server and
+    a relay run as ``rdsd run`` daemons; this process opens the idle sessions,
+    one client daemon behind the relay shows whether the relay still serves."""
+    n = b.args.idle
+    rows = b.table.section(
+        f"one relay daemon, {n:,} idle client sessions (opened by this process, "
+        f"{IDLE_CONCURRENCY} handshakes at a time)"
+    )
+    limit = raise_fd_limit()
+    if limit < n + IDLE_FD_SPARE:
+        capped = max(0, limit - IDLE_FD_SPARE)
+        rows.append(
+            note(f"  RLIMIT_NOFILE is {limit} (hard): {capped:,} sessions instead of {n:,}")
+        )
+        n = capped
+    progress(f"idle: {n:,} client certificates, signed in this process")
+    names = [f"idle{i:05d}" for i in range(1, n + 1)]
+    t0 = time.perf_counter()
+    ids = issue_identities(b.server_cfg.paths, names, b.root / "idle-certs")
+    t_issue = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for name in names:
+        b.admin.db.enroll(name, "client")
+    t_enroll = time.perf_counter() - t0
+    pkgs = [add_package(b.admin, b.root, "idle", v, IDLE_PKG_MIB * MiB) for v in ("1", "2")]
+    size = b.admin.store.data_path(pkgs[0]).stat().st_size
+    fleet = Daemons(b.root / "idle-daemon-logs")
+    idle: IdleFleet | None = None
+    dbs: list[JobDB] = []
+    try:
+        server = await fleet.start("server", b.server_cfg.home)
+        server_addr = await read_listening(server)
+        relay_home = b.dep.add_node("relayI", Role.RELAY, server_addr).home
+        relay = await fleet.start("relayI", relay_home)
+        relay_addr = await read_listening(relay)
+        client_home = b.dep.add_node("clientI", Role.CLIENT, relay_addr).home
+        await fleet.start("clientI", client_home)
+        sdb = b.admin.db
+        await wait_routed_db(sdb, {"relayI": "relayI", "clientI": "relayI"})
+        dbs += [JobDB(HomePaths(relay_home).db), JobDB(HomePaths(client_home).db)]
+        watch = [("server", sdb, ["clientI"]), ("relayI", dbs[0], ["clientI"])]
+        watch.append(("clientI", dbs[1], ["clientI"]))
+        rss_start = vm_status(relay.pid, "VmRSS")
+        progress(
+            f"idle: install job through the relay before the idle sessions ({IDLE_PKG_MIB} MiB)"
+        )
+        t_unloaded, _, _ = await one_job(b, watch, ["clientI"], pkgs[0], size)
+
+        rss_before = vm_status(relay.pid, "VmRSS")
+        bench_rss0 = vm_status("self", "VmRSS")
+        cpu0, bench_cpu0 = cpu_seconds(relay.pid), time.process_time()
+        idle = IdleFleet(relay_addr, b.server_cfg.paths.ca_cert)
+        step = max(1, n // 10)
+        t_open0 = time.perf_counter()
+
+        def tick(done: int) -> None:
+            if done % step == 0 or done == n:
+                progress(
+                    f"idle: {done:,}/{n:,} tried, {len(idle.sessions):,} open, "
+                    f"{sum(idle.failed.values())} failed, {time.perf_counter() - t_open0:.0f} s, "
+                    f"relay RSS {vm_status(relay.pid, 'VmRSS'):.0f} MiB"
+                )
+
+        open_limit = 300 + 0.12 * n
+        progress(f"idle: opening {n:,} sessions to the relay (at most {open_limit:.0f} s)")
+        await idle.open(ids, IDLE_CONCURRENCY, open_limit, tick)
+        t_open = time.perf_counter() - t_open0
+        cpu_open = cpu_seconds(relay.pid) - cpu0
+        bench_cpu = time.process_time() - bench_cpu0
+        rss_up = vm_status(relay.pid, "VmRSS")
+        opened = len(idle.sessions)
+
+        progress("idle: waiting for the server to route every idle client over the relay")
+        t0 = time.perf_counter()
+        routed = await wait_idle_routes(sdb, "relayI", set(idle.names), 60 + n / 100)
+        t_routed = time.perf_counter() - t0
+        # Idle now: what the relay costs to keep the sessions, and its settled RSS.
+        c0 = cpu_seconds(relay.pid)
+        await asyncio.sleep(IDLE_SETTLE)
+        cpu_idle = (cpu_seconds(relay.pid) - c0) / IDLE_SETTLE
+        rss_after = vm_status(relay.pid, "VmRSS")
+        hwm_after = vm_status(relay.pid, "VmHWM")
+        per_kib = (rss_after - rss_before) * 1024 / opened if opened else float("nan")
+        server_rss = vm_status(server.pid, "VmRSS")
+        server_hwm = vm_status(server.pid, "VmHWM")
+        bench_rss = vm_status("self", "VmRSS")
+
+        value = f"{rss_after:.0f} MiB (VmHWM {hwm_after:.0f} MiB)"
+        if opened >= IDLE_TARGET_N:
+            _, _, v = judged(rss_after, IDLE_TARGET_MIB, False)
+            rows.append(
+                Row(
+                    f"relay RSS with {opened:,} idle sessions",
+                    value,
+                    "",
+                    f"< {IDLE_TARGET_MIB} MiB",
+                    v,
+                )
+            )
+        else:
+            rows.append(Row(f"relay RSS with {opened:,} idle sessions", value))
+            guess = rss_before + per_kib * IDLE_TARGET_N / 1024
+            _, _, v = judged(guess, IDLE_TARGET_MIB, False)
+            rows.append(
+                Row(
+                    f"  extrapolated to {IDLE_TARGET_N:,} idle sessions",
+                    f"{guess:.0f} MiB",
+                    "",
+                    f"< {IDLE_TARGET_MIB} MiB",
+                    v,
+                )
+            )
+        rows.append(
+            Row(
+                "  per idle session: (RSS after - RSS before) / sessions",
+                f"{per_kib:.1f} KiB",
+            )
+        )
+        rows.append(
+            note(
+                f"  relay RSS: {rss_start:.0f} MiB at start, {rss_before:.0f} MiB before the idle "
+                f"sessions (after one install through it), {rss_up:.0f} MiB right after the last "
+                f"handshake, {rss_after:.0f} MiB {IDLE_SETTLE:.0f} s later"
+            )
+        )
+        rows.append(
+            Row(
+                f"  time to open {opened:,} sessions",
+                f"{secs(t_open)} ({opened / t_open:,.0f}/s)" if t_open > 0 else "n/a",
+            )
+        )
+        hs = idle.handshakes
+        rows.append(
+            note(
+                f"  per session (connect+TLS+HELLO/WELCOME, {IDLE_CONCURRENCY} in flight): "
+                f"median {percentile(hs, 0.5):.3f} s, p99 {percentile(hs, 0.99):.3f} s, "
+                f"max {max(hs, default=float('nan')):.3f} s"
+            )
+        )
+        rows.append(
+            note(
+                f"  relay CPU during the opening: {cpu_open:.1f} s "
+                f"({cpu_open / t_open * 100:.0f} % of one core); this process: {bench_cpu:.1f} s"
+            )
+        )
+        if idle.failed:
+            rows.append(Row("  sessions that failed to open", f"{sum(idle.failed.values()):,}"))
+            for reason, count in idle.failed.most_common(3):
+                rows.append(note(f"    {count:,} x {reason}"))
+        if idle.untried:
+            rows.append(
+                Row(
+                    "  sessions not tried (opening took too long)",
+                    f"{idle.untried:,} after {open_limit:.0f} s",
+                )
+            )
+        routes = f"{routed:,} of {opened:,}"
+        rows.append(
+            Row(
+                "  server routes the idle clients over the relay",
+                f"{routes} after {secs(t_routed)}",
+            )
+        )
+        rows.append(Row("  relay CPU with the sessions idle", f"{cpu_idle * 100:.1f} % of a core"))
+        rows.append(Row("server RSS", f"{server_rss:.0f} MiB (VmHWM {server_hwm:.0f} MiB)"))
+        rows.append(
+            note(
+                f"  {n:,} certificates signed in {t_issue:.1f} s and enrolled in the server's "
+                f"database in {t_enroll:.1f} s; this process holds the client ends: "
+                f"{bench_rss:.0f} MiB RSS ({bench_rss0:.0f} MiB before)"
+            )
+        )
+
+        progress("idle: install job through the loaded relay")
+        rows.append(Row("install through the relay, no idle sessions", secs(t_unloaded)))
+        try:
+            t_loaded, tl, t0 = await one_job(b, watch, ["clientI"], pkgs[1], size, IDLE_STALL)
+        finally:
+            rows.extend(log_summary(fleet.logs, ("relayI", "server")))
+        rows.append(
+            Row(
+                f"install through the relay with {opened:,} idle sessions",
+                secs(t_loaded),
+                f"{t_loaded / t_unloaded:.2f}",
+                "x without (no target)",
+            )
+        )
+        rows.append(breakdown(tl, "clientI", t0, size))
+        rows.append(
+            Row(
+                "  relay RSS after it",
+                f"{vm_status(relay.pid, 'VmRSS'):.0f} MiB "
+                f"(VmHWM {vm_status(relay.pid, 'VmHWM'):.0f} MiB)",
+            )
+        )
+        rows.append(
+            Row(
+                "idle sessions still open at the end",
+                f"{idle.alive:,} of {opened:,} ({idle.pongs:,} pings answered)",
+            )
+        )
+        for reason, count in idle.lost.most_common(3):
+            rows.append(note(f"    {count:,} lost: {reason}"))
+    finally:
+        if idle is not None:
+            await idle.close()
+        await fleet.stop()
+        for db in dbs:
+            db.close()
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -1151,10 +1592,19 @@ def loop_name() -> str:
     return f"{type(loop).__module__}.{type(loop).__name__}"
 
 
+PARTS = ("baselines", "in-process", "daemons", "idle")
+
+
 async def run_all(b: Bench) -> None:
-    await guarded(b, "baselines", baselines(b))
-    await in_process(b)
-    await guarded(b, "daemons", daemons(b))
+    parts = b.args.only
+    if "baselines" in parts:
+        await guarded(b, "baselines", baselines(b))
+    if "in-process" in parts:
+        await in_process(b)
+    if "daemons" in parts:
+        await guarded(b, "daemons", daemons(b))
+    if "idle" in parts and b.args.idle > 0:
+        await guarded(b, "idle", idle_clients(b))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1178,6 +1628,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="uvloop",
         help="event loop of the in-process part (uvloop when installed)",
     )
+    ap.add_argument(
+        "--idle",
+        type=int,
+        help="idle client sessions held open to one relay (default 10000, quick 1000; 0: skip)",
+    )
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=PARTS,
+        help="run only this part (repeatable); default: all",
+    )
     ap.add_argument("--dir", help="work here (kept) instead of a temporary directory")
     ap.add_argument(
         "--profile",
@@ -1188,6 +1649,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size_mib = args.size_mib or (64 if args.quick else 256)
     args.clients = args.clients or (5 if args.quick else 20)
     args.fan_mib = args.fan_mib or (16 if args.quick else 32)
+    if args.idle is None:
+        args.idle = IDLE_TARGET_N // 10 if args.quick else IDLE_TARGET_N
+    args.only = args.only or list(PARTS)
     return args
 
 
@@ -1204,10 +1668,11 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(root, args)
         log = configure_logs(root.parent / f"{root.name}-nodes.log", b.events)
         progress(f"work in {root}; node logs in {log.name}")
-        progress(f"packing a {args.size_mib} MiB package")
-        b.pkg = add_package(b.admin, root, "bench", f"{args.size_mib}m", args.size_mib * MiB)
-        b.pkg_file = b.admin.store.data_path(b.pkg)
-        b.pkg_size = b.pkg_file.stat().st_size
+        if set(args.only) - {"idle"}:
+            progress(f"packing a {args.size_mib} MiB package")
+            b.pkg = add_package(b.admin, root, "bench", f"{args.size_mib}m", args.size_mib * MiB)
+            b.pkg_file = b.admin.store.data_path(b.pkg)
+            b.pkg_size = b.pkg_file.stat().st_size
         runner: Callable[[Awaitable[None]], None] = asyncio.run  # type: ignore[assignment]
         if args.loop == "uvloop":
             with contextlib.suppress(ImportError):
