@@ -157,6 +157,22 @@ class Node:
         if self.runner is not None:
             self.runner.kick()
 
+    def _expire_offers(self, package: str) -> None:
+        """An offer whose package expired can no longer be chosen: say so."""
+        me = self.cfg.name
+        for job in self.db.jobs():
+            dest = self.db.dest(job.id, me) if job.package == package else None
+            if dest is not None and dest.state == "offered":
+                self.db.change(
+                    job.id,
+                    me,
+                    "failed",
+                    "the offer expired before it was installed",
+                    me,
+                    report=True,
+                    package=package,
+                )
+
     async def _sweeper(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
@@ -176,6 +192,7 @@ class Node:
                 self.store.delete(m.id)
                 gone.append(m.id)
                 self.log.info("package.expired", package=m.id)
+                self._expire_offers(m.id)
         if gone:
             self.wake()
         return gone

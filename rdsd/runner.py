@@ -23,7 +23,7 @@ from .install import install
 from .jobdb import Dest, Job, JobDB
 from .manifest import Manifest, ManifestError, open_envelope
 from .security import Verifier
-from .store import Store, StoreError
+from .store import DiskFull, Store, StoreError
 from .transfer import TransferFailed, receive
 from .uplink import Uplink
 
@@ -95,8 +95,15 @@ class Fetcher:
             resume = self.link.resumes
             try:
                 dl = await self.store.begin_download(envelope, manifest, resume=resume)
-            except StoreError as exc:
+            except DiskFull as exc:
                 raise TransferFailed(str(exc), retryable=False) from None
+            except StoreError as exc:
+                # Another process (the daemon, or rdsft) is fetching it: wait.
+                if attempt >= cfg.retry_limit * 10:
+                    raise TransferFailed(str(exc)) from None
+                bound.info("fetch.waiting", reason=str(exc))
+                await asyncio.sleep(min(cfg.reconnect_max, 1.0))
+                continue
             try:
                 await receive(
                     session, self.link.router, dl, cfg.idle_timeout, cfg.name, self._progress(bound)

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ from .security import Verifier
 T = TypeVar("T")
 IN_FLIGHT = 4  # chunks being checked and written while the next ones arrive
 READ_AHEAD = 2  # chunks read and checked ahead of the one being sent
+DEBRIS_AGE = 600.0  # seconds an archive may sit without its envelope before it is debris
 log = structlog.get_logger("rdsd.store")
 
 
@@ -57,6 +59,19 @@ class CorruptChunk(StoreError):
 
 class DiskFull(StoreError):
     """ENOSPC/EFBIG while writing: the download is dropped, the store intact."""
+
+
+def _pid_alive(text: str) -> bool:
+    """Is the process whose id ends a temporary file's name still running?"""
+    if not text.isdigit():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _quiet(fut: asyncio.Future[None]) -> None:
@@ -295,14 +310,22 @@ class Store:
                 raise CorruptChunk(package, m.size, "trailing bytes at rest")
 
     def prepare(self) -> None:
-        """Create the layout and remove debris a crash may have left."""
+        """Create the layout and remove debris a crash may have left. Other
+        processes (the daemon, an admin command, rdsft) may be writing this
+        store right now, so only files that cannot be theirs go: temporary
+        files of dead processes, and archives left without an envelope for
+        longer than any commit takes."""
         self.partial_dir.mkdir(parents=True, exist_ok=True)
+        now = time.time()
         for path in self.root.iterdir():
             if path.name.startswith(".") and ".tmp-" in path.name:
-                path.unlink()
+                if not _pid_alive(path.name.rsplit("-", 1)[-1]):
+                    path.unlink(missing_ok=True)
             elif path.suffix == ".pkg" and not path.with_suffix(".env").exists():
-                log.warning("store.debris_removed", file=str(path))
-                path.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    if now - path.stat().st_mtime > DEBRIS_AGE:
+                        log.warning("store.debris_removed", file=str(path))
+                        path.unlink()
         fsync_dir(self.root)
 
     # -- paths and lookups ---------------------------------------------------

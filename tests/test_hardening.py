@@ -5,6 +5,7 @@ name coming back, a cancel reopened by a late report, and dispatch cost."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -185,3 +186,37 @@ async def _wait_via(admin: object, node: str, via: str, timeout: float = 10) -> 
     async with asyncio.timeout(timeout):
         while (row := admin.db.node(node)) is None or row.via != via:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def test_expired_offer_is_reported_as_such(
+    deployment: Deployment, tmp_path: Path, install_out: Path
+) -> None:
+    src = make_payload_dir(tmp_path / "offer", size=1000)
+    with deployment.admin() as admin:
+        pid = admin.add_package(src, "gift", "1.0", install="sh install.sh", keep=2)
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        async with running(cfg) as (client,):
+            with deployment.admin() as admin:
+                job = admin.create_job("offer", pid, ["client1"])
+                assert await wait_state(admin, job, "client1", {"offered", "failed"}) == "offered"
+                await asyncio.sleep(2.2)
+                assert client.sweep() == [pid]
+                assert await wait_state(admin, job, "client1", {"failed"}, 10) == "failed"
+                detail = admin.job_status(job)["destinations"][0]["detail"]
+                assert "expired" in detail
+
+
+async def test_cleanup_spares_files_another_process_is_writing(deployment: Deployment) -> None:
+    """A command's store clean-up must not delete what a live process writes."""
+    with deployment.admin() as admin:
+        store = admin.store
+        store.prepare()
+        live = store.root / f".x-1.0.pkg.tmp-{os.getpid()}"
+        dead = store.root / ".y-1.0.pkg.tmp-999999999"
+        fresh = store.root / "z-1.0.pkg"  # just renamed, envelope not yet written
+        for path in (live, dead, fresh):
+            path.write_bytes(b"data")
+        store.prepare()
+        assert live.exists() and fresh.exists()
+        assert not dead.exists()
