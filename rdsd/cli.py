@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import json
 import os
@@ -29,6 +31,7 @@ from .security import SecurityError
 from .store import StoreError
 
 T = TypeVar("T")
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 USER_ERRORS = (
     AdminError,
     ConfigError,
@@ -107,10 +110,22 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _pin_mmap_threshold() -> None:
+    """Keep large buffers (each TLS connection's 256 KiB read buffer under
+    uvloop) in their own lazily-touched mappings. glibc otherwise raises the
+    threshold after the first free, and those buffers then land on reused,
+    already-touched heap: measured 117 KiB per idle child session against
+    44 KiB with the threshold pinned. Best effort; glibc only."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = NodeConfig.load(_home(args), log_format=args.log_format)
     configure(args.log_format, args.log_level)
     _raise_fd_limit()
+    _pin_mmap_threshold()
     pidfile = cfg.paths.pidfile
     fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o644)
     try:

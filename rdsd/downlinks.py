@@ -188,7 +188,7 @@ class Downlinks:
         self.log.info("child.connected", peer=peer.name, role=peer.role, purpose=hello.purpose)
         try:
             if hello.purpose == "session":
-                await self.dispatch()
+                await self.dispatch(only=child)
             while True:
                 msg = await session.recv()
                 await self._on_message(child, msg)
@@ -303,22 +303,24 @@ class Downlinks:
         """A relay's TOPOLOGY replaces its last one. A node already reached
         through another connected child stays there: a relay cannot pull a
         node away from a live route by claiming it."""
+        known = self.db.node_index()  # name -> (role, via, revoked), one query
         taken: set[str] = set()
+        changes: list[tuple[str, str]] = []
         for name, role in claimed.items():
             if name == self.cfg.name or name == child.name or name in self.children:
                 continue
-            row = self.db.node(name)
-            if row is not None and row.revoked:
+            row = known.get(name)
+            if row is not None and row[2]:
                 continue
-            if row is not None and row.via not in (None, child.name) and row.via in self.children:
+            if row is not None and row[1] not in (None, child.name) and row[1] in self.children:
                 self.log.warning(
-                    "topology.claim_refused", node=name, peer=child.name, current=row.via
+                    "topology.claim_refused", node=name, peer=child.name, current=row[1]
                 )
                 continue
-            known_role = row.role if row is not None and row.role != "unknown" else role
-            self.db.upsert_node(name, known_role, via=child.name, seen=False)
             taken.add(name)
-        self.db.drop_routes(via=child.name, keep=taken | {child.name})
+            if row is None or row[1] != child.name:
+                changes.append((name, row[0] if row is not None and row[0] != "unknown" else role))
+        self.db.route_through(child.name, changes, keep=taken | {child.name})
 
     async def _on_announce(self, child: Child, msg: JobAnnounce) -> None:
         """Record a job made at a relay so its status is known here too."""
@@ -427,7 +429,7 @@ class Downlinks:
         hop = via.get(node)
         return hop if hop in self.children else None
 
-    async def dispatch(self) -> None:
+    async def dispatch(self, only: Child | None = None) -> None:
         """Push every due, unfinished destination to the session that leads
         to it, once per session; close sessions of revoked nodes and tell
         relays which nodes are revoked. One pass over the open work, whatever
@@ -445,7 +447,8 @@ class Downlinks:
                 hop = self._route_name(n, via)
                 if hop is not None:
                     cancels.setdefault(hop, []).append((jid, n))
-        for name, child in list(self.children.items()):
+        targets = [(only.name, only)] if only is not None else list(self.children.items())
+        for name, child in targets:
             if name in revoked:
                 self.log.warning("child.revoked", peer=name)
                 child.session.abort("revoked")

@@ -492,14 +492,28 @@ class JobDB:
         """Every known node and the child it is reached through."""
         return dict(self._db.execute("SELECT name, via FROM nodes"))
 
-    def drop_routes(self, via: str, keep: set[str]) -> None:
-        """Forget routes through ``via`` for nodes no longer behind it."""
-        gone = [
-            (n,)
-            for (n,) in self._db.execute("SELECT name FROM nodes WHERE via=?", (via,))
-            if n not in keep
-        ]
-        self._db.executemany("UPDATE nodes SET via=NULL WHERE name=?", gone)
+    def node_index(self) -> dict[str, tuple[str, str | None, bool]]:
+        """Every known node: name to (role, via, revoked), in one query."""
+        return {
+            r[0]: (r[1], r[2], bool(r[3]))
+            for r in self._db.execute("SELECT name, role, via, revoked FROM nodes")
+        }
+
+    def route_through(self, via: str, nodes: list[tuple[str, str]], keep: set[str]) -> None:
+        """Route ``nodes`` (name, role) through ``via`` and forget routes
+        through it for nodes not in ``keep``, in one transaction."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO nodes(name, role, via) VALUES(?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET role=excluded.role, via=excluded.via",
+                [(name, role, via) for name, role in nodes],
+            )
+            gone = [
+                (n,)
+                for (n,) in db.execute("SELECT name FROM nodes WHERE via=?", (via,))
+                if n not in keep
+            ]
+            db.executemany("UPDATE nodes SET via=NULL WHERE name=?", gone)
 
     def revoked(self) -> list[str]:
         return [
