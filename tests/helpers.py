@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import stat
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from protocol import NEED_DATA, Connection, ConnectionClosed, Hello, Message, Side, Welcome
 from rdsd.admin import Admin, enroll, init_node
-from rdsd.config import NodeConfig, Role
+from rdsd.config import HomePaths, NodeConfig, Role
 from rdsd.node import Node
+from rdsd.security import client_context
 
 FAST = {
     "handshake_timeout": 5.0,
@@ -116,3 +119,57 @@ def rdsft_cmd() -> list[str]:
 
 def is_executable(path: Path) -> bool:
     return bool(path.stat().st_mode & stat.S_IXUSR)
+
+
+class RawChild:
+    """A hand-driven child: TLS with some node's identity, then whatever
+    bytes or messages the test decides, decoded as a real child would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = Connection(Side.CHILD)
+
+    @classmethod
+    async def connect(
+        cls, address: tuple[str, int], home: Path, ca_home: Path | None = None
+    ) -> RawChild:
+        """TLS as the node of ``home``, trusting the CA of ``ca_home`` (default:
+        the same home)."""
+        ident, trust = HomePaths(home), HomePaths(ca_home or home)
+        ctx = client_context(trust.ca_cert, ident.cert, ident.key)
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(*address, ssl=ctx)
+        return cls(reader, writer)
+
+    async def send(self, msg: Message) -> None:
+        self.writer.writelines(self.conn.send(msg))
+        await self.writer.drain()
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 5.0) -> Message | ConnectionClosed:
+        async with asyncio.timeout(timeout):
+            while True:
+                event = self.conn.next_event()
+                if event is not NEED_DATA:
+                    assert isinstance(event, (Message, ConnectionClosed))
+                    return event
+                try:
+                    data = await self.reader.read(65536)
+                except (ConnectionError, ssl.SSLError):
+                    data = b""
+                self.conn.receive_data(data)
+
+    async def handshake(self, node: str, role: str = "client", purpose: str = "query") -> None:
+        await self.send(Hello(node=node, role=role, purpose=purpose))
+        welcome = await self.recv()
+        assert isinstance(welcome, Welcome), welcome
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.writer.wait_closed()

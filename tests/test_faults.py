@@ -21,7 +21,6 @@ import resource
 import signal
 import socket
 import sqlite3
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,17 +32,17 @@ import pytest
 import rdsd.runner
 import rdsd.store
 import rdsd.transfer
-from protocol import NEED_DATA, Connection, ConnectionClosed, Hello, Message, Report, Side, Welcome
+from protocol import ConnectionClosed, Hello, Message, Report, Welcome
 from rdsd.admin import Admin
 from rdsd.config import HomePaths, NodeConfig, Role
 from rdsd.jobdb import JobDB
 from rdsd.manifest import Manifest
 from rdsd.node import Node
-from rdsd.security import Verifier, client_context
+from rdsd.security import Verifier
 from rdsd.store import Store, StoreError
 
 from .faultproxy import DOWN, UP, Fault, FaultProxy, RecordTracker, cut, delay, reset, split, stall
-from .helpers import FAST, Deployment, rdsd_cmd, running, wait_state
+from .helpers import FAST, Deployment, RawChild, rdsd_cmd, running, wait_state
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -930,46 +929,6 @@ async def test_kill9_at_random_moments(deployment: Deployment, tmp_path: Path) -
 
 
 # == 6. reports survive a dead server; repeats change nothing =====================================
-
-
-class RawChild:
-    """A hand-driven child session with some node's certificate."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.conn = Connection(Side.CHILD)
-
-    @classmethod
-    async def connect(cls, address: tuple[str, int], home: Path) -> RawChild:
-        paths = HomePaths(home)
-        ctx = client_context(paths.ca_cert, paths.cert, paths.key)
-        async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection(*address, ssl=ctx)
-        return cls(reader, writer)
-
-    async def send(self, msg: Message) -> None:
-        self.writer.writelines(self.conn.send(msg))
-        await self.writer.drain()
-
-    async def recv(self, timeout: float = 5.0) -> Message | ConnectionClosed:
-        async with asyncio.timeout(timeout):
-            while True:
-                event = self.conn.next_event()
-                if event is not NEED_DATA:
-                    assert isinstance(event, (Message, ConnectionClosed))
-                    return event
-                try:
-                    data = await self.reader.read(65536)
-                except (ConnectionError, ssl.SSLError):
-                    data = b""
-                self.conn.receive_data(data)
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await self.writer.wait_closed()
 
 
 def dest_row(db_path: Path, job: str, node: str) -> tuple[Any, ...]:
