@@ -70,17 +70,69 @@ def main() -> int:
 
     try:
         print(f"== deployment in {base}")
-        print(rdsd("init", "server", "--home", str(server), "--name", "server",
-                   "--listen", f"127.0.0.1:{sport}"))
+        print(
+            rdsd(
+                "init",
+                "server",
+                "--home",
+                str(server),
+                "--name",
+                "server",
+                "--listen",
+                f"127.0.0.1:{sport}",
+            )
+        )
         for name, role in (("relay1", "relay"), ("client1", "client"), ("client2", "client")):
-            print(rdsd("enroll", name, "--role", role, "--home", str(server),
-                       "--out", str(base / f"{name}.bundle")))
-        print(rdsd("init", "relay", "--home", str(relay), "--bundle", str(base / "relay1.bundle"),
-                   "--parent", f"127.0.0.1:{sport}", "--listen", f"127.0.0.1:{rport}"))
-        print(rdsd("init", "client", "--home", str(base / "client1"),
-                   "--bundle", str(base / "client1.bundle"), "--parent", f"127.0.0.1:{rport}"))
-        print(rdsd("init", "client", "--home", str(base / "client2"),
-                   "--bundle", str(base / "client2.bundle"), "--parent", f"127.0.0.1:{sport}"))
+            print(
+                rdsd(
+                    "enroll",
+                    name,
+                    "--role",
+                    role,
+                    "--home",
+                    str(server),
+                    "--out",
+                    str(base / f"{name}.bundle"),
+                )
+            )
+        print(
+            rdsd(
+                "init",
+                "relay",
+                "--home",
+                str(relay),
+                "--bundle",
+                str(base / "relay1.bundle"),
+                "--parent",
+                f"127.0.0.1:{sport}",
+                "--listen",
+                f"127.0.0.1:{rport}",
+            )
+        )
+        print(
+            rdsd(
+                "init",
+                "client",
+                "--home",
+                str(base / "client1"),
+                "--bundle",
+                str(base / "client1.bundle"),
+                "--parent",
+                f"127.0.0.1:{rport}",
+            )
+        )
+        print(
+            rdsd(
+                "init",
+                "client",
+                "--home",
+                str(base / "client2"),
+                "--bundle",
+                str(base / "client2.bundle"),
+                "--parent",
+                f"127.0.0.1:{sport}",
+            )
+        )
 
         src = base / "hello-src"
         src.mkdir()
@@ -90,8 +142,19 @@ def main() -> int:
             ' > "$RDSD_PACKAGE_DIR/../hello-installed.txt"\n'
         )
         (src / "payload.bin").write_bytes(os.urandom(5 * 1024 * 1024))
-        pid = rdsd("package", "add", str(src), "--name", "hello", "--version", "1.0",
-                   "--install", "sh install.sh", "--home", str(server))
+        pid = rdsd(
+            "package",
+            "add",
+            str(src),
+            "--name",
+            "hello",
+            "--version",
+            "1.0",
+            "--install",
+            "sh install.sh",
+            "--home",
+            str(server),
+        )
         print(f"== package {pid}")
 
         print("== starting daemons")
@@ -100,8 +163,18 @@ def main() -> int:
         start(base / "client1")
         start(base / "client2")
 
-        job = rdsd("job", "create", "--type", "install", "--package", pid,
-                   "--to", "client1,client2", "--home", str(server))
+        job = rdsd(
+            "job",
+            "create",
+            "--type",
+            "install",
+            "--package",
+            pid,
+            "--to",
+            "client1,client2",
+            "--home",
+            str(server),
+        )
         print(f"== job {job}")
         deadline = time.monotonic() + args.timeout
         status = ""

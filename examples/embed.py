@@ -36,13 +36,8 @@ async def main() -> None:
             async with Node(NodeConfig.load(base / "laptop", poll_interval=0.05)):
                 with Admin(base / "server") as admin:
                     job = admin.create_job("install", pid, ["laptop"])
-                    async with asyncio.timeout(30):
-                        while True:
-                            dest = admin.job_status(job)["destinations"][0]
-                            if dest["state"] in ("installed", "failed"):
-                                break
-                            await asyncio.sleep(0.05)
-                print(f"job {job}: {dest['node']} {dest['state']}")
+                state = await server.wait_for(job, "laptop", {"installed", "failed"}, timeout=30)
+                print(f"job {job}: laptop {state}")
 
 
 if __name__ == "__main__":

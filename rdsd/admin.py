@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -384,9 +383,6 @@ class Admin:
             {"package": m.id, "size": m.size, "expires": iso(m.expires)}
             for m in self.store.manifests()
         ]
-
-    def now(self) -> float:
-        return time.time()
 
 
 def allowed_names(roles: list[Role]) -> list[str]:

@@ -431,24 +431,15 @@ class JobDB:
             )
         return nodes
 
-    def bump_attempts(self, jid: str, node: str) -> int:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE dests SET attempts = attempts + 1 WHERE job=? AND node=?", (jid, node)
-            )
-            row = db.execute(
-                "SELECT attempts FROM dests WHERE job=? AND node=?", (jid, node)
-            ).fetchone()
-        return int(row[0]) if row else 0
-
     # -- nodes, routes, groups ---------------------------------------------------
 
-    def upsert_node(self, name: str, role: str, via: str | None, seen: bool = True) -> None:
+    def upsert_node(self, name: str, role: str, via: str | None) -> None:
+        """A node just connected to us directly (``via`` is itself)."""
         self._db.execute(
             "INSERT INTO nodes(name, role, via, last_seen) VALUES(?,?,?,?) "
             "ON CONFLICT(name) DO UPDATE SET role=excluded.role, via=excluded.via, "
-            "last_seen=COALESCE(excluded.last_seen, nodes.last_seen)",
-            (name, role, via, time.time() if seen else None),
+            "last_seen=excluded.last_seen",
+            (name, role, via, time.time()),
         )
 
     def enroll(self, name: str, role: str) -> None:

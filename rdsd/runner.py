@@ -15,6 +15,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -106,7 +107,13 @@ class Fetcher:
                 continue
             try:
                 await receive(
-                    session, self.link.router, dl, cfg.idle_timeout, cfg.name, self._progress(bound)
+                    session,
+                    self.link.router,
+                    dl,
+                    cfg.idle_timeout,
+                    cfg.name,
+                    self._progress(bound),
+                    cfg.progress_interval,
                 )
                 return
             except TransferFailed as exc:
@@ -126,10 +133,8 @@ class Fetcher:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
 
     @staticmethod
-    def _progress(
-        bound: structlog.stdlib.BoundLogger,
-    ) -> Callable[[int, int], asyncio.Future[None]]:
-        async def report(done: int, total: int) -> None:
+    def _progress(bound: Any) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
             bound.info(
                 "fetch.progress",
                 bytes=done,
@@ -137,7 +142,7 @@ class Fetcher:
                 percent=round(100 * done / max(total, 1), 1),
             )
 
-        return report  # type: ignore[return-value]
+        return report
 
 
 class Runner:

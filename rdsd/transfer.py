@@ -27,7 +27,6 @@ from .store import CorruptChunk, DiskFull, Download, Store, StoreError
 
 log = structlog.get_logger("rdsd.transfer")
 QUEUE_DEPTH = 8
-PROGRESS_EVERY = 5.0
 
 
 class TransferFailed(Exception):
@@ -119,7 +118,8 @@ async def receive(
     dl: Download,
     timeout: float,
     node: str,
-    progress: Callable[[int, int], Awaitable[None]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    progress_every: float = 5.0,
 ) -> None:
     """One attempt to complete ``dl`` from ``session``, from its verified
     offset. Raises TransferFailed; CorruptChunk counts as retryable."""
@@ -154,9 +154,9 @@ async def receive(
                     await _cancel(session, fid)
                     raise
                 now = time.monotonic()
-                if progress is not None and now - last >= PROGRESS_EVERY:
+                if progress is not None and now - last >= progress_every:
                     last = now
-                    await progress(dl.verified, m.size)
+                    progress(dl.verified, m.size)
             elif isinstance(msg, FetchFail):
                 raise TransferFailed(f"{session.peer.name} refused: {msg.reason}")
             elif isinstance(msg, FetchEnd):
