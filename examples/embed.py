@@ -13,9 +13,7 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from rdsd.admin import Admin, enroll, init_node, init_server
-from rdsd.config import NodeConfig, Role
-from rdsd.node import Node
+from rdsd import Admin, DestState, Node, NodeConfig, Role, enroll, init_node, init_server
 
 
 async def main() -> None:
@@ -36,7 +34,9 @@ async def main() -> None:
             async with Node(NodeConfig.load(base / "laptop", poll_interval=0.05)):
                 with Admin(base / "server") as admin:
                     job = admin.create_job("install", pid, ["laptop"])
-                state = await server.wait_for(job, "laptop", {"installed", "failed"}, timeout=30)
+                state = await server.wait_for(
+                    job, "laptop", {DestState.INSTALLED, DestState.FAILED}, timeout=30
+                )
                 print(f"job {job}: laptop {state}")
 
 

@@ -1,1 +1,71 @@
-"""rdsd: software distribution through relays to clients."""
+"""rdsd: software distribution from one managing server, through relays, to
+every client.
+
+What an embedder needs is exported here: run a node with
+``async with Node(NodeConfig.load(home)) as node``, drive it with ``Admin``
+(and set homes up with ``init_server``, ``enroll``, ``init_node``), read
+states as ``DestState`` and catch ``RdsdError`` (``UserError`` for requests
+that cannot be done as asked). Everything else is internal layering; see
+``docs/DESIGN.md`` for the map.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .admin import Admin, enroll, init_node, init_server
+from .config import HomePaths, NodeConfig
+from .domain import DestState, HelloPurpose, JobType, Role
+from .errors import (
+    AdminError,
+    ConfigError,
+    CorruptChunk,
+    DiskFull,
+    IllegalTransition,
+    JobError,
+    ManifestError,
+    PackingError,
+    PeerError,
+    RdsdError,
+    SecurityError,
+    SessionClosed,
+    StoreError,
+    TransferFailed,
+    UserError,
+)
+from .net.observe import TrafficObserver
+from .node import Node
+
+try:
+    __version__ = version("rdsd")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Admin",
+    "AdminError",
+    "ConfigError",
+    "CorruptChunk",
+    "DestState",
+    "DiskFull",
+    "HelloPurpose",
+    "HomePaths",
+    "IllegalTransition",
+    "JobError",
+    "JobType",
+    "ManifestError",
+    "Node",
+    "NodeConfig",
+    "PackingError",
+    "PeerError",
+    "RdsdError",
+    "Role",
+    "SecurityError",
+    "SessionClosed",
+    "StoreError",
+    "TrafficObserver",
+    "TransferFailed",
+    "UserError",
+    "__version__",
+    "enroll",
+    "init_node",
+    "init_server",
+]

@@ -11,31 +11,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from protocol import is_safe_name
 
-from .fsutil import atomic_write
+from .domain import Role
+from .errors import ConfigError
+from .util.fsutil import atomic_write
 
 CONFIG_FILE = "node.json"
 DEFAULT_CHUNK = 1024 * 1024
 DEFAULT_KEEP = 90 * 86400
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class ConfigError(Exception):
-    """A home directory or a command-line value is not usable; says which."""
-
-
-class Role(StrEnum):
-    SERVER = "server"
-    RELAY = "relay"
-    CLIENT = "client"
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -145,8 +136,6 @@ class NodeConfig:
     retry_limit: int = 5
     sweep_interval: float = 60.0
     progress_interval: float = 5.0
-    log_format: str = "console"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def paths(self) -> HomePaths:

@@ -33,7 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol import is_safe_name
 
-from .fsutil import atomic_write
+from .errors import SecurityError
+from .util.fsutil import atomic_write
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -51,10 +52,6 @@ __all__ = [
     "server_context",
     "write_bundle",
 ]
-
-
-class SecurityError(Exception):
-    """A certificate, key, bundle or signature is not acceptable."""
 
 
 ROLES = ("server", "relay", "client")

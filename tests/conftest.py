@@ -8,8 +8,7 @@ import pytest
 
 from rdsd.admin import init_server
 from rdsd.config import NodeConfig
-
-from .helpers import FAST, Deployment, make_payload_dir
+from tests.helpers import FAST, Deployment, make_payload_dir
 
 
 @pytest.fixture

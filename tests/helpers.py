@@ -12,15 +12,21 @@ import os
 import ssl
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol import NEED_DATA, Connection, ConnectionClosed, Hello, Message, Side, Welcome
 from rdsd.admin import Admin, enroll, init_node
-from rdsd.config import HomePaths, NodeConfig, Role
+from rdsd.config import HomePaths, NodeConfig
+from rdsd.domain import Role
 from rdsd.node import Node
 from rdsd.security import client_context
+
+if TYPE_CHECKING:
+    from rdsd.parent.downlinks import Child
 
 FAST = {
     "handshake_timeout": 5.0,
@@ -76,7 +82,7 @@ class Deployment:
 
     def add_node(self, name: str, role: Role, parent: tuple[str, int]) -> NodeConfig:
         bundle = self.root / f"{name}.bundle"
-        enroll(self.server.home, name, role.value, bundle)
+        enroll(self.server.home, name, role, bundle)
         listen = ("127.0.0.1", 0) if role is Role.RELAY else None
         init_node(self.root / name, role, bundle, parent, listen)
         cfg = NodeConfig.load(self.root / name, **FAST)
@@ -89,24 +95,95 @@ class Deployment:
         return cfg
 
 
+class TrafficCounter:
+    """A node's traffic observer: bytes framed and package bytes served, per peer."""
+
+    def __init__(self) -> None:
+        self.frames: Counter[str] = Counter()
+        self.served: Counter[str] = Counter()
+
+    def frames_sent(self, peer: str, nbytes: int) -> None:
+        self.frames[peer] += nbytes
+
+    def package_served(self, peer: str, nbytes: int) -> None:
+        self.served[peer] += nbytes
+
+
+def traffic(node: Node) -> TrafficCounter:
+    """The counter ``running`` attached to ``node``."""
+    assert isinstance(node.observer, TrafficCounter)
+    return node.observer
+
+
 @contextlib.asynccontextmanager
 async def running(*cfgs: NodeConfig) -> AsyncIterator[list[Node]]:
-    """Run nodes in this loop; stop them all (in reverse) on the way out."""
+    """Run nodes in this loop, each with a TrafficCounter; stop them all (in
+    reverse) on the way out."""
     async with contextlib.AsyncExitStack() as stack:
-        nodes = [await stack.enter_async_context(Node(cfg)) for cfg in cfgs]
+        nodes = [
+            await stack.enter_async_context(Node(cfg, observer=TrafficCounter())) for cfg in cfgs
+        ]
         yield nodes
+
+
+# -- waiting, one way -----------------------------------------------------------------
+#
+# Tests look at state the way an operator would, through another connection
+# to a node's database or at a node's sessions, so they poll; every wait is
+# bounded and says what it waited for when it times out.
+
+
+async def wait_until(
+    pred: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "",
+) -> None:
+    """Poll ``pred`` until it is true; fail the test after ``timeout``
+    (``what``, or what it returns then, says what was awaited)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not pred():  # noqa: ASYNC110
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        said = what() if callable(what) else what
+        raise AssertionError(f"timed out after {timeout}s waiting for {said or pred}") from None
 
 
 async def wait_state(
     admin: Admin, job: str, node: str, states: set[str], timeout: float = 30.0
 ) -> str:
-    """Poll the job database (as an operator would) until a state is reached."""
-    async with asyncio.timeout(timeout):
-        while True:
-            for d in admin.job_status(job)["destinations"]:
-                if d["node"] == node and d["state"] in states:
-                    return str(d["state"])
-            await asyncio.sleep(0.05)
+    """Until ``node``'s state for ``job`` in ``admin``'s database is one of ``states``."""
+
+    def state() -> str | None:
+        dest = admin.db.dest(job, node)
+        return str(dest.state) if dest is not None and dest.state in states else None
+
+    await wait_until(lambda: state() is not None, timeout, 0.05, f"{job}/{node} in {states}")
+    return str(state())
+
+
+def routed(admin: Admin, node: str, via: str) -> bool:
+    row = admin.db.node(node)
+    return row is not None and row.via == via
+
+
+async def wait_routed(admin: Admin, node: str, via: str, timeout: float = 10.0) -> None:
+    await wait_until(lambda: routed(admin, node, via), timeout, 0.05, f"{node} routed via {via}")
+
+
+def children(parent: Node) -> dict[str, Child]:
+    """The open child sessions of a server or relay, by node name."""
+    assert parent.downlinks is not None
+    return parent.downlinks.children
+
+
+async def wait_child(parent: Node, name: str, present: bool = True, timeout: float = 10) -> None:
+    """Until ``name`` has (or no longer has) an open session on ``parent``."""
+    sessions = children(parent)
+    await wait_until(
+        lambda: (name in sessions) == present, timeout, what=f"{name} present={present}"
+    )
 
 
 def rdsd_cmd() -> list[str]:
@@ -114,7 +191,7 @@ def rdsd_cmd() -> list[str]:
 
 
 def rdsft_cmd() -> list[str]:
-    return [sys.executable, "-m", "rdsd.rdsft"]
+    return [sys.executable, "-m", "rdsd.cli.rdsft"]
 
 
 def is_executable(path: Path) -> bool:
@@ -173,3 +250,10 @@ class RawChild:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
+
+
+def enroll_node(deployment: Deployment, name: str, role: Role) -> Path:
+    """Enrol ``name`` on the deployment's server (a bundle is written, not used)."""
+    bundle = deployment.root / f"{name}.enrolled.bundle"
+    enroll(deployment.server.home, name, role, bundle)
+    return bundle

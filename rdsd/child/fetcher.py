@@ -1,0 +1,125 @@
+"""Getting packages from the parent into the store.
+
+One fetch per package however many jobs or children want it at the same
+moment. Below the server (and between relays) a failed attempt resumes from
+the verified offset; a client below a relay starts over (``Uplink.resumes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from ..config import NodeConfig
+from ..errors import DiskFull, StoreError, TransferFailed
+from ..net.transfer import receive
+from ..packages.manifest import Manifest
+from ..packages.store import Store
+from ..util.backoff import Backoff
+from .uplink import Uplink
+
+log = structlog.get_logger("rdsd.runner")
+
+
+class Fetcher:
+    """Fetches packages from the parent, once per package."""
+
+    def __init__(self, cfg: NodeConfig, store: Store, link: Uplink) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.link = link
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Set once a download of the package is open for readers to follow.
+        self._begun: dict[str, asyncio.Event] = {}
+
+    def start(self, manifest: Manifest, envelope: bytes) -> asyncio.Task[None]:
+        task = self._tasks.get(manifest.id)
+        if task is None or task.done():
+            self._begun[manifest.id] = asyncio.Event()
+            task = asyncio.create_task(self._obtain(manifest, envelope))
+            self._tasks[manifest.id] = task
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        return task
+
+    async def get(self, manifest: Manifest, envelope: bytes) -> None:
+        if self.store.has(manifest.id):
+            return
+        await asyncio.shield(self.start(manifest, envelope))
+
+    async def started(self, manifest: Manifest, envelope: bytes, timeout: float = 10.0) -> bool:
+        """Start fetching and return once readers can follow the download
+        (or the package is complete); False if that did not happen in time."""
+        task = self.start(manifest, envelope)
+        if self.store.has(manifest.id) or self.store.active(manifest.id):
+            return True
+        begun = asyncio.create_task(self._begun[manifest.id].wait())
+        try:
+            await asyncio.wait({task, begun}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            begun.cancel()
+        return self.store.has(manifest.id) or self.store.active(manifest.id) is not None
+
+    async def _obtain(self, manifest: Manifest, envelope: bytes) -> None:
+        cfg = self.cfg
+        bound = log.bind(node=cfg.name, package=manifest.id)
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
+        attempt = 0
+        while not self.store.has(manifest.id):
+            attempt += 1
+            try:
+                session = await self.link.wait_session(cfg.idle_timeout)
+            except TimeoutError:
+                raise TransferFailed(f"parent unreachable: {self.link.last_error}") from None
+            resume = self.link.resumes
+            try:
+                dl = await self.store.begin_download(envelope, manifest, resume=resume)
+            except DiskFull as exc:
+                raise TransferFailed(str(exc), retryable=False) from None
+            except StoreError as exc:
+                # Another process (the daemon, or rdsft) is fetching it: wait.
+                if attempt >= cfg.retry_limit * 10:
+                    raise TransferFailed(str(exc)) from None
+                bound.info("fetch.waiting", reason=str(exc))
+                await asyncio.sleep(min(cfg.reconnect_max, 1.0))
+                continue
+            self._begun[manifest.id].set()
+            try:
+                await receive(
+                    session,
+                    self.link.router,
+                    dl,
+                    cfg.idle_timeout,
+                    cfg.name,
+                    self._progress(bound),
+                    cfg.progress_interval,
+                )
+                return
+            except TransferFailed as exc:
+                dl.fail(str(exc), keep_partial=resume and exc.retryable)
+                bound.warning(
+                    "fetch.failed",
+                    attempt=attempt,
+                    reason=str(exc),
+                    resume_from=dl.verified if resume else 0,
+                )
+                if not exc.retryable or attempt >= cfg.retry_limit:
+                    raise
+            except BaseException:
+                dl.fail("interrupted", keep_partial=resume)
+                raise
+            await backoff.wait()
+
+    @staticmethod
+    def _progress(bound: Any) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            bound.info(
+                "fetch.progress",
+                bytes=done,
+                size=total,
+                percent=round(100 * done / max(total, 1), 1),
+            )
+
+        return report

@@ -1,0 +1,253 @@
+"""The child half: our one session to the parent.
+
+Relays and clients share it. It connects upward with exponential backoff and
+jitter, says HELLO, and from then on routes what the parent sends: job
+notices and cancels to the node, fetch answers to the running fetches, report
+acknowledgements to the outbox. When the session drops, running fetches are
+woken with the news and the link connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import structlog
+
+from protocol import (
+    Chunk,
+    FetchEnd,
+    FetchFail,
+    Hello,
+    JobCancel,
+    JobNotice,
+    Message,
+    MessageType,
+    PendingDone,
+    PendingQuery,
+    Ping,
+    Pong,
+    Report,
+    ReportAck,
+    Revoked,
+)
+
+from ..config import NodeConfig
+from ..domain import HelloPurpose, Role
+from ..errors import SessionClosed
+from ..net.observe import TrafficObserver
+from ..net.session import Session, open_child_session
+from ..net.transfer import FetchRouter
+from ..util.backoff import Backoff
+
+log = structlog.get_logger("rdsd.uplink")
+
+
+class UplinkHandler(Protocol):
+    """What the node does with what the parent sends."""
+
+    async def on_connected(self, link: Uplink) -> None: ...
+    async def on_job_notice(self, notice: JobNotice) -> None: ...
+    async def on_job_cancel(self, cancel: JobCancel) -> None: ...
+    async def on_revoked(self, nodes: list[str]) -> None: ...
+    def on_report_ack(self, report_id: str) -> None: ...
+
+
+class Uplink:
+    """One child-side session, reconnecting for as long as it runs."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        ctx: ssl.SSLContext,
+        handler: UplinkHandler,
+        purpose: HelloPurpose = HelloPurpose.SESSION,
+        observer: TrafficObserver | None = None,
+    ) -> None:
+        assert cfg.parent is not None
+        self.cfg = cfg
+        self.ctx = ctx
+        self.handler = handler
+        self.purpose = purpose
+        self.observer = observer
+        self.router = FetchRouter()
+        self.session: Session | None = None
+        self.parent_role: Role | None = None
+        self.parent_name = ""
+        self.connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self.last_error = ""
+        self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
+        # What went up on the current session and awaits its ack there.
+        self.sent: set[str] = set()
+        self._ping = 0
+        self.log = log.bind(node=cfg.name)
+
+    @property
+    def resumes(self) -> bool:
+        """A client below a relay starts a failed transfer over; every other
+        hop (below the server, and between relays) resumes."""
+        return self.parent_role is not Role.RELAY or self.cfg.role is Role.RELAY
+
+    async def connect_once(self) -> Session:
+        host, port = self.cfg.parent  # type: ignore[misc]
+        hello = Hello(node=self.cfg.name, role=self.cfg.role, purpose=self.purpose)
+        session, welcome = await open_child_session(
+            host,
+            port,
+            self.ctx,
+            hello,
+            self.cfg.handshake_timeout,
+            self.cfg.idle_timeout,
+            self.observer,
+        )
+        self.session = session
+        self.sent = set()
+        self.parent_role = Role(welcome.role)
+        self.parent_name = welcome.node
+        self._lost.clear()
+        self.connected.set()
+        self.log.info("uplink.connected", parent=welcome.node, parent_role=welcome.role)
+        return session
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff; until cancelled."""
+        backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        while True:
+            try:
+                session = await self.connect_once()
+            except Exception as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                self.log.warning(
+                    "uplink.connect_failed",
+                    reason=self.last_error,
+                    retry_in=round(backoff.current, 2),
+                )
+                await backoff.wait()
+                continue
+            backoff.reset()
+            try:
+                await self.serve(session)
+            except Exception:
+                # A bug in handling one message must not end the link for good.
+                self.log.exception("uplink.crashed")
+                await asyncio.sleep(self.cfg.reconnect_min)
+
+    async def serve(self, session: Session) -> None:
+        """Read until the session ends, dispatching every message."""
+        pinger = asyncio.create_task(self._keepalive(session))
+        try:
+            await self.handler.on_connected(self)
+            while True:
+                msg = await session.recv()
+                await self._dispatch(msg)
+        except SessionClosed as exc:
+            self.last_error = str(exc)
+            self.log.warning("uplink.lost", reason=str(exc))
+        finally:
+            pinger.cancel()
+            self.connected.clear()
+            self._lost.set()
+            self.session = None
+            self.router.session_lost()
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(SessionClosed(self.last_error))
+            self._pending.clear()
+            await session.close(self.last_error)
+
+    async def _dispatch(self, msg: Message) -> None:
+        handler = self.TABLE.get(msg.TYPE)
+        if handler is not None:
+            await handler(self, msg)
+
+    async def _on_fetch_answer(self, msg: Message) -> None:
+        assert isinstance(msg, (Chunk, FetchEnd, FetchFail))
+        await self.router.deliver(msg)
+
+    async def _on_job_notice(self, msg: Message) -> None:
+        assert isinstance(msg, JobNotice)
+        await self.handler.on_job_notice(msg)
+
+    async def _on_report_ack(self, msg: Message) -> None:
+        assert isinstance(msg, ReportAck)
+        self.handler.on_report_ack(msg.report_id)
+
+    async def _on_pending_done(self, msg: Message) -> None:
+        assert isinstance(msg, PendingDone)
+        fut = self._pending.pop(msg.node, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg.jobs)
+
+    async def _on_job_cancel(self, msg: Message) -> None:
+        assert isinstance(msg, JobCancel)
+        await self.handler.on_job_cancel(msg)
+
+    async def _on_revoked(self, msg: Message) -> None:
+        assert isinstance(msg, Revoked)
+        await self.handler.on_revoked(msg.nodes)
+
+    async def _on_ping(self, msg: Message) -> None:
+        assert isinstance(msg, Ping)
+        if self.session is not None:
+            await self.session.send(Pong(nonce=msg.nonce))
+
+    #: What each message from the parent does; PONG needs nothing.
+    TABLE: dict[MessageType, Callable[[Uplink, Message], Awaitable[None]]] = {
+        MessageType.CHUNK: _on_fetch_answer,
+        MessageType.FETCH_END: _on_fetch_answer,
+        MessageType.FETCH_FAIL: _on_fetch_answer,
+        MessageType.JOB_NOTICE: _on_job_notice,
+        MessageType.REPORT_ACK: _on_report_ack,
+        MessageType.PENDING_DONE: _on_pending_done,
+        MessageType.JOB_CANCEL: _on_job_cancel,
+        MessageType.REVOKED: _on_revoked,
+        MessageType.PING: _on_ping,
+    }
+
+    async def _keepalive(self, session: Session) -> None:
+        with contextlib.suppress(SessionClosed):
+            while True:
+                await asyncio.sleep(self.cfg.ping_interval)
+                self._ping += 1
+                await session.send(Ping(nonce=self._ping))
+
+    async def wait_session(self, timeout: float) -> Session:
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.connected.wait()
+                if self.session is not None and not self.session.closed:
+                    return self.session
+                # Connected but already closing: wait for the loss to land.
+                await self._lost.wait()
+
+    async def query_pending(self, timeout: float, node: str | None = None) -> list[str]:
+        """Ask for this node's pending jobs (or, on a relay, a child's); the
+        notices arrive through the handler before the answer, so they are
+        recorded when this returns."""
+        session = await self.wait_session(timeout)
+        fut = self._pending.get(node)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[node] = fut
+            await session.send(PendingQuery(node=node))
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(fut)
+
+    async def send_up(self, messages: list[tuple[str, Message]]) -> None:
+        """Send each ``(ack id, message)`` not yet sent on this session; the
+        rest are in flight and will be sent again only on a new session."""
+        session = self.session
+        if session is None or session.closed:
+            return
+        with contextlib.suppress(SessionClosed):
+            for key, msg in messages:
+                if key not in self.sent:
+                    self.sent.add(key)
+                    await session.send(msg)
+
+    async def send_reports(self, reports: list[Report]) -> None:
+        await self.send_up([(r.report_id, r) for r in reports])

@@ -1,0 +1,92 @@
+"""``rdsd run``: the daemon process around a Node.
+
+Process tuning lives here and nowhere else: the open-file limit (a relay
+holds one socket per child), glibc's mmap threshold (idle sessions' memory),
+the pid file (one daemon per home, by lock) and uvloop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import resource
+import signal
+from pathlib import Path
+from typing import Any
+
+from ..config import NodeConfig
+from ..errors import AdminError
+from ..util.fsutil import try_lock
+from ..util.logs import configure
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _raise_fd_limit() -> None:
+    """A relay holds one socket per child: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _pin_mmap_threshold() -> None:
+    """Keep large buffers (each TLS connection's 256 KiB read buffer under
+    uvloop) in their own lazily-touched mappings. glibc otherwise raises the
+    threshold after the first free, and those buffers then land on reused,
+    already-touched heap: measured 117 KiB per idle child session against
+    44 KiB with the threshold pinned. Best effort; glibc only."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = NodeConfig.load(Path(args.home).resolve())
+    configure(args.log_format, args.log_level)
+    _raise_fd_limit()
+    _pin_mmap_threshold()
+    pidfile = cfg.paths.pidfile
+    fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o644)
+    if not try_lock(fd):
+        os.close(fd)
+        raise AdminError(f"a daemon is already running on {cfg.home}")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        _run_loop(_serve(cfg))
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+    return 0
+
+
+async def _serve(cfg: NodeConfig) -> None:
+    from ..node import Node
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Node(cfg) as node:
+        if node.downlinks is not None:
+            host, port = node.address
+            print(f"rdsd {cfg.role} {cfg.name} listening on {host}:{port}", flush=True)
+        else:
+            print(f"rdsd client {cfg.name} running", flush=True)
+        await stop.wait()
+
+
+def _run_loop(coro: Any) -> None:
+    """The daemon prefers uvloop where it is installed; embedders choose."""
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)

@@ -1,0 +1,207 @@
+"""The thin asyncio adapter: one TLS stream, one ``protocol.Connection``.
+
+It moves bytes between the socket and the sans-IO state machine and nothing
+else: no policy lives here. The peer's identity comes from its certificate
+(``peer``), never from what it says in HELLO; the roles check that the two
+agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass
+
+import structlog
+
+from protocol import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Goodbye,
+    Hello,
+    Message,
+    ProtocolError,
+    RemoteProtocolError,
+    Side,
+    Welcome,
+)
+
+from ..domain import Role
+from ..errors import PeerError, SecurityError, SessionClosed
+from ..security import peer_identity
+from .observe import TrafficObserver
+
+READ_SIZE = 1024 * 1024
+# Two chunks may wait in a transport: enough to keep the link busy, small
+# enough that many slow children cannot add up to much memory.
+WRITE_BUFFER = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end, from the certificate it proved it holds."""
+
+    name: str
+    role: Role
+
+
+class Session:
+    """One open connection to a parent or a child."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        side: Side,
+        peer: Peer,
+        idle_timeout: float,
+        observer: TrafficObserver | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        # Let a few chunks queue in the transport so the sender is never idle
+        # waiting for a full flush between chunks.
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
+        self.conn = Connection(side)
+        self.peer = peer
+        self.idle_timeout = idle_timeout
+        self.closed = False
+        self._close_started = False
+        self.close_reason = ""
+        self._observer = observer
+        self.log = structlog.get_logger("rdsd.session").bind(peer=peer.name)
+
+    @staticmethod
+    def identify(writer: asyncio.StreamWriter) -> Peer:
+        obj = writer.get_extra_info("ssl_object")
+        if not isinstance(obj, ssl.SSLObject):
+            raise SecurityError("connection is not TLS")
+        name, role, _ = peer_identity(obj.getpeercert(binary_form=True))
+        return Peer(name, Role(role))
+
+    async def send(self, msg: Message) -> None:
+        """Frame and write ``msg``; waits while the peer is slow to read."""
+        if self.closed:
+            raise SessionClosed(self.close_reason or "session closed")
+        buffers = self.conn.send(msg)
+        if self._observer is not None:
+            self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
+        try:
+            self._writer.writelines(buffers)
+            async with asyncio.timeout(self.idle_timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            # The peer stopped reading: free what we hold for it.
+            self.abort(f"peer read nothing for {self.idle_timeout:.0f}s")
+            raise SessionClosed(self.close_reason) from None
+        except (ConnectionError, OSError) as exc:
+            self._mark_closed(f"write failed: {exc}")
+            raise SessionClosed(self.close_reason) from None
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """The next message from the peer. Raises SessionClosed on EOF,
+        protocol violation (after telling the peer why) or idle timeout."""
+        limit = self.idle_timeout if timeout is None else timeout
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                await self.fail(exc)
+                raise SessionClosed(f"protocol error: {exc}") from None
+            if isinstance(event, Error):
+                await self.close(f"peer error: {event.reason}")
+                raise PeerError(event.code, event.reason)
+            if isinstance(event, Goodbye):
+                await self.close(f"peer said goodbye: {event.reason}")
+                raise SessionClosed(self.close_reason)
+            if isinstance(event, Message):
+                return event
+            if isinstance(event, ConnectionClosed):
+                self._mark_closed("peer closed" if event.graceful else "peer disconnected")
+                raise SessionClosed(self.close_reason)
+            assert event is NEED_DATA
+            if self.closed:
+                raise SessionClosed(self.close_reason)
+            try:
+                async with asyncio.timeout(limit):
+                    data = await self._reader.read(READ_SIZE)
+            except TimeoutError:
+                await self.fail(ProtocolError(f"no data for {limit:.0f}s", ErrorCode.TIMEOUT))
+                raise SessionClosed(self.close_reason) from None
+            except (ConnectionError, OSError, ssl.SSLError) as exc:
+                self._mark_closed(f"read failed: {exc}")
+                raise SessionClosed(self.close_reason) from None
+            self.conn.receive_data(data)
+
+    async def fail(self, exc: ProtocolError) -> None:
+        """Tell the peer why we hang up, then hang up."""
+        self.log.warning("session.error", reason=str(exc), code=int(exc.code))
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._writer.writelines(self.conn.send_error(exc))
+        await self.close(str(exc))
+
+    async def goodbye(self, reason: str = "") -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._writer.writelines(self.conn.send(Goodbye(reason=reason)))
+        await self.close(reason or "goodbye")
+
+    async def close(self, reason: str = "") -> None:
+        """Close once; later calls return at once. The wait for the peer's
+        side of the TLS close is bounded and shielded, so a peer that never
+        answers cannot leave the stream's shared close future cancelled."""
+        self._mark_closed(reason)
+        if self._close_started:
+            return
+        self._close_started = True
+        with contextlib.suppress(Exception):
+            self._writer.close()
+            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), 2)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (revocation, shutdown)."""
+        self._mark_closed(reason)
+        transport = self._writer.transport
+        transport.abort()
+
+    def _mark_closed(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+
+
+async def open_child_session(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    hello: Hello,
+    timeout: float,
+    idle_timeout: float,
+    observer: TrafficObserver | None = None,
+) -> tuple[Session, Welcome]:
+    """Connect to a parent, check it is a server or relay of our deployment,
+    and exchange HELLO/WELCOME within ``timeout``."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
+        try:
+            peer = Session.identify(writer)
+            if peer.role not in (Role.SERVER, Role.RELAY):
+                raise SecurityError(f"parent {peer.name} presents a {peer.role} certificate")
+        except SecurityError:
+            writer.close()
+            raise
+        session = Session(reader, writer, Side.CHILD, peer, idle_timeout, observer)
+        await session.send(hello)
+        msg = await session.recv(timeout)
+    if not isinstance(msg, Welcome):
+        await session.close("unexpected answer to HELLO")
+        raise SessionClosed(f"parent answered HELLO with {msg.TYPE.name}")
+    if msg.node != peer.name or msg.role != peer.role:
+        await session.close("parent identity mismatch")
+        raise SecurityError(f"parent says it is {msg.node}/{msg.role}, certificate says {peer}")
+    return session, msg

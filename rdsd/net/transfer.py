@@ -1,0 +1,185 @@
+"""Moving one package across one hop, both ends.
+
+The sending end streams chunks out of the store (each re-checked against its
+signed digest on the way out) and the receiving end writes each chunk only
+after it matches. How a failed transfer continues depends on the hop, as the
+design says: below the managing server (and between relays) the receiver
+keeps its verified prefix and asks again from that byte offset; below a
+relay, a client throws its partial copy away and starts from byte zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from protocol import Chunk, Fetch, FetchCancel, FetchEnd, FetchFail, Message
+
+from ..errors import CorruptChunk, DiskFull, SessionClosed, StoreError, TransferFailed
+from ..packages.download import Download
+from ..packages.manifest import Manifest
+from ..packages.store import Store
+from .observe import TrafficObserver
+from .session import Session
+
+log = structlog.get_logger("rdsd.transfer")
+QUEUE_DEPTH = 8
+
+
+async def serve_fetch(
+    session: Session,
+    store: Store,
+    fetch: Fetch,
+    node: str,
+    observer: TrafficObserver | None = None,
+) -> None:
+    """Send ``fetch.package`` from ``fetch.offset`` to the end, then FETCH_END;
+    any store problem becomes FETCH_FAIL with the reason. The observer, if
+    any, hears how many package bytes went to each peer."""
+    peer = session.peer.name
+    bound = log.bind(node=node, peer=peer, package=fetch.package)
+    sent = 0
+    try:
+        async for offset, data in store.chunks(fetch.package, fetch.offset):
+            await session.send(Chunk(fetch_id=fetch.fetch_id, offset=offset, data=data))
+            sent += len(data)
+            if observer is not None:
+                observer.package_served(peer, len(data))
+    except CorruptChunk as exc:
+        bound.error("serve.corrupt", offset=exc.offset)
+        store.quarantine(fetch.package, exc.offset)
+        await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=str(exc)))
+        return
+    except (StoreError, OSError, TimeoutError) as exc:
+        reason = str(exc) or type(exc).__name__
+        bound.warning("serve.failed", reason=reason)
+        await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
+        return
+    except asyncio.CancelledError:
+        if not session.closed:
+            await session.send(FetchFail(fetch_id=fetch.fetch_id, reason="cancelled"))
+        raise
+    await session.send(FetchEnd(fetch_id=fetch.fetch_id, size=fetch.offset + sent))
+    bound.info("serve.done", offset=fetch.offset, bytes=sent)
+
+
+class FetchRouter:
+    """Hands the parent's answers to each running fetch on one session.
+
+    The session's single reader puts messages here; each fetch reads its own
+    bounded queue, so a slow disk pushes back on the socket rather than
+    growing memory.
+    """
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._queues: dict[int, asyncio.Queue[Message | None]] = {}
+        self._wakers: dict[int, asyncio.Task[None]] = {}
+
+    def open(self) -> tuple[int, asyncio.Queue[Message | None]]:
+        fid = next(self._ids)
+        q: asyncio.Queue[Message | None] = asyncio.Queue(QUEUE_DEPTH)
+        self._queues[fid] = q
+        return fid, q
+
+    def close(self, fid: int) -> None:
+        q = self._queues.pop(fid, None)
+        # The session's reader may be blocked putting into this full queue:
+        # empty it so the reader moves on (later messages for fid are dropped).
+        while q is not None and not q.empty():
+            q.get_nowait()
+        waker = self._wakers.pop(fid, None)
+        if waker is not None:
+            waker.cancel()
+
+    async def deliver(self, msg: Chunk | FetchEnd | FetchFail) -> None:
+        q = self._queues.get(msg.fetch_id)
+        if q is not None:
+            await q.put(msg)
+
+    def session_lost(self) -> None:
+        """Tell every running fetch its session is gone, after the chunks it
+        already has (they are good and will be written)."""
+        for fid, q in self._queues.items():
+            if fid not in self._wakers:
+                self._wakers[fid] = asyncio.create_task(q.put(None))
+
+
+async def receive(
+    session: Session,
+    router: FetchRouter,
+    dl: Download,
+    timeout: float,
+    node: str,
+    progress: Callable[[int, int], None] | None = None,
+    progress_every: float = 5.0,
+) -> None:
+    """One attempt to complete ``dl`` from ``session``, from its verified
+    offset. Raises TransferFailed; CorruptChunk counts as retryable."""
+    m: Manifest = dl.manifest
+    fid, q = router.open()
+    start = dl.verified
+    last = time.monotonic()
+    bound = log.bind(node=node, peer=session.peer.name, package=m.id)
+    bound.info("fetch.start", offset=start, size=m.size)
+    try:
+        try:
+            await session.send(Fetch(fetch_id=fid, package=m.id, offset=start))
+        except SessionClosed as exc:
+            raise TransferFailed(f"link lost: {exc}") from None
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    msg = await q.get()
+            except TimeoutError:
+                await _store_step(dl.flush())
+                raise TransferFailed(
+                    f"no data from {session.peer.name} for {timeout:.0f}s"
+                ) from None
+            if msg is None:
+                # Keep every chunk already received: the resume starts after them.
+                await _store_step(dl.flush())
+                raise TransferFailed(f"link lost: {session.close_reason}")
+            if isinstance(msg, Chunk):
+                try:
+                    await _store_step(dl.write_chunk(msg.offset, msg.data))
+                except TransferFailed:
+                    await _cancel(session, fid)
+                    raise
+                now = time.monotonic()
+                if progress is not None and now - last >= progress_every:
+                    last = now
+                    progress(dl.verified, m.size)
+            elif isinstance(msg, FetchFail):
+                raise TransferFailed(f"{session.peer.name} refused: {msg.reason}")
+            elif isinstance(msg, FetchEnd):
+                break
+        await _store_step(dl.finish())
+        bound.info("fetch.done", resumed_from=start, bytes=m.size - start)
+    finally:
+        router.close(fid)
+
+
+async def _store_step(step: Awaitable[None]) -> None:
+    """Run a store operation, turning its failures into TransferFailed: a bad
+    chunk may go better next time, a full disk will not."""
+    try:
+        await step
+    except CorruptChunk as exc:
+        raise TransferFailed(str(exc)) from None
+    except DiskFull as exc:
+        raise TransferFailed(str(exc), retryable=False) from None
+    except StoreError as exc:
+        raise TransferFailed(str(exc)) from None
+    except OSError as exc:
+        raise TransferFailed(f"cannot store {exc.filename or ''}: {exc}", retryable=False) from None
+
+
+async def _cancel(session: Session, fid: int) -> None:
+    with contextlib.suppress(SessionClosed):
+        await session.send(FetchCancel(fetch_id=fid))

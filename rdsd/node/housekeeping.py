@@ -1,0 +1,177 @@
+"""The node's background duties: noticing changes, pushing work, expiry,
+and telling the parent what it must know.
+
+Admin commands write the job database from another process; the poll loop
+notices that through SQLite's ``data_version`` (one PRAGMA per idle poll)
+and runs one pass when anything changed, when the node itself woke it, or
+when a scheduled execution time came due. A pass pushes due work to
+children, tells the parent about the subtree and holdings (on a relay),
+sends queued reports up and starts due jobs of this node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from protocol import Holdings, JobAnnounce, Topology
+
+from ..domain import DestState
+from ..errors import IllegalTransition, SessionClosed
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = structlog.get_logger("rdsd.node")
+
+
+class Housekeeper:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.cfg = node.cfg
+        self.log = node.log
+        self._wake = asyncio.Event()
+        self._version = -1
+        self._due: float | None = None
+        self.tell_parent = False
+        self._held: dict[str, float] = {}
+        self.passes = asyncio.Condition()
+
+    def wake(self) -> None:
+        """Something changed: run a pass soon."""
+        self._wake.set()
+
+    async def poll(self) -> None:
+        """Run passes for as long as the node runs."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.poll_interval):
+                    await self._wake.wait()
+            # Read the flag itself: a wake() in the same step as the timeout
+            # must not be lost.
+            woken = self._wake.is_set()
+            self._wake.clear()
+            try:
+                await self.tick(woken)
+            except Exception:
+                self.log.exception("node.tick_failed")
+
+    async def tick(self, woken: bool = True) -> None:
+        node = self.node
+        db = node.db
+        version = db.data_version()
+        now = time.time()
+        due = self._due is not None and self._due <= now
+        if not (woken or due or version != self._version):
+            return
+        self._version = version
+        self._due = db.next_due(now)
+        if node.downlinks is not None:
+            await node.downlinks.dispatch()
+        if node.uplink is not None:
+            if self.tell_parent or (node.parts.forwards_up and self.holdings() != self._held):
+                await self.describe_subtree()
+            await self.flush_outbox()
+        if node.runner is not None:
+            node.runner.kick()
+        async with self.passes:
+            self.passes.notify_all()
+
+    # -- expiry ------------------------------------------------------------------
+
+    async def sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.sweep_interval)
+            try:
+                self.sweep()
+            except Exception:
+                self.log.exception("node.sweep_failed")
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Delete packages whose keep time is over, except one being served
+        or downloaded right now (it goes on a later sweep). The parent learns
+        it from the next HOLDINGS."""
+        store = self.node.store
+        now = time.time() if now is None else now
+        gone = []
+        for m in store.manifests():
+            if m.expires <= now and not store.in_use(m.id):
+                store.delete(m.id)
+                gone.append(m.id)
+                self.log.info("package.expired", package=m.id)
+                self._expire_offers(m.id)
+        if gone:
+            self.wake()
+        return gone
+
+    def _expire_offers(self, package: str) -> None:
+        """An offer whose package expired can no longer be chosen: say so."""
+        db, me = self.node.db, self.cfg.name
+        for job in db.jobs():
+            dest = db.dest(job.id, me) if job.package == package else None
+            if dest is not None and dest.state is DestState.OFFERED:
+                with contextlib.suppress(IllegalTransition):
+                    db.change(
+                        job.id,
+                        me,
+                        DestState.FAILED,
+                        "the offer expired before it was installed",
+                        me,
+                        report=True,
+                        package=package,
+                    )
+
+    # -- telling the parent --------------------------------------------------------
+
+    async def flush_outbox(self) -> None:
+        """Announce jobs made here, then send queued reports: the parent must
+        know a job before it hears how it went."""
+        node = self.node
+        if node.uplink is None:
+            return
+        if node.parts.forwards_up:
+            await node.uplink.send_up(
+                [
+                    (
+                        f"job:{job.id}",
+                        JobAnnounce(
+                            job=job.id,
+                            type=job.type,
+                            package=job.package,
+                            destinations=[d.node for d in node.db.dests(job.id)],
+                            origin=job.origin,
+                            at=job.at,
+                            manifest=job.manifest,
+                        ),
+                    )
+                    for job in node.db.unannounced()
+                ]
+            )
+        await node.uplink.send_reports(node.db.outbox())
+
+    async def describe_subtree(self) -> None:
+        """A relay tells its parent which nodes are behind it (so jobs for
+        them are routed here) and what its cache holds."""
+        node = self.node
+        session = node.uplink.session if node.uplink else None
+        if not node.parts.forwards_up or session is None or session.closed:
+            return
+        self.tell_parent = False
+        nodes = {
+            n.name: n.role
+            for n in node.db.nodes()
+            if n.name != self.cfg.name and n.via and not n.revoked
+        }
+        self._held = self.holdings()
+        try:
+            await session.send(Topology(nodes=nodes))
+            await session.send(Holdings(packages=self._held))
+        except SessionClosed:
+            self.tell_parent = True
+
+    def holdings(self) -> dict[str, float]:
+        return {m.id: m.expires for m in self.node.store.manifests()}

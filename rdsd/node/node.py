@@ -1,0 +1,240 @@
+"""A running node, as an async context manager over an explicit config.
+
+``ROLE_PARTS`` says which parts a role has; this module builds them, runs
+their background work in one task group, and implements what the child half
+asks of the node (job notices, cancels, revocations, acknowledgements) and
+what the parent half asks of a relay (fetch a package on a child's behalf,
+ask its own parent for a child's pending jobs). Nothing here is global, so
+several nodes can run in one event loop (the tests do exactly that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Collection, Coroutine
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from protocol import JobCancel, JobNotice
+
+from ..child.fetcher import Fetcher
+from ..child.intake import JobIntake
+from ..child.uplink import Uplink
+from ..config import NodeConfig
+from ..domain import DestState
+from ..errors import IllegalTransition, ManifestError, SessionClosed
+from ..net.observe import TrafficObserver
+from ..packages.manifest import Envelopes
+from ..packages.store import Store
+from ..parent.downlinks import Downlinks, ParentHooks
+from ..security import Verifier, client_context, server_context
+from ..state import JobDB
+from .housekeeping import Housekeeper
+from .roles import ROLE_PARTS
+from .runner import Runner
+
+log = structlog.get_logger("rdsd.node")
+
+
+class Node:
+    """``async with Node(cfg) as node:`` runs a server, relay or client.
+
+    ``observer``, if given, hears how many bytes each session sends (for
+    benchmarks and metrics)."""
+
+    def __init__(self, cfg: NodeConfig, observer: TrafficObserver | None = None) -> None:
+        self.cfg = cfg
+        self.parts = ROLE_PARTS[cfg.role]
+        self.observer = observer
+        paths = cfg.paths
+        self.envelopes = Envelopes(Verifier(paths.signing_pub.read_bytes()))
+        self.db = JobDB(paths.db)
+        self.store = Store(paths.store, self.envelopes, refetchable=self.parts.refetchable)
+        self.log = log.bind(node=cfg.name, role=cfg.role)
+        self.intake = JobIntake(cfg.name, cfg.role, self.db, self.envelopes)
+        self.housekeeping = Housekeeper(self)
+        self.downlinks: Downlinks | None = None
+        self.uplink: Uplink | None = None
+        self.runner: Runner | None = None
+        self.fetcher: Fetcher | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where children connect (the bound port when configured with 0)."""
+        if self.downlinks is None:
+            raise RuntimeError(f"a {self.cfg.role} does not listen")
+        return self.downlinks.address
+
+    async def __aenter__(self) -> Node:
+        try:
+            await self.start()
+        except BaseException:
+            # e.g. the listen address is taken: release what was opened.
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cfg, paths, parts = self.cfg, self.cfg.paths, self.parts
+        self.store.prepare()
+        paths.work.mkdir(exist_ok=True)
+        if parts.child_half:
+            ctx = client_context(paths.ca_cert, paths.cert, paths.key)
+            self.uplink = Uplink(cfg, ctx, self, observer=self.observer)
+            self.fetcher = Fetcher(cfg, self.store, self.uplink)
+        if parts.runs_jobs:
+            assert self.fetcher is not None
+            self.runner = Runner(
+                cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake
+            )
+            self.runner.recover()
+        if parts.parent_half:
+            hooks = ParentHooks(
+                provide=self._provide,
+                reports_changed=self.wake,
+                topology_changed=self._topology_changed,
+                forward_reports=parts.forwards_up,
+                ask_parent=self._ask_parent if parts.forwards_up else None,
+            )
+            ctx = server_context(paths.ca_cert, paths.cert, paths.key)
+            self.downlinks = Downlinks(
+                cfg, self.db, self.store, self.envelopes, ctx, hooks, self.observer
+            )
+            await self.downlinks.start()
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        if parts.child_half:
+            self.housekeeping.sweep()
+            self._spawn(self.housekeeping.sweeper(), "sweep")
+        if self.uplink is not None:
+            self._spawn(self.uplink.run(), "uplink")
+        self._spawn(self.housekeeping.poll(), "poll")
+        self.log.info("node.started")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        assert self._group is not None
+        self._tasks.append(self._group.create_task(coro, name=name))
+
+    async def stop(self) -> None:
+        if self.uplink is not None and self.uplink.session is not None:
+            await self.uplink.session.goodbye("shutting down")
+        if self.runner is not None:
+            await self.runner.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self._group is not None:
+            group, self._group = self._group, None
+            await group.__aexit__(None, None, None)
+        if self.downlinks is not None:
+            await self.downlinks.stop()
+        self.db.close()
+        self.log.info("node.stopped")
+
+    def wake(self) -> None:
+        """Something changed: run the housekeeping pass soon."""
+        self.housekeeping.wake()
+
+    def _topology_changed(self) -> None:
+        self.housekeeping.tell_parent = True
+        self.wake()
+
+    # -- what a relay's parent half asks of the node --------------------------------
+
+    async def _provide(self, package: str) -> bool:
+        """A child wants a package we do not hold: start fetching it from our
+        parent (once) so the child can follow the download."""
+        if self.fetcher is None:
+            return False
+        envelope = next(
+            (job.manifest for job in reversed(self.db.jobs()) if job.package == package), None
+        )
+        if envelope is None:
+            return False
+        try:
+            manifest = self.envelopes.open_for(envelope, package)
+        except ManifestError:
+            return False
+        return await self.fetcher.started(manifest, envelope)
+
+    async def _ask_parent(self, node: str) -> None:
+        """Before answering a child's query, fetch its pending jobs from our
+        own parent, so ``rdsft -a`` works even where no daemon has run yet.
+        Best effort: if the parent is away, answer from what we have."""
+        if self.uplink is None or self.uplink.session is None:
+            return
+        self.housekeeping.tell_parent = True
+        await self.housekeeping.describe_subtree()
+        try:
+            await self.uplink.query_pending(self.cfg.handshake_timeout, node=node)
+        except (TimeoutError, SessionClosed) as exc:
+            self.log.warning("query.parent_unavailable", dest=node, reason=str(exc))
+
+    # -- what the child half asks of the node -----------------------------------------
+
+    async def on_connected(self, link: Uplink) -> None:
+        self.housekeeping.tell_parent = True
+        await self.housekeeping.describe_subtree()
+        await self.housekeeping.flush_outbox()
+        self.wake()
+
+    async def on_job_notice(self, notice: JobNotice) -> None:
+        accepted = self.intake.accept(notice)
+        if accepted is None:
+            return
+        if accepted.below and self.fetcher is not None and not self.store.has(notice.package):
+            self.fetcher.start(accepted.manifest, notice.manifest)
+        self.wake()
+
+    async def on_job_cancel(self, cancel: JobCancel) -> None:
+        for node in cancel.destinations:
+            dest = self.db.dest(cancel.job, node)
+            if dest is None or dest.final:
+                continue
+            with contextlib.suppress(IllegalTransition):
+                self.db.change(
+                    cancel.job,
+                    node,
+                    DestState.CANCELLED,
+                    "cancelled upstream",
+                    self.cfg.name,
+                    report=False,
+                )
+            self.log.info("job.cancelled", job=cancel.job, dest=node)
+            if node == self.cfg.name and self.runner is not None:
+                self.runner.cancel(cancel.job)
+        self.wake()
+
+    async def on_revoked(self, nodes: list[str]) -> None:
+        self.db.set_revoked(nodes)
+        self.wake()
+
+    def on_report_ack(self, report_id: str) -> None:
+        if report_id.startswith("job:"):
+            self.db.mark_announced(report_id[4:])
+        else:
+            self.db.ack(report_id)
+
+    # -- for embedders ------------------------------------------------------------------
+
+    async def wait_for(
+        self, job: str, node: str, states: Collection[DestState | str], timeout: float
+    ) -> DestState:
+        """Wait until ``node``'s state for ``job`` is one of ``states``. Woken
+        by each housekeeping pass, which every state change leads to."""
+        passes = self.housekeeping.passes
+        async with asyncio.timeout(timeout), passes:
+            while True:
+                dest = self.db.dest(job, node)
+                if dest is not None and dest.state in states:
+                    return dest.state
+                await passes.wait()

@@ -1,0 +1,257 @@
+"""The package store: the server's storehouse, a relay's cache, a client's
+downloads. One format everywhere.
+
+A complete package is two files, ``ID.pkg`` (the archive) and ``ID.env``
+(the signed manifest envelope). The envelope is written last and deleted
+first, so a package whose envelope exists is complete and verified; anything
+else found at start-up is debris from a crash and is removed. Downloads in
+progress live in ``partial/`` (see ``download.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+
+from protocol import is_package_id
+
+from ..errors import CorruptChunk, ManifestError, StoreError
+from ..util.fsutil import atomic_write, fsync_dir
+from .download import Download
+from .manifest import Envelopes, Manifest
+
+READ_AHEAD = 2  # chunks read and checked ahead of the one being sent
+DEBRIS_AGE = 600.0  # seconds an archive may sit without its envelope before it is debris
+log = structlog.get_logger("rdsd.store")
+
+
+def _pid_alive(text: str) -> bool:
+    """Is the process whose id ends a temporary file's name still running?"""
+    if not text.isdigit():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """Complete packages plus the downloads in progress, in one directory."""
+
+    def __init__(self, root: Path, envelopes: Envelopes, refetchable: bool = True) -> None:
+        self.root = root
+        # A relay or client can fetch a damaged package again from its parent;
+        # the server's storehouse cannot, so it leaves a bad package in place.
+        self.refetchable = refetchable
+        self.partial_dir = root / "partial"
+        self.envelopes = envelopes
+        self._downloads: dict[str, Download] = {}
+        self._readers: dict[str, int] = {}
+
+    def verify(self, package: str) -> None:
+        """Re-check a complete package against its manifest (before it is
+        installed): raises CorruptChunk at the first bad chunk."""
+        m = self.manifest(package)
+        if m is None:
+            raise StoreError(f"{package} is not in the store")
+        # The signed chunk digests cover every byte, so one pass suffices.
+        with self.data_path(package).open("rb") as f:
+            for index in range(len(m.chunks)):
+                data = f.read(m.chunk_length(index))
+                if hashlib.sha256(data).digest() != m.chunks[index]:
+                    raise CorruptChunk(package, index * m.chunk_size, "at rest")
+            if f.read(1):
+                raise CorruptChunk(package, m.size, "trailing bytes at rest")
+
+    def prepare(self) -> None:
+        """Create the layout and remove debris a crash may have left. Other
+        processes (the daemon, an admin command, rdsft) may be writing this
+        store right now, so only files that cannot be theirs go: temporary
+        files of dead processes, and archives left without an envelope for
+        longer than any commit takes."""
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for path in self.root.iterdir():
+            if path.name.startswith(".") and ".tmp-" in path.name:
+                if not _pid_alive(path.name.rsplit("-", 1)[-1]):
+                    path.unlink(missing_ok=True)
+            elif path.suffix == ".pkg" and not path.with_suffix(".env").exists():
+                with contextlib.suppress(FileNotFoundError):
+                    if now - path.stat().st_mtime > DEBRIS_AGE:
+                        log.warning("store.debris_removed", file=str(path))
+                        path.unlink()
+        fsync_dir(self.root)
+
+    # -- paths and lookups ---------------------------------------------------
+
+    def data_path(self, package: str) -> Path:
+        self._check_id(package)
+        return self.root / f"{package}.pkg"
+
+    def envelope_path(self, package: str) -> Path:
+        self._check_id(package)
+        return self.root / f"{package}.env"
+
+    @staticmethod
+    def _check_id(package: str) -> None:
+        if not is_package_id(package):
+            raise StoreError(f"unsafe package id {package!r}")
+
+    def ids(self) -> list[str]:
+        return sorted(
+            p.name[: -len(".env")]
+            for p in self.root.glob("*.env")
+            if is_package_id(p.name[: -len(".env")])
+        )
+
+    def has(self, package: str) -> bool:
+        return self.envelope_path(package).exists() and self.data_path(package).exists()
+
+    def envelope(self, package: str) -> bytes | None:
+        try:
+            return self.envelope_path(package).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def manifest(self, package: str) -> Manifest | None:
+        """The verified manifest of a complete package (cached by envelope)."""
+        env = self.envelope(package)
+        if env is None:
+            return None
+        try:
+            return self.envelopes.open(env)
+        except ManifestError as exc:
+            raise StoreError(f"{package}: stored manifest rejected: {exc}") from None
+
+    def manifests(self) -> list[Manifest]:
+        out = []
+        for package in self.ids():
+            m = self.manifest(package)
+            if m is not None:
+                out.append(m)
+        return out
+
+    def in_use(self, package: str) -> bool:
+        return self._readers.get(package, 0) > 0 or package in self._downloads
+
+    # -- writing -------------------------------------------------------------
+
+    def replace_envelope(self, package: str, envelope: bytes) -> None:
+        """Swap in a re-signed manifest (new keep duration) for the same bytes."""
+        atomic_write(self.envelope_path(package), envelope)
+
+    def delete(self, package: str) -> None:
+        """Envelope first: from that moment the package no longer counts."""
+        for path in (self.envelope_path(package), self.data_path(package)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fsync_dir(self.root)
+
+    def quarantine(self, package: str, offset: int) -> None:
+        """A complete package turned out to hold a bad chunk at ``offset``:
+        take it out of service and keep its good prefix as a partial
+        download, so a node with a parent fetches only the rest again."""
+        env = self.envelope(package)
+        if not self.refetchable or env is None or package in self._downloads:
+            return
+        part = self.partial_dir / f"{package}.part"
+        self.envelope_path(package).unlink()
+        os.replace(self.data_path(package), part)
+        os.truncate(part, offset)
+        atomic_write(self.partial_dir / f"{package}.env", env)
+        fsync_dir(self.root)
+        log.error("store.quarantined", store=str(self.root), package=package, offset=offset)
+
+    def active(self, package: str) -> Download | None:
+        return self._downloads.get(package)
+
+    async def begin_download(self, envelope: bytes, manifest: Manifest, resume: bool) -> Download:
+        """Start receiving ``manifest``'s package, or join the one in progress
+        so a package is fetched once however many want it."""
+        current = self._downloads.get(manifest.id)
+        if current is not None:
+            return current
+        dl = Download(self, manifest, envelope)
+        self._downloads[manifest.id] = dl
+        try:
+            await dl.open(resume)
+        except BaseException:
+            self._downloads.pop(manifest.id, None)
+            raise
+        return dl
+
+    def forget(self, dl: Download) -> None:
+        if self._downloads.get(dl.manifest.id) is dl:
+            del self._downloads[dl.manifest.id]
+
+    # -- reading -------------------------------------------------------------
+
+    async def chunks(
+        self, package: str, offset: int, wait_timeout: float = 60.0
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield ``(offset, data)`` from ``offset`` to the end, each chunk
+        checked against its signed digest before it leaves the store. Follows
+        a download in progress chunk by chunk."""
+        dl = self._downloads.get(package)
+        if dl is not None:
+            m, path = dl.manifest, dl.path
+        else:
+            found = self.manifest(package)
+            if found is None:
+                raise StoreError(f"{package} is not in the store")
+            m, dl, path = found, None, self.data_path(package)
+        if offset % m.chunk_size or offset > m.size:
+            raise StoreError(f"{package}: offset {offset} is not a chunk boundary")
+        fd = os.open(path, os.O_RDONLY)
+        self._readers[package] = self._readers.get(package, 0) + 1
+        loop = asyncio.get_running_loop()
+        ahead: deque[asyncio.Future[bytes]] = deque()
+        try:
+            pos = ahead_pos = offset
+            while pos < m.size:
+                # Read and check the next chunks in threads while this one is
+                # sent, but never beyond what a running download has verified.
+                while (
+                    len(ahead) < READ_AHEAD
+                    and ahead_pos < m.size
+                    and (dl is None or dl.done or dl.verified > ahead_pos)
+                ):
+                    index = ahead_pos // m.chunk_size
+                    ahead.append(
+                        loop.run_in_executor(None, self._read_chunk, fd, m, index, ahead_pos)
+                    )
+                    ahead_pos += m.chunk_length(index)
+                if not ahead:
+                    assert dl is not None
+                    await dl.wait_beyond(pos, wait_timeout)
+                    if dl.error is not None and dl.verified <= pos:
+                        raise StoreError(f"{package}: upstream fetch failed: {dl.error}")
+                    continue
+                data = await ahead.popleft()
+                yield pos, data
+                pos += len(data)
+        finally:
+            for fut in ahead:  # let reads finish before the descriptor closes
+                with contextlib.suppress(BaseException):
+                    await fut
+            os.close(fd)
+            self._readers[package] -= 1
+
+    @staticmethod
+    def _read_chunk(fd: int, m: Manifest, index: int, pos: int) -> bytes:
+        length = m.chunk_length(index)
+        data = os.pread(fd, length, pos)
+        if len(data) != length or hashlib.sha256(data).digest() != m.chunks[index]:
+            raise CorruptChunk(m.id, pos, "at rest")
+        return data

@@ -1,0 +1,265 @@
+"""What the parent half does with each message from a child, as a table.
+
+``ChildHandlers.TABLE`` maps each message type a child may send to one
+method; a type missing from it (PONG) is accepted and ignored. A handler
+raises ``ProtocolError`` for something this child may not do, which closes
+its session with the reason; everything else it answers on the child's own
+session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from protocol import (
+    ErrorCode,
+    Fetch,
+    FetchCancel,
+    FetchFail,
+    Holdings,
+    JobAnnounce,
+    Message,
+    MessageType,
+    PendingDone,
+    PendingQuery,
+    Ping,
+    Pong,
+    ProtocolError,
+    Report,
+    ReportAck,
+    Topology,
+)
+
+from ..domain import IncomingJob, JobType, Role
+from ..errors import ManifestError, SessionClosed
+from ..net.session import Session
+from ..net.transfer import serve_fetch
+from ..state import Applied
+from .routing import judge_topology
+
+if TYPE_CHECKING:
+    from .downlinks import Child, Downlinks
+
+log = structlog.get_logger("rdsd.downlinks")
+Handler = Callable[["ChildHandlers", "Child", Message], Awaitable[None]]
+
+
+def _relay_only(child: Child, what: str) -> None:
+    if child.role is not Role.RELAY:
+        raise ProtocolError(f"only a relay {what}", ErrorCode.UNAUTHORIZED)
+
+
+class ChildHandlers:
+    def __init__(self, parent: Downlinks) -> None:
+        self.parent = parent
+        self.log = parent.log
+
+    async def handle(self, child: Child, msg: Message) -> None:
+        handler = self.TABLE.get(msg.TYPE)
+        if handler is not None:
+            await handler(self, child, msg)
+
+    # -- reports ------------------------------------------------------------------
+
+    async def on_report(self, child: Child, msg: Message) -> None:
+        assert isinstance(msg, Report)
+        p, session = self.parent, child.session
+        if child.role is Role.CLIENT and msg.node != child.name:
+            raise ProtocolError(
+                f"{child.name} may not report for {msg.node}", ErrorCode.UNAUTHORIZED
+            )
+        ack = ReportAck(report_id=msg.report_id)
+        if not p.in_subtree(child.name, msg.node) or msg.report_id != (
+            f"{msg.origin or msg.node}:{msg.seq}"
+        ):
+            # Acknowledged and dropped: a node that moved to another relay
+            # must not make its old relay's link fail over and over.
+            self.log.warning(
+                "report.refused",
+                job=msg.job,
+                dest=msg.node,
+                peer=child.name,
+                reason="not from this child's subtree or malformed id",
+            )
+            await session.send(ack)
+            return
+        row = p.db.node(msg.node)
+        if row is not None and row.revoked:
+            self.log.warning("report.refused", job=msg.job, dest=msg.node, reason="revoked")
+            await session.send(ack)
+            return
+        if p.db.job(msg.job) is None:
+            # Not acknowledged: the child keeps it and sends it again on its
+            # next session, by when the job's announcement has arrived.
+            self.log.warning("report.unknown_job", job=msg.job, dest=msg.node)
+            return
+        outcome = p.db.apply_report(msg, forward=p.hooks.forward_reports)
+        if outcome is Applied.APPLIED:
+            self.log.info(
+                "report.applied",
+                job=msg.job,
+                dest=msg.node,
+                state=msg.state,
+                detail=msg.detail,
+                package=msg.package,
+            )
+            p.hooks.reports_changed()
+        elif outcome is Applied.ILLEGAL:
+            self.log.warning(
+                "report.refused",
+                job=msg.job,
+                dest=msg.node,
+                peer=child.name,
+                state=msg.state,
+                reason="not a state change the destination lifecycle allows",
+            )
+        await session.send(ack)
+
+    async def on_announce(self, child: Child, msg: Message) -> None:
+        """Record a job made at a relay so its status is known here too."""
+        assert isinstance(msg, JobAnnounce)
+        p = self.parent
+        if child.role is not Role.RELAY or msg.type == JobType.TRANSFER:
+            raise ProtocolError(
+                f"{child.name} may not announce a {msg.type} job", ErrorCode.UNAUTHORIZED
+            )
+        ack = ReportAck(report_id=f"job:{msg.job}")
+        inside = [d for d in msg.destinations if p.in_subtree(child.name, d)]
+        refusal = None
+        try:
+            job_type = JobType(msg.type)
+            p.envelopes.open_for(msg.manifest, msg.package)
+        except (ManifestError, ValueError) as exc:
+            refusal = str(exc)
+        known = p.db.job(msg.job)
+        if refusal is None and known is not None and (
+            known.origin,
+            known.type,
+            known.package,
+            known.manifest,
+        ) != (msg.origin, msg.type, msg.package, msg.manifest):
+            refusal = "a different job already has this id"
+        elif refusal is None and (not inside or not p.in_subtree(child.name, msg.origin)):
+            refusal = "no destination is behind the announcing relay"
+        if refusal is not None:
+            # Acknowledged so the relay stops sending it, but not recorded:
+            # one bad announcement must not cut the relay's whole subtree off.
+            self.log.warning("job.announce_refused", job=msg.job, peer=child.name, reason=refusal)
+            await child.session.send(ack)
+            return
+        p.db.receive_job(
+            IncomingJob(
+                id=msg.job,
+                type=job_type,
+                package=msg.package,
+                destinations=inside,
+                envelope=msg.manifest,
+                at=msg.at,
+                origin=msg.origin,
+            ),
+            announced=False,
+        )
+        self.log.info(
+            "job.announced",
+            job=msg.job,
+            package=msg.package,
+            origin=msg.origin,
+            dests=msg.destinations,
+        )
+        await child.session.send(ack)
+        p.hooks.reports_changed()
+
+    # -- what is below a relay -------------------------------------------------------
+
+    async def on_topology(self, child: Child, msg: Message) -> None:
+        assert isinstance(msg, Topology)
+        _relay_only(child, "has nodes below it")
+        p = self.parent
+        plan = judge_topology(
+            p.cfg.name, child.name, msg.nodes, p.db.node_index(), p.children.keys()
+        )
+        for name, current in plan.refused:
+            self.log.warning("topology.claim_refused", node=name, peer=child.name, current=current)
+        p.db.route_through(child.name, plan.moves, keep=plan.keep)
+        p.hooks.topology_changed()
+        await p.dispatch()
+
+    async def on_holdings(self, child: Child, msg: Message) -> None:
+        assert isinstance(msg, Holdings)
+        _relay_only(child, "holds packages for others")
+        self.parent.db.set_holdings(child.name, msg.packages)
+
+    async def on_pending_query(self, child: Child, msg: Message) -> None:
+        assert isinstance(msg, PendingQuery)
+        p = self.parent
+        target = msg.node or child.name
+        if not p.in_subtree(child.name, target):
+            raise ProtocolError(
+                f"{child.name} may not ask for {target}'s jobs", ErrorCode.UNAUTHORIZED
+            )
+        if p.hooks.ask_parent is not None:
+            await p.hooks.ask_parent(target)
+        jobs = await p.answer_query(child, target)
+        await child.session.send(PendingDone(jobs=jobs, node=msg.node))
+
+    # -- fetches ----------------------------------------------------------------------
+
+    async def on_fetch(self, child: Child, msg: Message) -> None:
+        assert isinstance(msg, Fetch)
+        p, session, fetch = self.parent, child.session, msg
+        if not p.db.may_fetch(fetch.package, child.name):
+            reason = f"no job gives {child.name} {fetch.package}"
+            await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
+            return
+        held = p.store.has(fetch.package) or p.store.active(fetch.package) is not None
+        if not held and not await p.hooks.provide(fetch.package):
+            reason = f"{fetch.package} is not available here"
+            await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
+            return
+
+        async def run() -> None:
+            with contextlib.suppress(SessionClosed):
+                await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer)
+
+        def done(task: asyncio.Task[None]) -> None:
+            child.serving.pop(fetch.fetch_id, None)
+            # Cancelled before it ever ran, or crashed: tell the child it is over.
+            failed = task.cancelled() or task.exception() is not None
+            if failed and fetch.fetch_id in session.conn.open_fetches:
+                fail = FetchFail(fetch_id=fetch.fetch_id, reason="cancelled")
+                p.spawn(_send_quietly(session, fail))
+
+        task = asyncio.create_task(run())
+        task.add_done_callback(done)
+        child.serving[fetch.fetch_id] = task
+
+    async def on_fetch_cancel(self, child: Child, msg: Message) -> None:
+        assert isinstance(msg, FetchCancel)
+        task = child.serving.get(msg.fetch_id)
+        if task is not None:
+            task.cancel()
+
+    async def on_ping(self, child: Child, msg: Message) -> None:
+        assert isinstance(msg, Ping)
+        await child.session.send(Pong(nonce=msg.nonce))
+
+    TABLE: dict[MessageType, Handler] = {
+        MessageType.REPORT: on_report,
+        MessageType.JOB_ANNOUNCE: on_announce,
+        MessageType.TOPOLOGY: on_topology,
+        MessageType.HOLDINGS: on_holdings,
+        MessageType.PENDING_QUERY: on_pending_query,
+        MessageType.FETCH: on_fetch,
+        MessageType.FETCH_CANCEL: on_fetch_cancel,
+        MessageType.PING: on_ping,
+    }
+
+
+async def _send_quietly(session: Session, msg: Message) -> None:
+    with contextlib.suppress(SessionClosed):
+        await session.send(msg)

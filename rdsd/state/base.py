@@ -1,0 +1,74 @@
+"""The one SQLite connection a node's state lives behind, and its schema.
+
+WAL mode with ``synchronous=FULL``: a committed state change survives a
+crash, and admin commands in other processes can read while the daemon
+writes. Every concern (jobs, outbox, nodes, inventory) is a mixin over this
+connection, so a state change and the report that carries it upward commit
+in one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs(
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, package TEXT NOT NULL,
+    created REAL NOT NULL, at REAL, origin TEXT NOT NULL, manifest BLOB NOT NULL,
+    announced INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS dests(
+    job TEXT NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL, origin TEXT NOT NULL DEFAULT '', seq INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(job, node));
+CREATE TABLE IF NOT EXISTS outbox(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, report_id TEXT UNIQUE NOT NULL, job TEXT NOT NULL,
+    node TEXT NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL, seq INTEGER NOT NULL,
+    origin TEXT NOT NULL, package TEXT, time REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes(
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, via TEXT, last_seen REAL,
+    revoked INTEGER NOT NULL DEFAULT 0, enrolled REAL);
+CREATE TABLE IF NOT EXISTS groups(name TEXT NOT NULL, node TEXT NOT NULL, PRIMARY KEY(name, node));
+CREATE TABLE IF NOT EXISTS holdings(
+    node TEXT NOT NULL, package TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY(node, package));
+CREATE TABLE IF NOT EXISTS installed(
+    node TEXT NOT NULL, package TEXT NOT NULL, job TEXT NOT NULL, time REAL NOT NULL,
+    PRIMARY KEY(node, package));
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
+CREATE INDEX IF NOT EXISTS jobs_package ON jobs(package);
+CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
+"""
+
+
+class Database:
+    """Owns the connection. Calls are short and local; the event loop may
+    call them directly."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Changes when another connection (a CLI command) commits."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])

@@ -1,0 +1,63 @@
+"""The report outbox: state changes waiting for the parent's acknowledgement.
+
+A report is written in the same transaction as the change it carries and
+deleted only when the parent says it has committed it, so a crash on either
+side loses nothing and a repeat changes nothing (``seq`` grows at the node
+that made the change).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from protocol import Report
+
+from .base import Database
+
+
+class OutboxMixin(Database):
+    def _next_seq(self, db: sqlite3.Connection) -> int:
+        db.execute("INSERT OR IGNORE INTO meta VALUES('seq', 0)")
+        db.execute("UPDATE meta SET value = value + 1 WHERE key='seq'")
+        return int(db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
+
+    @staticmethod
+    def _enqueue(db: sqlite3.Connection, rep: Report) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO outbox(report_id, job, node, state, detail, seq, origin, "
+            "package, time) VALUES(?,?,?,?,?,?,?,?,?)",
+            (
+                rep.report_id,
+                rep.job,
+                rep.node,
+                rep.state,
+                rep.detail,
+                rep.seq,
+                rep.origin or rep.node,
+                rep.package,
+                rep.time,
+            ),
+        )
+
+    def outbox(self) -> list[Report]:
+        """Every report not yet acknowledged, oldest first."""
+        return [
+            Report(
+                report_id=r[0],
+                job=r[1],
+                node=r[2],
+                state=r[3],
+                detail=r[4],
+                seq=r[5],
+                origin=r[6],
+                package=r[7],
+                time=r[8],
+            )
+            for r in self._db.execute(
+                "SELECT report_id, job, node, state, detail, seq, origin, package, time "
+                "FROM outbox ORDER BY id"
+            )
+        ]
+
+    def ack(self, report_id: str) -> None:
+        self._db.execute("DELETE FROM outbox WHERE report_id=?", (report_id,))

@@ -1,0 +1,98 @@
+"""The job database on its own: the destination lifecycle is enforced on
+every change, local or reported, and reports apply exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protocol import Report
+from rdsd.domain import DestState, IncomingJob, JobType
+from rdsd.errors import IllegalTransition
+from rdsd.state import Applied, JobDB
+
+S = DestState
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> JobDB:
+    jdb = JobDB(tmp_path / "state.db")
+    jdb.create_job(
+        JobType.INSTALL, "tool-1.0", ["c1", "c2"], b"env", None, origin="hq", job_id="j1"
+    )
+    return jdb
+
+
+def report(seq: int, state: str, node: str = "c1", origin: str | None = None) -> Report:
+    return Report(
+        report_id=f"{origin or node}:{seq}", job="j1", node=node, state=state, seq=seq,
+        origin=origin,
+    )  # fmt: skip
+
+
+def test_records_carry_enums(db: JobDB) -> None:
+    dest = db.dest("j1", "c1")
+    job = db.job("j1")
+    assert dest is not None and dest.state is S.WAITING
+    assert job is not None and job.type is JobType.INSTALL
+
+
+def test_local_change_follows_the_table(db: JobDB) -> None:
+    db.change("j1", "c1", S.TRANSFERRING, "", "c1", report=True)
+    db.change("j1", "c1", S.INSTALLING, "", "c1", report=True)
+    db.change("j1", "c1", S.INSTALLED, "", "c1", report=True, package="tool-1.0")
+    with pytest.raises(IllegalTransition):
+        db.change("j1", "c1", S.TRANSFERRING, "", "c1", report=True)
+    dest = db.dest("j1", "c1")
+    assert dest is not None and dest.state is S.INSTALLED
+    assert db.installed() == {"c1": ["tool-1.0"]}
+    assert [r.state for r in db.outbox()] == ["transferring", "installing", "installed"]
+
+
+def test_refused_local_change_writes_no_report(db: JobDB) -> None:
+    db.change("j1", "c1", S.CANCELLED, "", "hq", report=False)
+    with pytest.raises(IllegalTransition):
+        db.change("j1", "c1", S.TRANSFERRING, "5%", "c1", report=True)
+    assert db.outbox() == []
+
+
+def test_report_applies_once_and_repeats_change_nothing(db: JobDB) -> None:
+    assert db.apply_report(report(3, "transferring"), forward=True) is Applied.APPLIED
+    assert db.apply_report(report(3, "transferring"), forward=True) is Applied.REPEAT
+    assert db.apply_report(report(2, "installed"), forward=True) is Applied.REPEAT
+    assert [r.report_id for r in db.outbox()] == ["c1:3"]
+
+
+def test_report_outside_the_lifecycle_is_refused(db: JobDB) -> None:
+    assert db.apply_report(report(1, "installed"), forward=False) is Applied.APPLIED
+    assert db.apply_report(report(2, "transferring"), forward=False) is Applied.ILLEGAL
+    assert db.apply_report(report(3, "bogus"), forward=False) is Applied.ILLEGAL
+    dest = db.dest("j1", "c1")
+    assert dest is not None and dest.state is S.INSTALLED
+
+
+def test_report_for_an_unknown_destination(db: JobDB) -> None:
+    assert db.apply_report(report(1, "installed", node="ghost"), False) is Applied.NO_DEST
+
+
+def test_late_progress_report_does_not_reopen_a_cancel(db: JobDB) -> None:
+    db.change("j1", "c1", S.CANCELLED, "cancelled by the operator", "hq", report=False)
+    assert db.apply_report(report(7, "transferring"), forward=False) is Applied.ILLEGAL
+    dest = db.dest("j1", "c1")
+    assert dest is not None and dest.state is S.CANCELLED
+    # What really happened still wins: the node finished before it heard.
+    assert db.apply_report(report(8, "installed"), forward=False) is Applied.APPLIED
+
+
+def test_newer_generation_restarts_a_final_destination_but_not_a_cancelled_one(
+    db: JobDB,
+) -> None:
+    db.change("j1", "c1", S.FAILED, "boom", "c1", report=False)
+    db.change("j1", "c2", S.CANCELLED, "", "hq", report=False)
+    again = IncomingJob("j1", JobType.INSTALL, "tool-1.0", ["c1", "c2"], b"env", None, "hq", 1)
+    assert db.receive_job(again) == ["c1"]
+    assert db.receive_job(again) == []  # the same notice twice changes nothing
+    c1, c2 = db.dest("j1", "c1"), db.dest("j1", "c2")
+    assert c1 is not None and c1.state is S.WAITING and c1.generation == 1
+    assert c2 is not None and c2.state is S.CANCELLED

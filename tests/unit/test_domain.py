@@ -1,0 +1,57 @@
+"""The vocabulary: the destination lifecycle table is complete and means
+what the job model says."""
+
+from __future__ import annotations
+
+from rdsd.domain import (
+    DEST_TRANSITIONS,
+    FINAL_STATES,
+    SUCCESS_STATE,
+    TARGET_ROLE,
+    DestState,
+    JobType,
+    Role,
+    can_move,
+)
+
+S = DestState
+
+
+def test_every_state_has_a_row() -> None:
+    assert set(DEST_TRANSITIONS) == set(DestState)
+
+
+def test_final_states() -> None:
+    assert {s for s in DestState if s.final} == FINAL_STATES
+    assert not S.WAITING.final and not S.TRANSFERRING.final and not S.INSTALLING.final
+
+
+def test_every_success_is_reachable_from_waiting() -> None:
+    for state in SUCCESS_STATE.values():
+        assert can_move(S.WAITING, state)
+    assert can_move(S.OFFERED, S.INSTALLING) and can_move(S.INSTALLING, S.INSTALLED)
+
+
+def test_a_cancel_is_only_left_for_a_real_outcome() -> None:
+    assert not can_move(S.CANCELLED, S.WAITING)
+    assert not can_move(S.CANCELLED, S.TRANSFERRING)
+    assert not can_move(S.CANCELLED, S.INSTALLING)
+    assert can_move(S.CANCELLED, S.INSTALLED)
+
+
+def test_retry_starts_over_from_every_final_state_but_cancelled() -> None:
+    for state in FINAL_STATES - {S.CANCELLED}:
+        assert can_move(state, S.WAITING), state
+
+
+def test_an_install_never_goes_back_to_transferring() -> None:
+    assert not can_move(S.INSTALLING, S.TRANSFERRING)
+    assert not can_move(S.INSTALLED, S.TRANSFERRING)
+
+
+def test_job_types_name_their_destination_role() -> None:
+    assert TARGET_ROLE == {
+        JobType.INSTALL: Role.CLIENT,
+        JobType.OFFER: Role.CLIENT,
+        JobType.TRANSFER: Role.RELAY,
+    }
