@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""rdsd performance bench: DESIGN.md section 9's targets against baselines of the same run.
+"""rdsd performance bench: the targets in docs/DESIGN.md against baselines of the same run.
 
 Run from the repository root::
 
@@ -50,11 +50,13 @@ import structlog  # noqa: E402
 
 from protocol import Hello, Ping, Pong  # noqa: E402
 from rdsd.admin import Admin, init_server  # noqa: E402
-from rdsd.config import HomePaths, NodeConfig, Role  # noqa: E402
-from rdsd.jobdb import JobDB  # noqa: E402
+from rdsd.config import HomePaths, NodeConfig  # noqa: E402
+from rdsd.domain import Role  # noqa: E402
+from rdsd.errors import SessionClosed  # noqa: E402
+from rdsd.net.session import Session, open_child_session  # noqa: E402
 from rdsd.node import Node  # noqa: E402
 from rdsd.security import client_context, issue_certificate, server_context  # noqa: E402
-from rdsd.session import Session, SessionClosed, open_child_session  # noqa: E402
+from rdsd.state import JobDB  # noqa: E402
 from tests.helpers import Deployment, rdsd_cmd, rdsft_cmd  # noqa: E402
 
 MiB = 1024 * 1024
@@ -78,7 +80,7 @@ RESUME_IDLE = 10.0
 SAMPLE = 0.01  # how often the bench looks at job states and sessions
 
 # The idle-clients part: sessions this process opens to one relay daemon.
-IDLE_TARGET_MIB = 200  # DESIGN.md: 10,000 idle clients on one relay under 200 MiB
+IDLE_TARGET_MIB = 200  # docs/DESIGN.md: 10,000 idle clients on one relay under 200 MiB
 IDLE_TARGET_N = 10_000
 IDLE_CONCURRENCY = 200  # handshakes in flight at once
 IDLE_HANDSHAKE = 30.0  # connect + TLS + HELLO/WELCOME, per session
@@ -257,7 +259,7 @@ async def follow(
                     dest = db.dest(job, name)
                     if dest is not None:
                         tl.seen.setdefault((label, name, dest.state), now)
-                        snap.append((label, name, dest.state, dest.detail))
+                        snap.append((label, name, str(dest.state), dest.detail))
             if snap != last:
                 last, changed = snap, now
             if all(any(tl.at(top, n, s) for s in FINAL) for n in nodes):
@@ -284,51 +286,38 @@ def stuck(job: str, watch: list[Watch], stall: float) -> str:
     return f"no state change for {stall:.0f} s: " + "; ".join(parts)
 
 
-class SentCounter:
-    """Sums ``Session.bytes_sent`` over the sessions a parent holds to some children.
+class Traffic:
+    """A node's traffic observer: framed bytes sent, per peer, every session."""
 
-    The parent forgets a session once it closes, so the children table is
-    sampled every few milliseconds and every session seen is kept; the bytes
-    counted before ``start()`` are left out.
-    """
+    def __init__(self) -> None:
+        self.frames: Counter[str] = Counter()
+
+    def frames_sent(self, peer: str, nbytes: int) -> None:
+        self.frames[peer] += nbytes
+
+    def package_served(self, peer: str, nbytes: int) -> None:
+        pass
+
+
+class SentCounter:
+    """Framed bytes a parent sent to some children, over all their sessions,
+    from the traffic observer ``running`` gives every node; the bytes counted
+    before ``start()`` are left out."""
 
     def __init__(self, parent: Node, names: set[str]) -> None:
-        self.parent = parent
-        self.names = names
-        self.sessions: list[Session] = []
-        self.before: dict[int, int] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def _sample(self) -> None:
-        assert self.parent.downlinks is not None
-        for name in self.names:
-            child = self.parent.downlinks.children.get(name)
-            if child is not None and all(child.session is not s for s in self.sessions):
-                self.sessions.append(child.session)
+        assert isinstance(parent.observer, Traffic)
+        self.frames = parent.observer.frames
+        self.names = sorted(names)
+        self.before: dict[str, int] = {}
 
     def start(self) -> None:
-        self._sample()
-        self.before = {id(s): s.bytes_sent for s in self.sessions}
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            self._sample()
-            await asyncio.sleep(SAMPLE / 2)
+        self.before = {n: self.frames[n] for n in self.names}
 
     async def stop(self) -> int:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._sample()
         return self.total()
 
     def total(self) -> int:
-        return sum(s.bytes_sent - self.before.get(id(s), 0) for s in self.sessions)
-
-    def per_session(self) -> list[int]:
-        return [s.bytes_sent - self.before.get(id(s), 0) for s in self.sessions]
+        return sum(self.frames[n] - self.before.get(n, 0) for n in self.names)
 
 
 async def wait_routed(db_node: Node, routes: dict[str, str], timeout: float = 60.0) -> None:
@@ -344,7 +333,7 @@ async def wait_routed(db_node: Node, routes: dict[str, str], timeout: float = 60
 @contextlib.asynccontextmanager
 async def running(*cfgs: NodeConfig) -> AsyncIterator[list[Node]]:
     async with contextlib.AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(Node(cfg)) for cfg in cfgs]
+        yield [await stack.enter_async_context(Node(cfg, observer=Traffic())) for cfg in cfgs]
 
 
 def job_timeout(nbytes: int, copies: int = 1) -> float:
@@ -870,6 +859,7 @@ class CutProxy:
         self.connections = 0
         self.delivered_first = 0
         self.cut_at: float | None = None
+        self.on_cut: Callable[[], None] | None = None
         self._server: asyncio.Server | None = None
 
     async def start(self) -> tuple[str, int]:
@@ -910,6 +900,8 @@ class CutProxy:
                     await w.drain()
                     self.delivered_first = limit
                     self.cut_at = time.perf_counter()
+                    if self.on_cut is not None:
+                        self.on_cut()
                     return
                 w.write(data)
                 await w.drain()
@@ -929,10 +921,11 @@ async def resume(b: Bench, server: Node, rows: list[Row]) -> None:
             await wait_routed(server, {"clientR": "clientR"})
             counter = SentCounter(server, {"clientR"})
             counter.start()
+            sent_at_cut: list[int] = []
+            proxy.on_cut = lambda: sent_at_cut.append(counter.total())
             watch = [("server", server.db, ["clientR"]), ("clientR", client.db, ["clientR"])]
             t, _, _ = await one_job(b, watch, ["clientR"], b.pkg, size)
             sent = await counter.stop()
-            per = counter.per_session()
     finally:
         await proxy.close()
     mine = [e for e in b.events if e.get("node") == "clientR"]
@@ -943,7 +936,7 @@ async def resume(b: Bench, server: Node, rows: list[Row]) -> None:
     rows.append(
         Row(
             "resume after a cut at 90 %: server bytes sent / package",
-            f"{sent / MiB:.1f} MiB, {len(per)} sessions",
+            f"{sent / MiB:.1f} MiB, {len(starts)} fetches",
             f"{sent / size:.3f}",
             f"<= {limit:.3f} (1 chunk over)",
             v,
@@ -971,12 +964,12 @@ async def resume(b: Bench, server: Node, rows: list[Row]) -> None:
             f"the fetch resumed from {resumed / MiB:.1f} MiB"
         )
     )
-    if per:
+    if sent_at_cut:
         rows.append(
             note(
-                f"  first session: the server had sent {per[0] / MiB:.1f} MiB; "
-                f"{(per[0] - proxy.delivered_first) / MiB:.1f} MiB were in socket and proxy "
-                "buffers at the cut"
+                f"  at the cut the server had sent {sent_at_cut[0] / MiB:.1f} MiB; "
+                f"{(sent_at_cut[0] - proxy.delivered_first) / MiB:.1f} MiB were in socket "
+                "and proxy buffers then"
             )
         )
     again = float(starts[1]["t"]) - proxy.cut_at
@@ -1178,7 +1171,7 @@ async def daemons(b: Bench) -> None:
         last = said.splitlines()[-1] if said else ""
         rows.append(note(f"  runs {', '.join(f'{x:.2f}' for x in times)} s; it said {last!r}"))
         bare = statistics.median(bare_import_times())
-        rows.append(Row("  python start + import rdsd.rdsft alone", secs(bare)))
+        rows.append(Row("  python start + import rdsd.cli.rdsft alone", secs(bare)))
     finally:
         await fleet.stop()
         for db in dbs:
@@ -1189,7 +1182,7 @@ def bare_import_times() -> list[float]:
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import rdsd.rdsft"], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-c", "import rdsd.cli.rdsft"], check=True, cwd=ROOT)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -1373,7 +1366,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def idle_clients(b: Bench) -> None:
-    """DESIGN.md: "10,000 idle clients on one relay under 200 MiB". A server and
+    """docs/DESIGN.md: "10,000 idle clients on one relay under 200 MiB". A server and
     a relay run as ``rdsd run`` daemons; this process opens the idle sessions,
     one client daemon behind the relay shows whether the relay still serves."""
     n = b.args.idle
