@@ -1054,10 +1054,17 @@ class Daemons:
         logs.mkdir(exist_ok=True)
         self.procs: dict[str, asyncio.subprocess.Process] = {}
 
-    async def start(self, name: str, home: Path) -> asyncio.subprocess.Process:
+    async def start(self, name: str, home: Path, *extra: str) -> asyncio.subprocess.Process:
+        """``rdsd run --home HOME`` plus ``extra`` arguments."""
         with (self.logs / f"{name}.log").open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                *rdsd_cmd(), "run", "--home", str(home), stdout=asyncio.subprocess.PIPE, stderr=err
+                *rdsd_cmd(),
+                "run",
+                "--home",
+                str(home),
+                *extra,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
             )
         self.procs[name] = proc
         return proc
