@@ -22,6 +22,7 @@ from protocol import Holdings, JobAnnounce, Topology
 
 from ..domain import DestState
 from ..errors import IllegalTransition, SessionClosed
+from ..events import PackageExpired
 
 if TYPE_CHECKING:
     from .node import Node
@@ -103,6 +104,7 @@ class Housekeeper:
                 store.delete(m.id)
                 gone.append(m.id)
                 self.log.info("package.expired", package=m.id)
+                self.node.bus.publish(PackageExpired(source=self.cfg.name, package=m.id))
                 self._expire_offers(m.id)
         if gone:
             self.wake()

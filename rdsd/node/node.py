@@ -6,13 +6,17 @@ asks of the node (job notices, cancels, revocations, acknowledgements) and
 what the parent half asks of a relay (fetch a package on a child's behalf,
 ask its own parent for a child's pending jobs). Nothing here is global, so
 several nodes can run in one event loop (the tests do exactly that).
+
+Every part reports what it does on the node's ``EventBus`` (``node.bus``);
+embedders read it with ``node.events(...)``. Destination changes reach the
+bus from the job database's listener, right after each commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Coroutine
+from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +30,7 @@ from ..child.uplink import Uplink
 from ..config import NodeConfig
 from ..domain import DestState
 from ..errors import IllegalTransition, ManifestError, SessionClosed
+from ..events import Event, EventBus, Subscription, wait_for_state
 from ..net.observe import TrafficObserver
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
@@ -43,7 +48,8 @@ class Node:
     """``async with Node(cfg) as node:`` runs a server, relay or client.
 
     ``observer``, if given, hears how many bytes each session sends (for
-    benchmarks and metrics)."""
+    benchmarks and metrics). Every method is for the event loop's thread:
+    the node, its database connection and its bus belong to that loop."""
 
     def __init__(self, cfg: NodeConfig, observer: TrafficObserver | None = None) -> None:
         self.cfg = cfg
@@ -51,7 +57,9 @@ class Node:
         self.observer = observer
         paths = cfg.paths
         self.envelopes = Envelopes(Verifier(paths.signing_pub.read_bytes()))
+        self.bus = EventBus(name=cfg.name)
         self.db = JobDB(paths.db)
+        self.db.listen(cfg.name, self.bus.publish)
         self.store = Store(paths.store, self.envelopes, refetchable=self.parts.refetchable)
         self.log = log.bind(node=cfg.name, role=cfg.role)
         self.intake = JobIntake(cfg.name, cfg.role, self.db, self.envelopes)
@@ -91,12 +99,10 @@ class Node:
         if parts.child_half:
             ctx = client_context(paths.ca_cert, paths.cert, paths.key)
             self.uplink = Uplink(cfg, ctx, self, observer=self.observer)
-            self.fetcher = Fetcher(cfg, self.store, self.uplink)
+            self.fetcher = Fetcher(cfg, self.store, self.uplink, self.bus, self._fetch_owners)
         if parts.runs_jobs:
             assert self.fetcher is not None
-            self.runner = Runner(
-                cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake
-            )
+            self.runner = Runner(cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake)
             self.runner.recover()
         if parts.parent_half:
             hooks = ParentHooks(
@@ -108,7 +114,7 @@ class Node:
             )
             ctx = server_context(paths.ca_cert, paths.cert, paths.key)
             self.downlinks = Downlinks(
-                cfg, self.db, self.store, self.envelopes, ctx, hooks, self.observer
+                cfg, self.db, self.store, self.envelopes, ctx, hooks, self.observer, self.bus
             )
             await self.downlinks.start()
         self._group = asyncio.TaskGroup()
@@ -138,6 +144,9 @@ class Node:
         if self.downlinks is not None:
             await self.downlinks.stop()
         self.db.close()
+        # After the last thing that could publish: subscribers get what is
+        # buffered, then their iteration ends.
+        self.bus.close()
         self.log.info("node.stopped")
 
     def wake(self) -> None:
@@ -147,6 +156,15 @@ class Node:
     def _topology_changed(self) -> None:
         self.housekeeping.tell_parent = True
         self.wake()
+
+    def _fetch_owners(self, package: str) -> list[str]:
+        """This node's unfinished jobs for ``package``: whom a fetch is for."""
+        me = self.cfg.name
+        return [
+            job.id
+            for job, dest in self.db.open_work(now=float("inf"))
+            if dest.node == me and job.package == package
+        ]
 
     # -- what a relay's parent half asks of the node --------------------------------
 
@@ -226,15 +244,41 @@ class Node:
 
     # -- for embedders ------------------------------------------------------------------
 
+    def events(
+        self,
+        *,
+        job: str | Iterable[str] | None = None,
+        node: str | Iterable[str] | None = None,
+        types: type[Event] | Iterable[type[Event]] | None = None,
+        maxsize: int = 1000,
+    ) -> Subscription:
+        """Subscribe to what this node does from now on (see ``EventBus.subscribe``
+        for the filters and ``rdsd.events`` for the slow-consumer policy)::
+
+            async with node.events(job=jid, types=DestChanged) as sub:
+                async for event in sub: ...
+
+        Iteration ends when the node stops, after the events already buffered."""
+        return self.bus.subscribe(job=job, node=node, types=types, maxsize=maxsize)
+
     async def wait_for(
-        self, job: str, node: str, states: Collection[DestState | str], timeout: float
+        self,
+        job: str,
+        node: str,
+        states: DestState | Iterable[DestState | str],
+        timeout: float | None,
     ) -> DestState:
-        """Wait until ``node``'s state for ``job`` is one of ``states``. Woken
-        by each housekeeping pass, which every state change leads to."""
-        passes = self.housekeeping.passes
-        async with asyncio.timeout(timeout), passes:
-            while True:
-                dest = self.db.dest(job, node)
-                if dest is not None and dest.state in states:
-                    return dest.state
-                await passes.wait()
+        """Wait until ``node``'s state for ``job`` is one of ``states``, as
+        this node's database records it, and return that state. Woken by the
+        change itself (no polling). Changes another process (the ``rdsd``
+        command line) writes are not events here; wait on the node whose
+        daemon makes the change, or attach the ``AsyncAdmin`` to this node.
+        Raises TimeoutError after ``timeout`` seconds and ``EventBusClosed``
+        if the node stops first."""
+        wanted = [DestState(states)] if isinstance(states, str) else [DestState(s) for s in states]
+
+        def current() -> DestState | None:
+            dest = self.db.dest(job, node)
+            return None if dest is None else dest.state
+
+        return await wait_for_state(self.bus, job, node, wanted, current, timeout)

@@ -36,6 +36,7 @@ from protocol import (
 from ..config import NodeConfig
 from ..domain import Dest, HelloPurpose, Job, Role
 from ..errors import SecurityError, SessionClosed
+from ..events import ChildConnected, ChildDisconnected, EventBus
 from ..net.observe import TrafficObserver
 from ..net.session import Session
 from ..packages.manifest import Envelopes
@@ -93,8 +94,10 @@ class Downlinks:
         ctx: ssl.SSLContext,
         hooks: ParentHooks,
         observer: TrafficObserver | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self.cfg = cfg
+        self.bus = bus if bus is not None else EventBus(name=cfg.name)
         self.db = db
         self.store = store
         self.envelopes = envelopes
@@ -194,6 +197,10 @@ class Downlinks:
             self.db.upsert_node(peer.name, peer.role, via=peer.name)
             self.hooks.topology_changed()
         self.log.info("child.connected", peer=peer.name, role=peer.role, purpose=purpose)
+        self.bus.publish(
+            ChildConnected(source=self.cfg.name, child=peer.name, role=peer.role, purpose=purpose)
+        )
+        reason = "connection ended"
         try:
             if purpose is HelloPurpose.SESSION:
                 await self.dispatch(only=child)
@@ -201,12 +208,23 @@ class Downlinks:
                 msg = await session.recv()
                 await self.handlers.handle(child, msg)
         except SessionClosed as exc:
-            self.log.info("child.disconnected", peer=peer.name, reason=str(exc))
+            reason = str(exc)
+            self.log.info("child.disconnected", peer=peer.name, reason=reason)
         except ProtocolError as exc:
             # A well-formed message this child may not send: say why, hang up.
+            reason = f"refused: {exc}"
             self.log.warning("child.refused", peer=peer.name, reason=str(exc))
             await session.fail(exc)
+        except asyncio.CancelledError:
+            reason = "shutting down"
+            raise
+        except Exception as exc:
+            reason = f"internal error: {exc!r}"
+            raise
         finally:
+            self.bus.publish(
+                ChildDisconnected(source=self.cfg.name, child=peer.name, reason=reason)
+            )
             for task in list(child.serving.values()):
                 task.cancel()
             if self.children.get(peer.name) is child:

@@ -10,9 +10,11 @@ in one transaction.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..events import Event
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
@@ -46,10 +48,17 @@ CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
 
 class Database:
     """Owns the connection. Calls are short and local; the event loop may
-    call them directly."""
+    call them directly.
+
+    ``listen`` attaches one event sink: after each commit that records a job
+    or changes a destination, it is called with the typed events (in commit
+    order, with no other database work in between), so a node can publish
+    what happened without this layer knowing about nodes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.source = ""
+        self._sink: Callable[[Event], None] | None = None
         self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -58,6 +67,26 @@ class Database:
 
     def close(self) -> None:
         self._db.close()
+
+    def listen(self, source: str, sink: Callable[[Event], None] | None) -> None:
+        """Call ``sink`` with each event this connection's commits produce;
+        ``source`` (the node's name) is their ``source``. None detaches.
+        The sink runs on the thread that made the change and must not raise
+        (``EventBus.publish`` never does)."""
+        self.source = source
+        self._sink = sink
+
+    @property
+    def listened(self) -> bool:
+        """Is anyone listening? Writers skip building events otherwise."""
+        return self._sink is not None
+
+    def _emit(self, events: Iterable[Event]) -> None:
+        """Hand committed changes to the sink, if any."""
+        sink = self._sink
+        if sink is not None:
+            for event in events:
+                sink(event)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

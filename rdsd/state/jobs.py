@@ -6,6 +6,12 @@ is enforced in this one place. A local change and the report that carries
 it upward commit in one transaction; a report from below is applied only if
 its ``seq`` is newer than the last one applied from the same origin, so
 repeats and reordering change nothing.
+
+Every write that records a job or moves a destination, including a move to
+the same state (a new detail) and a retry's reset to waiting, hands typed
+events (``JobReceived``, ``DestChanged`` with the state read inside the same
+transaction as ``old``) to the listener after its commit; see
+``Database.listen``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..domain import (
     can_move,
 )
 from ..errors import IllegalTransition, JobError
+from ..events import DestChanged, Event, JobReceived
 from .inventory import InventoryMixin
 from .outbox import OutboxMixin
 
@@ -84,7 +91,28 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "INSERT INTO dests(job, node, state, updated) VALUES(?,?,?,?)",
                 [(jid, n, DestState.WAITING, now) for n in nodes],
             )
+        if self.listened:
+            self._emit(self._moved(jid, n, package, None, DestState.WAITING, "") for n in nodes)
         return jid
+
+    def _moved(
+        self,
+        jid: str,
+        node: str,
+        package: str | None,
+        old: DestState | None,
+        new: DestState,
+        detail: str,
+    ) -> DestChanged:
+        return DestChanged(
+            source=self.source,
+            job=jid,
+            node=node,
+            package=package,
+            old=old,
+            new=new,
+            detail=detail,
+        )
 
     def receive_job(self, job: IncomingJob, announced: bool = True) -> list[str]:
         """Record a job pushed by the parent (or, with ``announced`` false,
@@ -93,8 +121,9 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         only a newer ``generation`` (``job retry`` upstream) puts them back
         to waiting. Returns the destinations that are new or reset."""
         now = time.time()
+        events: list[Event] = []
         with self._tx() as db:
-            db.execute(
+            fresh = db.execute(
                 f"INSERT OR IGNORE INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,?)",
                 (
                     job.id,
@@ -106,15 +135,30 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                     job.envelope,
                     int(announced),
                 ),
-            )
+            ).rowcount
+            if fresh:
+                events.append(
+                    JobReceived(
+                        source=self.source,
+                        job=job.id,
+                        job_type=job.type,
+                        package=job.package,
+                        destinations=tuple(job.destinations),
+                    )
+                )
             new = []
             for n in job.destinations:
+                old: DestState | None = None
                 cur = db.execute(
                     "INSERT OR IGNORE INTO dests(job, node, state, updated, generation) "
                     "VALUES(?,?,?,?,?)",
                     (job.id, n, DestState.WAITING, now, job.generation),
                 )
                 if not cur.rowcount:
+                    row = db.execute(
+                        "SELECT state FROM dests WHERE job=? AND node=?", (job.id, n)
+                    ).fetchone()
+                    old = DestState(row[0])
                     cur = db.execute(
                         "UPDATE dests SET state=?, detail='retry', updated=?, attempts=0, "
                         "generation=? WHERE job=? AND node=? AND generation < ? "
@@ -131,6 +175,11 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                     )
                 if cur.rowcount:
                     new.append(n)
+                    detail = "" if old is None else "retry"
+                    events.append(
+                        self._moved(job.id, n, job.package, old, DestState.WAITING, detail)
+                    )
+        self._emit(events)
         return new
 
     def job(self, jid: str) -> Job | None:
@@ -217,6 +266,13 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "generation = generation + 1 WHERE job=? AND state=?",
                 (DestState.WAITING, time.time(), jid, DestState.FAILED),
             )
+            pkg = db.execute("SELECT package FROM jobs WHERE id=?", (jid,)).fetchone()
+        self._emit(
+            self._moved(
+                jid, n, pkg[0] if pkg else None, DestState.FAILED, DestState.WAITING, "retry"
+            )
+            for n in nodes
+        )
         return nodes
 
     # -- state changes and reports ---------------------------------------------
@@ -236,9 +292,12 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         IllegalTransition (and changes nothing) for a move the lifecycle
         does not allow, such as progress after a cancel."""
         now = time.time()
+        rep: Report | None = None
         with self._tx() as db:
             row = db.execute(
-                "SELECT state FROM dests WHERE job=? AND node=?", (jid, node)
+                "SELECT d.state, j.package FROM dests d JOIN jobs j ON j.id = d.job "
+                "WHERE d.job=? AND d.node=?",
+                (jid, node),
             ).fetchone()
             if row is not None and not can_move(DestState(row[0]), state):
                 raise IllegalTransition(f"{jid}/{node}: {row[0]} -> {state} is not allowed")
@@ -250,21 +309,24 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
             if state is DestState.INSTALLED and package:
                 self._record_installed(db, node, package, jid, now)
-            if not report:
-                return None
-            rep = Report(
-                report_id=f"{me}:{seq}",
-                job=jid,
-                node=node,
-                state=state,
-                seq=seq,
-                detail=detail,
-                package=package,
-                time=now,
-                origin=me,
+            if report:
+                rep = Report(
+                    report_id=f"{me}:{seq}",
+                    job=jid,
+                    node=node,
+                    state=state,
+                    seq=seq,
+                    detail=detail,
+                    package=package,
+                    time=now,
+                    origin=me,
+                )
+                self._enqueue(db, rep)
+        if row is not None:
+            self._emit(
+                (self._moved(jid, node, package or row[1], DestState(row[0]), state, detail),)
             )
-            self._enqueue(db, rep)
-            return rep
+        return rep
 
     def apply_report(self, rep: Report, forward: bool) -> Applied:
         """Apply a report from below; with ``forward`` queue it for our parent
@@ -276,7 +338,9 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             return Applied.ILLEGAL
         with self._tx() as db:
             row = db.execute(
-                "SELECT origin, seq, state FROM dests WHERE job=? AND node=?", (rep.job, rep.node)
+                "SELECT d.origin, d.seq, d.state, j.package FROM dests d "
+                "JOIN jobs j ON j.id = d.job WHERE d.job=? AND d.node=?",
+                (rep.job, rep.node),
             ).fetchone()
             if row is None:
                 return Applied.NO_DEST
@@ -299,4 +363,11 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
             if forward:
                 self._enqueue(db, rep)
-            return Applied.APPLIED
+        self._emit(
+            (
+                self._moved(
+                    rep.job, rep.node, rep.package or row[3], DestState(row[2]), new, rep.detail
+                ),
+            )
+        )
+        return Applied.APPLIED
