@@ -170,6 +170,8 @@ class _Progress:
         self.offset = self.done = offset
 
     def report(self, done: int, total: int) -> None:
+        if done == self.done:
+            return  # chunks arrived but none is written yet: nothing to tell
         now = time.monotonic()
         rate = (done - self.done) / max(now - self.at, 1e-6)
         self.at, self.done = now, done

@@ -80,6 +80,8 @@ class Uplink:
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()
         self.last_error = ""
+        # Set by the node before its goodbye: the link must not come back.
+        self.closing = False
         self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
         # What went up on the current session and awaits its ack there.
         self.sent: set[str] = set()
@@ -114,9 +116,9 @@ class Uplink:
         return session
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with backoff; until cancelled."""
+        """Connect, serve, reconnect with backoff; until cancelled or closing."""
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
-        while True:
+        while not self.closing:
             try:
                 session = await self.connect_once()
             except Exception as exc:
@@ -146,7 +148,8 @@ class Uplink:
                 await self._dispatch(msg)
         except SessionClosed as exc:
             self.last_error = str(exc)
-            self.log.warning("uplink.lost", reason=str(exc))
+            # Our own goodbye is no cause for a warning.
+            (self.log.info if self.closing else self.log.warning)("uplink.lost", reason=str(exc))
         finally:
             pinger.cancel()
             self.connected.clear()

@@ -132,6 +132,10 @@ class Node:
         self._tasks.append(self._group.create_task(coro, name=name))
 
     async def stop(self) -> None:
+        if self.uplink is not None:
+            # Without this the link reconnects between the goodbye and the
+            # cancel, and the parent sees the child come back as it leaves.
+            self.uplink.closing = True
         if self.uplink is not None and self.uplink.session is not None:
             await self.uplink.session.goodbye("shutting down")
         if self.runner is not None:
