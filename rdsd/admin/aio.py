@@ -7,8 +7,13 @@ each call runs on one thread owned by the ``AsyncAdmin``: that thread opens
 the ``Admin`` (sqlite3 connections belong to the thread that made them) and
 runs the calls one after another, in the order they were awaited. The
 event loop only waits on a future, so its other tasks keep running however
-long the database is busy. A thread hop costs tens of microseconds, next to
-the milliseconds a durable commit (``synchronous=FULL``) takes.
+long the database is busy. Measured on a 2-core test machine: the hop adds
+about 0.15 ms to a call (a status read, 0.03 ms alone; a job creation, about
+2 ms either way, is dominated by its durable commit); with another
+connection holding the write lock for a second, the loop's worst lag stayed
+under 5 ms and the write went through about 30 ms after the lock was freed
+(SQLite's busy handler retries in steps), where the synchronous ``Admin``
+would have stalled the loop for the whole second.
 
 The methods wrap ``Admin``'s one for one, so validation and errors are the
 command line's own: a refused request raises ``AdminError`` (a
@@ -233,8 +238,8 @@ class AsyncAdmin:
 async def init_server(
     home: Path, name: str = "server", listen: tuple[str, int] = ("0.0.0.0", 7700)
 ) -> NodeConfig:
-    """``rdsd.admin.init_server`` off the event loop (key generation takes a
-    noticeable fraction of a second)."""
+    """``rdsd.admin.init_server`` off the event loop (key generation and
+    durable writes: tens of milliseconds)."""
     return await asyncio.to_thread(setup.init_server, home, name, listen)
 
 
