@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any
@@ -102,7 +103,9 @@ class Node:
             self.fetcher = Fetcher(cfg, self.store, self.uplink, self.bus, self._fetch_owners)
         if parts.runs_jobs:
             assert self.fetcher is not None
-            self.runner = Runner(cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake)
+            self.runner = Runner(
+                cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake
+            )
             self.runner.recover()
         if parts.parent_half:
             hooks = ParentHooks(
@@ -282,7 +285,10 @@ class Node:
         wanted = [DestState(states)] if isinstance(states, str) else [DestState(s) for s in states]
 
         def current() -> DestState | None:
-            dest = self.db.dest(job, node)
+            try:
+                dest = self.db.dest(job, node)
+            except sqlite3.ProgrammingError:
+                return None  # the node stopped and closed its database
             return None if dest is None else dest.state
 
         return await wait_for_state(self.bus, job, node, wanted, current, timeout)

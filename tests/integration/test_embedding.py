@@ -32,6 +32,7 @@ from rdsd import (
     DestChanged,
     DestState,
     Event,
+    EventBusClosed,
     EventsDropped,
     HelloPurpose,
     JobReceived,
@@ -195,6 +196,18 @@ async def test_filters_by_job_node_and_type_on_a_live_node(
     # Only the two types asked for: the two clients leaving as the test ends.
     assert by_type and {type(e) for e in by_type} == {ChildDisconnected}
     assert sorted(e.child for e in by_type if isinstance(e, ChildDisconnected)) == ["c1", "c2"]
+
+
+async def test_waiting_ends_with_a_clear_error_when_the_node_stops(
+    deployment: Deployment,
+) -> None:
+    async with running(deployment.server) as [server]:
+        waiter = asyncio.create_task(server.wait_for("jnosuchjob", "c1", S.INSTALLED, None))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+    with pytest.raises(EventBusClosed):
+        async with asyncio.timeout(5):
+            await waiter
 
 
 # -- what the async admin API does besides jobs ---------------------------------------
