@@ -40,7 +40,6 @@ class Housekeeper:
         self._due: float | None = None
         self.tell_parent = False
         self._held: dict[str, float] = {}
-        self.passes = asyncio.Condition()
 
     def wake(self) -> None:
         """Something changed: run a pass soon."""
@@ -79,8 +78,6 @@ class Housekeeper:
             await self.flush_outbox()
         if node.runner is not None:
             node.runner.kick()
-        async with self.passes:
-            self.passes.notify_all()
 
     # -- expiry ------------------------------------------------------------------
 
