@@ -187,7 +187,16 @@ async def open_child_session(
     """Connect to a parent, check it is a server or relay of our deployment,
     and exchange HELLO/WELCOME within ``timeout``."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
+        try:
+            reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
+        except ssl.SSLCertVerificationError:
+            # OpenSSL's words ("self-signed certificate in certificate chain")
+            # name the mechanism; a person needs to know which side is wrong.
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise SecurityError(
+                f"the parent at {where} belongs to another deployment: its certificate is "
+                "not signed by this node's CA (check --parent, or enrol this node there)"
+            ) from None
         try:
             peer = Session.identify(writer)
             if peer.role not in (Role.SERVER, Role.RELAY):

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS installed(
     node TEXT NOT NULL, package TEXT NOT NULL, job TEXT NOT NULL, time REAL NOT NULL,
     PRIMARY KEY(node, package));
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS requests(id TEXT PRIMARY KEY, job TEXT NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
 CREATE INDEX IF NOT EXISTS jobs_package ON jobs(package);
 CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);

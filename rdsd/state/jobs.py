@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from enum import Enum
 
 from protocol import Report
@@ -77,12 +78,38 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         at: float | None,
         origin: str,
         job_id: str | None = None,
+        request_id: str | None = None,
+        require: Callable[[], None] | None = None,
     ) -> str:
+        """Record a new job and return its id.
+
+        ``request_id`` is an idempotency key: if a job was already made with
+        it, that job's id is returned and nothing is written, so a command
+        repeated after a lost answer makes one job. The key is written in
+        the same transaction as the job, so a crash leaves both or neither;
+        reusing a key for another package or type is refused. ``require``
+        runs inside the transaction, holding the write lock, to re-check
+        what the job depends on (its package still being in the store)."""
         if not nodes:
             raise JobError("a job needs at least one destination")
         jid = job_id or new_job_id()
         now = time.time()
         with self._tx() as db:
+            if request_id is not None:
+                row = db.execute(
+                    "SELECT j.id, j.type, j.package FROM requests r JOIN jobs j ON j.id = r.job "
+                    "WHERE r.id=?",
+                    (request_id,),
+                ).fetchone()
+                if row is not None:
+                    if (row[1], row[2]) != (type_, package):
+                        raise JobError(
+                            f"request id {request_id!r} already made job {row[0]} "
+                            f"({row[1]} {row[2]}); use a new request id for another job"
+                        )
+                    return str(row[0])
+            if require is not None:
+                require()
             db.execute(
                 f"INSERT INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,0)",
                 (jid, type_, package, now, at, origin, envelope),
@@ -91,6 +118,11 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "INSERT INTO dests(job, node, state, updated) VALUES(?,?,?,?)",
                 [(jid, n, DestState.WAITING, now) for n in nodes],
             )
+            if request_id is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO requests(id, job, created) VALUES(?,?,?)",
+                    (request_id, jid, now),
+                )
         if self.listened:
             self._emit(self._moved(jid, n, package, None, DestState.WAITING, "") for n in nodes)
         return jid
@@ -113,6 +145,55 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             new=new,
             detail=detail,
         )
+
+    def package_users(self, package: str) -> list[str]:
+        """Jobs for ``package`` with a destination not yet final."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT DISTINCT j.id FROM jobs j JOIN dests d ON d.job = j.id "
+                f"WHERE j.package=? AND d.state {_NOT_FINAL} ORDER BY j.created, j.id",
+                (package, *_FINAL),
+            )
+        ]
+
+    def remove_unused_package(self, package: str, remove: Callable[[], None]) -> list[str]:
+        """Run ``remove`` (which deletes the package's files) unless an
+        unfinished job uses ``package``; return those jobs (empty when
+        removed). The check and the removal happen under the database's
+        write lock, so no job for the package can be made in between."""
+        with self._tx():
+            users = self.package_users(package)
+            if not users:
+                remove()
+        return users
+
+    def prune(self, finished_before: float, has_parent: bool) -> list[str]:
+        """Delete jobs whose every destination is final and whose last
+        change is older than ``finished_before``, with their destinations
+        and request ids; return their ids. On a node with a parent, a job
+        whose reports or announcement have not yet gone up is kept, so
+        pruning never loses what the parent still has to hear."""
+        with self._tx() as db:
+            jids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT j.id FROM jobs j JOIN dests d ON d.job = j.id "
+                    "WHERE j.announced = 1 OR ? = 0 "
+                    "GROUP BY j.id "
+                    f"HAVING SUM(d.state {_NOT_FINAL}) = 0 AND MAX(d.updated) < ? "
+                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job = j.id) "
+                    "ORDER BY j.created, j.id",
+                    (int(has_parent), *_FINAL, finished_before),
+                )
+            ]
+            for chunk in range(0, len(jids), 500):
+                part = jids[chunk : chunk + 500]
+                marks = ",".join("?" * len(part))
+                db.execute(f"DELETE FROM dests WHERE job IN ({marks})", part)
+                db.execute(f"DELETE FROM requests WHERE job IN ({marks})", part)
+                db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", part)
+        return jids
 
     def receive_job(self, job: IncomingJob, announced: bool = True) -> list[str]:
         """Record a job pushed by the parent (or, with ``announced`` false,
