@@ -45,12 +45,16 @@ def _pin_mmap_threshold() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the daemon; ``--log-format``/``--log-level`` override ``[log]``
-    of the home's ``rdsd.toml`` for this run."""
+def run_config(args: argparse.Namespace) -> NodeConfig:
+    """The home's configuration with ``--log-format``/``--log-level``, where
+    given, over ``[log]`` of its ``rdsd.toml`` for this run."""
     home = (Path(args.home) if args.home else default_home()).resolve()
     flags = {"log_format": args.log_format, "log_level": args.log_level}
-    cfg = NodeConfig.load(home, **{k: v for k, v in flags.items() if v is not None})
+    return NodeConfig.load(home, **{k: v for k, v in flags.items() if v is not None})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = run_config(args)
     configure(cfg.log_format, cfg.log_level)
     _raise_fd_limit()
     _pin_mmap_threshold()
