@@ -494,8 +494,7 @@ _HEADER = """\
 # A setting that is commented out (# at the start of its line) keeps the
 # default shown; remove the # and change the value to set it.
 #   durations  seconds, or a string like "250ms", "90s", "15m", "12h", "30d"
-#   sizes      bytes, or a string like "512KiB", "1MiB" (of 1024), "1.5GB" (of 1000)
-"""
+#   sizes      bytes, or a string like "512KiB", "1MiB" (of 1024), "1.5GB" (of 1000)"""
 
 
 def render(values: Mapping[str, Any]) -> str:

@@ -190,3 +190,29 @@ def test_every_setting_is_used_by_the_code() -> None:
     )
     unused = [s.name for s in SCHEMA if f".{s.name}" not in sources]
     assert not unused, f"settings nothing reads: {unused}"
+
+
+# -- the README documents every setting ------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_settings_table_is_the_schema() -> None:
+    from rdsd.settings import reference_table
+
+    text = README.read_text()
+    start = text.index("<!-- settings table:")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- end of settings table -->")
+    assert text[start:end] == reference_table(), "paste rdsd.settings.reference_table() again"
+
+
+def test_readme_example_is_what_init_writes() -> None:
+    from rdsd.settings import render
+
+    text = README.read_text()
+    start = text.index("```toml\n") + len("```toml\n")
+    end = text.index("```", start)
+    example = text[start:end]
+    values = {"role": Role.CLIENT, "name": "ws-001", "parent": ("relay-a.example", 7700)}
+    assert example == render(values)

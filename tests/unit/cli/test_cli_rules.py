@@ -170,3 +170,16 @@ def test_run_log_settings(tmp_path: Path) -> None:
         parser.parse_args(["run", "--home", home, "--log-level", "debug", "--log-format", "json"])
     )
     assert (flagged.log_level, flagged.log_format) == ("debug", "json")
+
+
+@pytest.mark.parametrize("prog", PARSERS)
+def test_every_command_is_in_the_readme(prog: str) -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    leaves = [
+        p.prog
+        for p in walk(PARSERS[prog]())
+        if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)
+    ]
+    assert leaves
+    missing = [leaf for leaf in leaves if f"| `{leaf} " not in readme]
+    assert not missing, f"not in the README's command reference: {missing}"
