@@ -51,11 +51,22 @@ def default_home() -> Path:
     return base / "rdsd"
 
 
+#: The last second ``iso`` can show; later times (an expiry computed from a
+#: keep duration that earlier versions did not bound) are shown as this.
+_LAST_SHOWN = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with a Z, as every JSON output shows."""
+    """Epoch seconds as ISO 8601 UTC with a Z, as every JSON output shows.
+    A time beyond the year 9999 is shown as its last second rather than
+    failing the whole listing it appears in."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        dt = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):
+        dt = _LAST_SHOWN if ts > 0 else datetime.fromtimestamp(0, UTC)
+    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

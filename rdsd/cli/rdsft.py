@@ -23,6 +23,7 @@ from protocol import JobCancel, JobNotice
 
 from .. import __version__
 from ..admin import cache_listing, offers_listing
+from ..admin.ops import check_package_ref
 from ..child.fetcher import Fetcher
 from ..child.intake import JobIntake
 from ..child.uplink import Uplink
@@ -179,6 +180,7 @@ def cmd_offers(args: argparse.Namespace) -> int:
 
 
 async def _install_offer(local: LocalNode, package: str) -> Dest | None:
+    check_package_ref(package)
     offer = next((o for o in _offers(local) if o["id"] == package), None)
     if offer is None:
         raise AdminError(f"{package} is not offered to {local.cfg.name} (see rdsft offers)")

@@ -216,3 +216,14 @@ def test_readme_example_is_what_init_writes() -> None:
     example = text[start:end]
     values = {"role": Role.CLIENT, "name": "ws-001", "parent": ("relay-a.example", 7700)}
     assert example == render(values)
+
+
+def test_iso_shows_times_beyond_year_9999() -> None:
+    """A manifest signed before keep durations were bounded may expire in
+    the year 275817; listings show the last second datetime can hold
+    instead of failing as a whole."""
+    from rdsd.config import iso
+
+    assert iso(0) == "1970-01-01T00:00:00Z"
+    assert iso(1_700_000_000 + 99999999 * 86400) == "9999-12-31T23:59:59Z"
+    assert iso(None) is None
