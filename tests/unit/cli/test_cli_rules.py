@@ -47,6 +47,7 @@ def test_every_option_and_argument_has_help(prog: str) -> None:
     parsers = list(walk(PARSERS[prog]()))
     assert len(parsers) > 3
     for parser in parsers:
+        assert parser.format_help()  # help text with a stray % would fail here
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction | argparse._VersionAction):
                 continue
