@@ -85,6 +85,7 @@ class Uplink:
         self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
         # What went up on the current session and awaits its ack there.
         self.sent: set[str] = set()
+        self.reports_upto = 0  # outbox position sent on the current session
         self._ping = 0
         self.log = log.bind(node=cfg.name)
 
@@ -108,6 +109,7 @@ class Uplink:
         )
         self.session = session
         self.sent = set()
+        self.reports_upto = 0
         self.parent_role = Role(welcome.role)
         self.parent_name = welcome.node
         self._lost.clear()
@@ -240,8 +242,8 @@ class Uplink:
         async with asyncio.timeout(timeout):
             return await asyncio.shield(fut)
 
-    async def send_up(self, messages: list[tuple[str, Message]]) -> None:
-        """Send each ``(ack id, message)`` not yet sent on this session; the
+    def send_up(self, messages: list[tuple[str, Message]]) -> None:
+        """Queue each ``(ack id, message)`` not yet sent on this session; the
         rest are in flight and will be sent again only on a new session."""
         session = self.session
         if session is None or session.closed:
@@ -250,7 +252,20 @@ class Uplink:
             for key, msg in messages:
                 if key not in self.sent:
                     self.sent.add(key)
-                    await session.send(msg)
+                    session.send_nowait(msg)
 
-    async def send_reports(self, reports: list[Report]) -> None:
-        await self.send_up([(r.report_id, r) for r in reports])
+    def send_reports(self, rows: list[tuple[int, Report]]) -> bool:
+        """Queue outbox rows (position, report) past what this session has
+        sent; False when there is no session to send them on. A new session
+        starts from the beginning of the outbox again."""
+        session = self.session
+        if session is None or session.closed:
+            return False
+        try:
+            for position, report in rows:
+                if position > self.reports_upto:
+                    session.send_nowait(report)
+                    self.reports_upto = position
+        except SessionClosed:
+            return False
+        return True

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ class LocalNode:
         self._acked.set()
 
     def my_work(self) -> list[Job]:
-        return [job for job, dest in self.db.open_work() if dest.node == self.cfg.name]
+        return [job for job, _ in self.db.own_work(self.cfg.name, time.time(), False)]
 
     async def connected(self) -> asyncio.Task[None]:
         """A session to the parent, served in a task; a refusal or an
@@ -105,9 +106,11 @@ class LocalNode:
         """Send the outbox and wait for every acknowledgement; each ack wakes
         this to look again (reports sent on this session go once)."""
         async with asyncio.timeout(timeout):
-            while pending := self.db.outbox():
+            while self.db.outbox_after(0, 1):
                 self._acked.clear()
-                await self.link.send_reports(pending)
+                while rows := self.db.outbox_after(self.link.reports_upto):
+                    if not self.link.send_reports(rows):
+                        raise TimeoutError("the parent hung up before acknowledging")
                 await self._acked.wait()
         return True
 
@@ -254,8 +257,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "detail": d.detail,
                 "updated": iso(d.updated),
             }
-            for j, d in local.db.open_work(now=float("inf"))
-            if d.node == cfg.name
+            for j, d in local.db.own_work(cfg.name, float("inf"), waiting_only=False)
         ]
         doc: dict[str, Any] = {
             "node": cfg.name,

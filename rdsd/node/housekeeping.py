@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,9 @@ class Housekeeper:
         self._version = -1
         self._due: float | None = None
         self.tell_parent = False
+        self.revocations_changed = False
         self._held: dict[str, float] = {}
+        self._store_mtime = 0
 
     def wake(self) -> None:
         """Something changed: run a pass soon."""
@@ -66,14 +69,19 @@ class Housekeeper:
         version = db.data_version()
         now = time.time()
         due = self._due is not None and self._due <= now
-        if not (woken or due or version != self._version):
+        changed_elsewhere = version != self._version  # an admin command committed
+        if not (woken or due or changed_elsewhere):
             return
         self._version = version
         self._due = db.next_due(now)
         if node.downlinks is not None:
-            await node.downlinks.dispatch()
+            # Routes only what changed since the last pass: cheap when nothing did.
+            node.downlinks.push_changes(now)
+            if changed_elsewhere or self.revocations_changed:
+                self.revocations_changed = False
+                node.downlinks.push_revocations()
         if node.uplink is not None:
-            if self.tell_parent or (node.parts.forwards_up and self.holdings() != self._held):
+            if self.tell_parent or (node.parts.forwards_up and self._holdings_changed()):
                 await self.describe_subtree()
             await self.flush_outbox()
         if node.runner is not None:
@@ -133,7 +141,7 @@ class Housekeeper:
         if node.uplink is None:
             return
         if node.parts.forwards_up:
-            await node.uplink.send_up(
+            node.uplink.send_up(
                 [
                     (
                         f"job:{job.id}",
@@ -150,7 +158,10 @@ class Housekeeper:
                     for job in node.db.unannounced()
                 ]
             )
-        await node.uplink.send_reports(node.db.outbox())
+        uplink = node.uplink
+        while rows := node.db.outbox_after(uplink.reports_upto):
+            if not uplink.send_reports(rows):
+                break
 
     async def describe_subtree(self) -> None:
         """A relay tells its parent which nodes are behind it (so jobs for
@@ -174,3 +185,14 @@ class Housekeeper:
 
     def holdings(self) -> dict[str, float]:
         return {m.id: m.expires for m in self.node.store.manifests()}
+
+    def _holdings_changed(self) -> bool:
+        """Has the store changed what a relay holds? Anything that adds,
+        replaces or removes a package renames or unlinks in the store's
+        directory, so its modification time says whether to look; a time
+        still within the clock's granularity is looked at again."""
+        mtime = os.stat(self.node.store.root).st_mtime_ns
+        if mtime == self._store_mtime and time.time_ns() - mtime > 2_000_000_000:
+            return False
+        self._store_mtime = mtime
+        return self.holdings() != self._held

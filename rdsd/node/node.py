@@ -103,9 +103,7 @@ class Node:
             self.fetcher = Fetcher(cfg, self.store, self.uplink, self.bus, self._fetch_owners)
         if parts.runs_jobs:
             assert self.fetcher is not None
-            self.runner = Runner(
-                cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake
-            )
+            self.runner = Runner(cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake)
             self.runner.recover()
         if parts.parent_half:
             hooks = ParentHooks(
@@ -169,8 +167,8 @@ class Node:
         me = self.cfg.name
         return [
             job.id
-            for job, dest in self.db.open_work(now=float("inf"))
-            if dest.node == me and job.package == package
+            for job, _ in self.db.own_work(me, float("inf"), waiting_only=False)
+            if job.package == package
         ]
 
     # -- what a relay's parent half asks of the node --------------------------------
@@ -241,6 +239,7 @@ class Node:
 
     async def on_revoked(self, nodes: list[str]) -> None:
         self.db.set_revoked(nodes)
+        self.housekeeping.revocations_changed = True
         self.wake()
 
     def on_report_ack(self, report_id: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,9 +64,8 @@ class Runner:
 
     def kick(self) -> None:
         """Start every due job of ours that is not already running here."""
-        for job, dest in self.db.open_work():
-            if dest.node == self.cfg.name and dest.state is DestState.WAITING:
-                self.spawn(job)
+        for job, _ in self.db.own_work(self.cfg.name, time.time(), waiting_only=True):
+            self.spawn(job)
 
     def spawn(self, job: Job) -> asyncio.Task[Dest | None]:
         task = self._running.get(job.id)
@@ -224,8 +224,8 @@ class Runner:
     def recover(self) -> None:
         """After a crash: an install that was running did not finish, so say
         so; a transfer that was running simply runs again."""
-        for job, dest in self.db.open_work(now=float("inf")):
-            if dest.node != self.cfg.name or dest.state is DestState.WAITING:
+        for job, dest in self.db.own_work(self.cfg.name, float("inf"), waiting_only=False):
+            if dest.state is DestState.WAITING:
                 continue
             with job_lock(self.cfg.paths.locks, job.id) as mine:
                 if not mine:  # rdsft is doing it right now

@@ -10,6 +10,7 @@ in one transaction.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,9 +43,14 @@ CREATE TABLE IF NOT EXISTS installed(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests(id TEXT PRIMARY KEY, job TEXT NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
+CREATE INDEX IF NOT EXISTS dests_node ON dests(node, state);
 CREATE INDEX IF NOT EXISTS jobs_package ON jobs(package);
 CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
 """
+
+#: Columns added after the first release, for databases made before them.
+MIGRATIONS = (("jobs", "rev", "ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0"),)
+LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);"
 
 
 class Database:
@@ -65,6 +71,17 @@ class Database:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        for table, column, ddl in MIGRATIONS:
+            columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(ddl)
+        self._db.executescript(LATE_INDEXES)
+        # Report sequence numbers start from the clock (microseconds) when a
+        # database is new, so a re-imaged node's reports are never taken for
+        # repeats of its old ones, which had lower numbers.
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta VALUES('seq', ?)", (int(time.time() * 1_000_000),)
+        )
 
     def close(self) -> None:
         self._db.close()

@@ -17,8 +17,9 @@ transaction as ``old``) to the listener after its commit; see
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 from protocol import Report
@@ -30,6 +31,7 @@ from ..domain import (
     DestState,
     IncomingJob,
     Job,
+    JobHead,
     JobType,
     can_move,
 )
@@ -40,8 +42,12 @@ from .outbox import OutboxMixin
 
 _DEST_COLS = "job, node, state, detail, updated, attempts, generation"
 _JOB_COLS = "id, type, package, created, at, origin, manifest"
+_HEAD_COLS = "id, type, package, created, at, origin"
 _FINAL = tuple(sorted(FINAL_STATES))
 _NOT_FINAL = f"NOT IN ({','.join('?' * len(_FINAL))})"
+# Finished for good: final and not cancelled (a cancel must still travel down).
+_DONE = tuple(sorted(FINAL_STATES - {DestState.CANCELLED}))
+_NOT_DONE = f"NOT IN ({','.join('?' * len(_DONE))})"
 _RESTARTABLE = tuple(sorted(RESTARTABLE))
 
 
@@ -60,6 +66,10 @@ def new_job_id() -> str:
 
 def _job(r: tuple[str, str, str, float, float | None, str, bytes]) -> Job:
     return Job(r[0], JobType(r[1]), r[2], r[3], r[4], r[5], r[6])
+
+
+def _head(r: tuple[str, str, str, float, float | None, str]) -> JobHead:
+    return JobHead(r[0], JobType(r[1]), r[2], r[3], r[4], r[5])
 
 
 def _dest(r: tuple[str, str, str, str, float, int, int]) -> Dest:
@@ -118,6 +128,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "INSERT INTO dests(job, node, state, updated) VALUES(?,?,?,?)",
                 [(jid, n, DestState.WAITING, now) for n in nodes],
             )
+            self._bump(db, jid)
             if request_id is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO requests(id, job, created) VALUES(?,?,?)",
@@ -260,6 +271,8 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                     events.append(
                         self._moved(job.id, n, job.package, old, DestState.WAITING, detail)
                     )
+            if fresh or new:
+                self._bump(db, job.id)
         self._emit(events)
         return new
 
@@ -311,19 +324,6 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         ).fetchone()
         return _dest(r) if r else None
 
-    def open_work(self, now: float | None = None) -> list[tuple[Job, Dest]]:
-        """Destinations not yet final whose execution time has come."""
-        now = time.time() if now is None else now
-        rows = self._db.execute(
-            f"SELECT {', '.join('j.' + c for c in _JOB_COLS.split(', '))}, "
-            "d.job, d.node, d.state, d.detail, d.updated, d.attempts, d.generation "
-            "FROM dests d JOIN jobs j ON j.id = d.job "
-            f"WHERE d.state {_NOT_FINAL} AND (j.at IS NULL OR j.at <= ?) "
-            "ORDER BY j.created, d.node",
-            (*_FINAL, now),
-        ).fetchall()
-        return [(_job(r[:7]), _dest(r[7:])) for r in rows]
-
     def next_due(self, now: float) -> float | None:
         """The earliest future execution time among open jobs, for the timer."""
         row = self._db.execute(
@@ -347,6 +347,8 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "generation = generation + 1 WHERE job=? AND state=?",
                 (DestState.WAITING, time.time(), jid, DestState.FAILED),
             )
+            if nodes:
+                self._bump(db, jid)
             pkg = db.execute("SELECT package FROM jobs WHERE id=?", (jid,)).fetchone()
         self._emit(
             self._moved(
@@ -355,6 +357,103 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             for n in nodes
         )
         return nodes
+
+    # -- what the parent half routes ---------------------------------------------
+    #
+    # Routing reads only what changed: each job-level change (a new job, a
+    # retry, a cancel, a job received from the parent) stamps the job with a
+    # new revision, and a pass asks for the jobs past the revision it saw
+    # last. A child that connects gets its own subtree's open work by index.
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection, jid: str) -> None:
+        db.execute("INSERT OR IGNORE INTO meta VALUES('rev', 0)")
+        db.execute("UPDATE meta SET value = value + 1 WHERE key='rev'")
+        db.execute(
+            "UPDATE jobs SET rev = (SELECT value FROM meta WHERE key='rev') WHERE id=?", (jid,)
+        )
+
+    def changed_jobs(self, since: int) -> tuple[list[str], int]:
+        """Ids of jobs changed after revision ``since``, and the newest revision."""
+        rows = self._db.execute(
+            "SELECT id, rev FROM jobs WHERE rev > ? ORDER BY rev", (since,)
+        ).fetchall()
+        return [r[0] for r in rows], (rows[-1][1] if rows else since)
+
+    def became_due(self, after: float, upto: float) -> list[str]:
+        """Jobs whose execution time falls in ``(after, upto]``."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM jobs WHERE at > ? AND at <= ? ORDER BY at", (after, upto)
+            )
+        ]
+
+    def job_head(self, jid: str) -> JobHead | None:
+        r = self._db.execute(f"SELECT {_HEAD_COLS} FROM jobs WHERE id=?", (jid,)).fetchone()
+        return _head(r) if r else None
+
+    def envelope(self, jid: str) -> bytes | None:
+        """The signed envelope a job carries."""
+        row = self._db.execute("SELECT manifest FROM jobs WHERE id=?", (jid,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def job_routes(self, jid: str) -> list[tuple[str, DestState, int, str | None]]:
+        """Destinations of ``jid`` that are open or cancelled, with the child
+        each is reached through: (node, state, generation, via)."""
+        return [
+            (r[0], DestState(r[1]), r[2], r[3])
+            for r in self._db.execute(
+                "SELECT d.node, d.state, d.generation, n.via FROM dests d "
+                "LEFT JOIN nodes n ON n.name = d.node "
+                f"WHERE d.job=? AND d.state {_NOT_DONE}",
+                (jid, *_DONE),
+            )
+        ]
+
+    def work_of(self, nodes: Iterable[str], now: float) -> list[tuple[str, str, DestState, int]]:
+        """Open or cancelled destinations of due jobs for ``nodes``:
+        (job, node, state, generation)."""
+        names = list(nodes)
+        out: list[tuple[str, str, DestState, int]] = []
+        for i in range(0, len(names), 500):
+            part = names[i : i + 500]
+            out += [
+                (r[0], r[1], DestState(r[2]), r[3])
+                for r in self._db.execute(
+                    "SELECT d.job, d.node, d.state, d.generation FROM dests d "
+                    "JOIN jobs j ON j.id = d.job "
+                    f"WHERE d.node IN ({','.join('?' * len(part))}) AND d.state {_NOT_DONE} "
+                    "AND (j.at IS NULL OR j.at <= ?) ORDER BY j.created, d.node",
+                    (*part, *_DONE, now),
+                )
+            ]
+        return out
+
+    def subtree_work(self, child: str, now: float) -> list[tuple[str, str, DestState, int]]:
+        """``work_of`` the child and every node reached through it."""
+        return self.work_of(
+            [
+                child,
+                *(r[0] for r in self._db.execute("SELECT name FROM nodes WHERE via=?", (child,))),
+            ],
+            now,
+        )
+
+    def own_work(self, me: str, now: float, waiting_only: bool) -> list[tuple[Job, Dest]]:
+        """This node's own unfinished destinations of due jobs, with their jobs."""
+        rows = self._db.execute(
+            f"SELECT {', '.join('j.' + c for c in _JOB_COLS.split(', '))}, "
+            "d.job, d.node, d.state, d.detail, d.updated, d.attempts, d.generation "
+            "FROM dests d JOIN jobs j ON j.id = d.job "
+            f"WHERE d.node = ? AND d.state {_NOT_FINAL} AND (j.at IS NULL OR j.at <= ?) "
+            "ORDER BY j.created",
+            (me, *_FINAL, now),
+        ).fetchall()
+        work = [(_job(r[:7]), _dest(r[7:])) for r in rows]
+        if waiting_only:
+            work = [(j, d) for j, d in work if d.state is DestState.WAITING]
+        return work
 
     # -- state changes and reports ---------------------------------------------
 
@@ -390,6 +489,8 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
             if state is DestState.INSTALLED and package:
                 self._record_installed(db, node, package, jid, now)
+            if state is DestState.CANCELLED:
+                self._bump(db, jid)  # the cancel must travel down
             if report:
                 rep = Report(
                     report_id=f"{me}:{seq}",

@@ -101,13 +101,15 @@ def test_every_local_and_reported_change_says_where_it_came_from(
     db: JobDB, seen: Recorder
 ) -> None:
     db.receive_job(incoming())
-    db.change("j1", "c1", S.TRANSFERRING, "", "c1", report=True)
-    db.change("j1", "c1", S.TRANSFERRING, "40%", "c1", report=True)
+    # Changes made at this node (a relay, whose sequence numbers start from
+    # its clock), then reports from c1 below it, whose numbers are its own.
+    db.change("j1", "c1", S.TRANSFERRING, "", "relay", report=True)
+    db.change("j1", "c1", S.TRANSFERRING, "40%", "relay", report=True)
     assert db.apply_report(report(5, S.INSTALLING), forward=False) is Applied.APPLIED
     assert db.apply_report(report(5, S.INSTALLING), forward=False) is Applied.REPEAT
     assert db.apply_report(report(6, S.TRANSFERRING), forward=False) is Applied.ILLEGAL
     with pytest.raises(IllegalTransition):
-        db.change("j1", "c1", S.WAITING, "", "c1", report=True)
+        db.change("j1", "c1", S.WAITING, "", "relay", report=True)
     assert db.apply_report(report(7, S.FAILED, "exit 1"), forward=False) is Applied.APPLIED
     assert seen.moves() == [
         ("c1", None, S.WAITING, ""),
