@@ -15,6 +15,8 @@ from .connection import (
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import MAGIC, MAX_HEADER, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
+    MAX_PRESENCE_BATCH,
+    MAX_SOFTWARE,
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
     Chunk,
@@ -35,6 +37,7 @@ from .messages import (
     PendingQuery,
     Ping,
     Pong,
+    Presence,
     Report,
     ReportAck,
     Revoked,
@@ -49,6 +52,8 @@ __all__ = [
     "MAGIC",
     "MAX_HEADER",
     "MAX_PAYLOAD",
+    "MAX_PRESENCE_BATCH",
+    "MAX_SOFTWARE",
     "MESSAGE_CLASSES",
     "NEED_DATA",
     "PROTOCOL_VERSION",
@@ -77,6 +82,7 @@ __all__ = [
     "PendingQuery",
     "Ping",
     "Pong",
+    "Presence",
     "ProtocolError",
     "RemoteProtocolError",
     "Report",

@@ -18,6 +18,8 @@ from enum import Enum
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import MAGIC, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
+    MAX_PRESENCE_BATCH,
+    MAX_SOFTWARE,
     PROTOCOL_VERSION,
     Chunk,
     Error,
@@ -28,6 +30,7 @@ from .messages import (
     Hello,
     Message,
     MessageType,
+    Presence,
 )
 
 
@@ -74,6 +77,7 @@ _CHILD_OPEN = (
     T.REPORT,
     T.TOPOLOGY,
     T.HOLDINGS,
+    T.PRESENCE,
     T.PING,
     T.PONG,
 )
@@ -200,6 +204,8 @@ class Connection:
         if nxt is None:
             raise err(f"{sender.value} may not send {msg.TYPE.name} in state {self.state.value}")
         self._track_fetch(msg, err)
+        if isinstance(msg, Presence):
+            _check_presence(msg, err)
         return nxt
 
     def _track_fetch(
@@ -233,3 +239,18 @@ class Connection:
         elif isinstance(msg, FetchCancel):
             # The parent may already have finished it: a late cancel is harmless.
             pass
+
+
+def _check_presence(
+    msg: Presence, err: type[LocalProtocolError] | type[RemoteProtocolError]
+) -> None:
+    """PRESENCE is bounded: a relay with a large subtree sends several."""
+    count = len(msg.online) + len(msg.offline)
+    if count > MAX_PRESENCE_BATCH:
+        raise err(f"PRESENCE names {count} nodes, more than {MAX_PRESENCE_BATCH}")
+    if not set(msg.software) <= set(msg.online):
+        raise err("PRESENCE gives software for a node it does not put online")
+    if any(len(s) > MAX_SOFTWARE for s in msg.software.values()):
+        raise err(f"PRESENCE software longer than {MAX_SOFTWARE} characters")
+    if set(msg.online) & set(msg.offline):
+        raise err("PRESENCE puts a node both online and offline")

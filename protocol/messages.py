@@ -21,7 +21,13 @@ from typing import Annotated, Any, ClassVar, Union
 
 from .errors import ErrorCode, RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+# At most this many names (online plus offline) in one PRESENCE message; a
+# larger change goes as several messages.
+MAX_PRESENCE_BATCH = 1000
+# HELLO.software and PRESENCE software strings are at most this long.
+MAX_SOFTWARE = 64
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PACKAGE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}-[A-Za-z0-9._-]{1,64}")
@@ -84,6 +90,7 @@ class MessageType(IntEnum):
     HOLDINGS = 19
     JOB_ANNOUNCE = 20
     REVOKED = 21
+    PRESENCE = 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +280,25 @@ class Holdings(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Presence(Message):
+    """Which nodes below a relay are connected now (protocol version 2).
+
+    ``online`` maps each node that came online to the relay or node it is
+    directly connected to; ``software`` gives, for nodes in ``online``, what
+    they said in HELLO.software; ``offline`` lists nodes that went away. With
+    ``reset`` the parent first forgets every node it knew online through this
+    relay: a relay sends its whole connected subtree that way on each new
+    session, then only changes. At most ``MAX_PRESENCE_BATCH`` names per
+    message."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PRESENCE
+    online: dict[Name, Name] = field(default_factory=dict)
+    offline: list[Name] = field(default_factory=list)
+    software: dict[Name, str] = field(default_factory=dict)
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Revoked(Message):
     """Every revoked node name, so a relay refuses them too; replaces the last."""
 
@@ -333,6 +359,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         Topology,
         Holdings,
         Revoked,
+        Presence,
         JobCancel,
         Ping,
         Pong,

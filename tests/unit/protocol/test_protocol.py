@@ -50,6 +50,7 @@ from protocol import (
     PendingQuery,
     Ping,
     Pong,
+    Presence,
     ProtocolError,
     RemoteProtocolError,
     Report,
@@ -150,6 +151,7 @@ SAMPLES: dict[MessageType, Message] = {
     MessageType.HOLDINGS: Holdings(packages={"app-1.0": 1.9e9}),
     MessageType.JOB_CANCEL: JobCancel(job="job1", destinations=["client1"]),
     MessageType.REVOKED: Revoked(nodes=["client9"]),
+    MessageType.PRESENCE: Presence(online={"client1": "relay-a"}),
     MessageType.JOB_ANNOUNCE: JobAnnounce(
         job="job2", type="install", package="app-1.0", destinations=["client1"], origin="relay-a"
     ),
@@ -194,6 +196,13 @@ FULL: list[Message] = [
     Topology(nodes={"c1": "client", "relay.b": "relay"}),
     Holdings(packages={"a-1": 0, "b-2.0": 1.5e9}),
     Revoked(nodes=[]),
+    Presence(),
+    Presence(
+        online={"c1": "relay-a", "c2": "relay.b"},
+        offline=["c3"],
+        software={"c1": "rdsd/0.1.0"},
+        reset=True,
+    ),
     Revoked(nodes=["c1", "relay.b"]),
     JobAnnounce(
         job="relay-a.7",
@@ -260,6 +269,8 @@ SCRIPT: list[tuple[Side, Message]] = [
     (P, ReportAck(report_id="r-1")),
     (C, Topology(nodes={"client7": "client", "client8": "client"})),
     (C, Holdings(packages={PKG: 1_900_000_000.0})),
+    (C, Presence(online={"client7": "relay-a"}, software={"client7": "rdsd/0.1.0"}, reset=True)),
+    (C, Presence(offline=["client7"])),
     (
         C,
         JobAnnounce(

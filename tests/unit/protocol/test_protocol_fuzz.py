@@ -37,6 +37,7 @@ from protocol import (
     PendingQuery,
     Ping,
     Pong,
+    Presence,
     RemoteProtocolError,
     Report,
     ReportAck,
@@ -265,6 +266,11 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     ),
     MessageType.PING: st.builds(Ping, nonce=ints),
     MessageType.PONG: st.builds(Pong, nonce=ints),
+    MessageType.PRESENCE: st.builds(
+        Presence,
+        online=st.dictionaries(names, names, max_size=5),
+        reset=st.booleans(),
+    ),
     MessageType.ERROR: st.builds(Error, code=ints, reason=texts),
     MessageType.GOODBYE: st.builds(Goodbye, reason=texts),
 }
