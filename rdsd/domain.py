@@ -10,6 +10,7 @@ does not list, whether the change is made here or reported from below.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -170,3 +171,77 @@ class NodeRow:
     via: str | None
     last_seen: float | None
     revoked: bool
+
+
+class JobFilter(StrEnum):
+    """What ``rdsd job list --state`` selects."""
+
+    RUNNING = "running"  # some destination is not final yet
+    FAILED = "failed"  # some destination failed
+    DONE = "done"  # every destination is final
+
+
+# -- progress of a transfer, carried in the detail of ``transferring`` reports --
+
+_PROGRESS_RE = re.compile(r"\[bytes (\d+)/(\d+)\]$")
+
+
+def progress_detail(done: int, total: int) -> str:
+    """The detail of a ``transferring`` report: a human part, then the
+    machine-readable ``[bytes DONE/TOTAL]`` suffix that protocol/SPEC.md
+    documents under REPORT, so every node above can compute rate and ETA."""
+    mib = 1024 * 1024
+    pct = 100 * done // max(total, 1)
+    return f"{pct}% ({done / mib:.1f} of {total / mib:.1f} MiB) [bytes {done}/{total}]"
+
+
+def parse_progress(detail: str) -> tuple[int, int] | None:
+    """``(done, total)`` from a detail written by ``progress_detail``, or None
+    for a detail without the suffix or with impossible figures."""
+    m = _PROGRESS_RE.search(detail)
+    if m is None:
+        return None
+    done, total = int(m.group(1)), int(m.group(2))
+    return (done, total) if 0 <= done <= total else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The last two progress points of one transferring destination."""
+
+    done: int
+    total: int
+    time: float
+    prev_done: int | None
+    prev_time: float | None
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes per second between the last two points; None if unknown."""
+        if self.prev_done is None or self.prev_time is None or self.time <= self.prev_time:
+            return None
+        moved = self.done - self.prev_done
+        return moved / (self.time - self.prev_time) if moved >= 0 else None
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until the end at the current rate; None if unknown."""
+        rate = self.rate
+        if rate is None or rate <= 0:
+            return 0.0 if self.done >= self.total else None
+        return (self.total - self.done) / rate
+
+
+@dataclass(frozen=True)
+class PresenceRow:
+    """Whether a node is connected now, as far as this node can tell.
+    ``parent`` is what it is directly connected to; ``through`` is this
+    node's child session the news came over."""
+
+    name: str
+    parent: str
+    software: str
+    through: str
+    online: bool
+    since: float
+    seen: float

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 import structlog
 
 from protocol import (
+    MAX_SOFTWARE,
     Chunk,
     FetchEnd,
     FetchFail,
@@ -44,6 +46,15 @@ from ..net.transfer import FetchRouter
 from ..util.backoff import Backoff
 
 log = structlog.get_logger("rdsd.uplink")
+
+
+def software() -> str:
+    """What this node says in HELLO.software: ``rdsd/<version>``, so the
+    parent can show which version each node runs."""
+    try:
+        return f"rdsd/{version('rdsd')}"[:MAX_SOFTWARE]
+    except PackageNotFoundError:
+        return "rdsd/0+unknown"
 
 
 class UplinkHandler(Protocol):
@@ -80,7 +91,8 @@ class Uplink:
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()
         self.last_error = ""
-        # Set by the node before its goodbye: the link must not come back.
+        # Set by close() (the node stopping, rdsft done): the end of the
+        # session is ours, not a loss, and the link must not come back.
         self.closing = False
         self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
         # What went up on the current session and awaits its ack there.
@@ -90,6 +102,11 @@ class Uplink:
         self.log = log.bind(node=cfg.name)
 
     @property
+    def parent_address(self) -> str:
+        host, port = self.cfg.parent  # type: ignore[misc]
+        return f"{host}:{port}"
+
+    @property
     def resumes(self) -> bool:
         """A client below a relay starts a failed transfer over; every other
         hop (below the server, and between relays) resumes."""
@@ -97,7 +114,9 @@ class Uplink:
 
     async def connect_once(self) -> Session:
         host, port = self.cfg.parent  # type: ignore[misc]
-        hello = Hello(node=self.cfg.name, role=self.cfg.role, purpose=self.purpose)
+        hello = Hello(
+            node=self.cfg.name, role=self.cfg.role, purpose=self.purpose, software=software()
+        )
         session, welcome = await open_child_session(
             host,
             port,
@@ -114,7 +133,12 @@ class Uplink:
         self.parent_name = welcome.node
         self._lost.clear()
         self.connected.set()
-        self.log.info("uplink.connected", parent=welcome.node, parent_role=welcome.role)
+        self.log.info(
+            "uplink.connected",
+            parent=welcome.node,
+            parent_role=welcome.role,
+            parent_address=self.parent_address,
+        )
         return session
 
     async def run(self) -> None:
@@ -125,8 +149,11 @@ class Uplink:
                 session = await self.connect_once()
             except Exception as exc:
                 self.last_error = str(exc) or type(exc).__name__
+                if isinstance(exc, TimeoutError):
+                    self.last_error = f"no answer within {self.cfg.handshake_timeout:.0f}s"
                 self.log.warning(
                     "uplink.connect_failed",
+                    parent_address=self.parent_address,
                     reason=self.last_error,
                     retry_in=round(backoff.current, 2),
                 )
@@ -150,8 +177,15 @@ class Uplink:
                 await self._dispatch(msg)
         except SessionClosed as exc:
             self.last_error = str(exc)
-            # Our own goodbye is no cause for a warning.
-            (self.log.info if self.closing else self.log.warning)("uplink.lost", reason=str(exc))
+            if self.closing:
+                self.log.info("uplink.closed", reason=str(exc))
+            else:
+                self.log.warning(
+                    "uplink.lost",
+                    parent=self.parent_name,
+                    parent_address=self.parent_address,
+                    reason=str(exc),
+                )
         finally:
             pinger.cancel()
             self.connected.clear()
@@ -219,6 +253,13 @@ class Uplink:
                 await asyncio.sleep(self.cfg.ping_interval)
                 self._ping += 1
                 await session.send(Ping(nonce=self._ping))
+
+    async def close(self, reason: str) -> None:
+        """End the link on purpose (shutdown, or ``rdsft`` done): say GOODBYE
+        and neither warn about the loss nor connect again."""
+        self.closing = True
+        if self.session is not None:
+            await self.session.goodbye(reason)
 
     async def wait_session(self, timeout: float) -> Session:
         async with asyncio.timeout(timeout):

@@ -115,8 +115,7 @@ class LocalNode:
         return True
 
     async def hang_up(self, serving: asyncio.Task[None]) -> None:
-        if self.link.session is not None:
-            await self.link.session.goodbye("done")
+        await self.link.close("done")
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError, SessionClosed):
             await serving

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from protocol import Holdings, JobAnnounce, Topology
+from protocol import MAX_PRESENCE_BATCH, MAX_SOFTWARE, Holdings, JobAnnounce, Presence, Topology
 
 from ..domain import DestState
 from ..errors import IllegalTransition, SessionClosed
 from ..events import PackageExpired
 
 if TYPE_CHECKING:
+    from ..net.session import Session
     from .node import Node
 
 log = structlog.get_logger("rdsd.node")
@@ -43,6 +44,10 @@ class Housekeeper:
         self.revocations_changed = False
         self._held: dict[str, float] = {}
         self._store_mtime = 0
+        # What the parent has been told of who is connected below us, and on
+        # which session: a new session starts again from a full snapshot.
+        self._presence_sent: dict[str, tuple[str, str]] = {}
+        self._presence_session: Session | None = None
 
     def wake(self) -> None:
         """Something changed: run a pass soon."""
@@ -83,6 +88,7 @@ class Housekeeper:
         if node.uplink is not None:
             if self.tell_parent or (node.parts.forwards_up and self._holdings_changed()):
                 await self.describe_subtree()
+            await self.send_presence()
             await self.flush_outbox()
         if node.runner is not None:
             node.runner.kick()
@@ -178,10 +184,33 @@ class Housekeeper:
         }
         self._held = self.holdings()
         try:
-            await session.send(Topology(nodes=nodes))
-            await session.send(Holdings(packages=self._held))
+            session.send_nowait(Topology(nodes=nodes))
+            session.send_nowait(Holdings(packages=self._held))
         except SessionClosed:
             self.tell_parent = True
+
+    async def send_presence(self) -> None:
+        """A relay tells its parent who below it is connected: everything,
+        with ``reset``, on a new session; afterwards only what changed. In
+        batches of at most MAX_PRESENCE_BATCH names."""
+        node = self.node
+        session = node.uplink.session if node.uplink else None
+        if not node.parts.forwards_up or session is None or session.closed:
+            return
+        now = node.db.online()
+        reset = session is not self._presence_session
+        before = {} if reset else self._presence_sent
+        online = [(n, v) for n, v in sorted(now.items()) if before.get(n) != v]
+        offline = sorted(set(before) - set(now))
+        if not (reset or online or offline):
+            return
+        try:
+            for msg in presence_batches(online, offline, reset):
+                session.send_nowait(msg)
+        except SessionClosed:
+            self._presence_session = None
+            return
+        self._presence_session, self._presence_sent = session, now
 
     def holdings(self) -> dict[str, float]:
         return {m.id: m.expires for m in self.node.store.manifests()}
@@ -196,3 +225,26 @@ class Housekeeper:
             return False
         self._store_mtime = mtime
         return self.holdings() != self._held
+
+
+def presence_batches(
+    online: list[tuple[str, tuple[str, str]]], offline: list[str], reset: bool
+) -> list[Presence]:
+    """Split a presence change into PRESENCE messages within the cap; the
+    first carries ``reset``. An empty reset is one empty message."""
+    items: list[tuple[str, tuple[str, str] | None]] = [
+        *online,
+        *((n, None) for n in offline),
+    ]
+    out = []
+    for start in range(0, max(len(items), 1), MAX_PRESENCE_BATCH):
+        part = items[start : start + MAX_PRESENCE_BATCH]
+        out.append(
+            Presence(
+                online={n: v[0] for n, v in part if v is not None},
+                offline=[n for n, v in part if v is None],
+                software={n: v[1][:MAX_SOFTWARE] for n, v in part if v is not None and v[1]},
+                reset=reset and start == 0,
+            )
+        )
+    return out if (items or reset) else []

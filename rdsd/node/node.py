@@ -110,6 +110,7 @@ class Node:
                 provide=self._provide,
                 reports_changed=self.wake,
                 topology_changed=self._topology_changed,
+                presence_changed=self.wake,
                 forward_reports=parts.forwards_up,
                 ask_parent=self._ask_parent if parts.forwards_up else None,
             )
@@ -136,9 +137,7 @@ class Node:
         if self.uplink is not None:
             # Without this the link reconnects between the goodbye and the
             # cancel, and the parent sees the child come back as it leaves.
-            self.uplink.closing = True
-        if self.uplink is not None and self.uplink.session is not None:
-            await self.uplink.session.goodbye("shutting down")
+            await self.uplink.close("shutting down")
         if self.runner is not None:
             await self.runner.stop()
         for task in self._tasks:
@@ -207,6 +206,7 @@ class Node:
     async def on_connected(self, link: Uplink) -> None:
         self.housekeeping.tell_parent = True
         await self.housekeeping.describe_subtree()
+        await self.housekeeping.send_presence()
         await self.housekeeping.flush_outbox()
         self.wake()
 

@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from protocol import (
+    MAX_SOFTWARE,
     ErrorCode,
     Hello,
     JobCancel,
@@ -46,6 +47,37 @@ from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, made_below, plan_push
 
 log = structlog.get_logger("rdsd.downlinks")
+
+# Failed TLS handshakes are logged at most once per this many seconds per
+# peer host, and at most HANDSHAKE_LOG_BURST lines per interval in all: a
+# scanner or a misconfigured fleet must not flood the log.
+HANDSHAKE_LOG_INTERVAL = 10.0
+HANDSHAKE_LOG_BURST = 20
+_HANDSHAKE_HOSTS_KEPT = 4096
+
+
+class HandshakeLog:
+    """Rate limit for ``child.tls_failed`` lines; counts what it holds back
+    and says so on the next line it lets through for that host."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, tuple[float, int]] = {}
+        self._window = -float("inf")
+        self._lines = 0
+
+    def admit(self, host: str, now: float) -> int | None:
+        """None to stay silent, else how many failures of ``host`` went unlogged."""
+        if now - self._window >= HANDSHAKE_LOG_INTERVAL:
+            self._window, self._lines = now, 0
+        last, held = self._hosts.get(host, (-float("inf"), 0))
+        if now - last < HANDSHAKE_LOG_INTERVAL or self._lines >= HANDSHAKE_LOG_BURST:
+            self._hosts[host] = (last, held + 1)
+            return None
+        if len(self._hosts) >= _HANDSHAKE_HOSTS_KEPT:
+            self._hosts.clear()
+        self._hosts[host] = (now, 0)
+        self._lines += 1
+        return held
 
 
 @dataclass
@@ -85,6 +117,8 @@ class ParentHooks:
     reports_changed: Callable[[], None]
     # The set of nodes below us changed (a relay tells its parent).
     topology_changed: Callable[[], None]
+    # Who is connected below us changed (a relay tells its parent).
+    presence_changed: Callable[[], None] = lambda: None
     # A relay asks its own parent for a node's pending jobs before answering.
     ask_parent: Callable[[str], Awaitable[None]] | None = None
     forward_reports: bool = False
@@ -120,6 +154,7 @@ class Downlinks:
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
         self._envelopes: dict[str, bytes] = {}
+        self._handshakes = HandshakeLog()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -130,12 +165,14 @@ class Downlinks:
     async def start(self) -> None:
         assert self.cfg.listen is not None
         host, port = self.cfg.listen
+        # Nothing is connected to a parent half that has just started.
+        self.db.presence_clear()
+        # Plain TCP here and TLS in _accept, so a failed handshake is ours to
+        # log (with the peer's address); asyncio would drop it silently.
         self._server = await asyncio.start_server(
             self._accept,
             host,
             port,
-            ssl=self.ctx,
-            ssl_handshake_timeout=self.cfg.handshake_timeout,
             limit=1024 * 1024,
         )
         self.log.info("listening", address=f"{self.address[0]}:{self.address[1]}")
@@ -167,7 +204,8 @@ class Downlinks:
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._handle(reader, writer)
+            if await self._start_tls(writer):
+                await self._handle(reader, writer)
         except asyncio.CancelledError:
             # Shutting down. This is the connection's top-level task, and
             # asyncio's server logs a traceback for one that ends cancelled.
@@ -178,21 +216,46 @@ class Downlinks:
             self._tasks.discard(task)
             writer.close()
 
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
+        """The TLS handshake, bounded by the handshake timeout; a failure is
+        logged (rate-limited) with the peer's address and reason."""
+        addr = writer.get_extra_info("peername")
+        try:
+            await writer.start_tls(self.ctx, ssl_handshake_timeout=self.cfg.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            host, port = (str(addr[0]), int(addr[1])) if addr else ("unknown", 0)
+            held = self._handshakes.admit(host, time.monotonic())
+            if held is not None:
+                reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+                self.log.warning(
+                    "child.tls_failed",
+                    peer_address=f"{host}:{port}",
+                    reason=str(reason) or type(exc).__name__,
+                    unlogged_before=held,
+                )
+            return False
+        return True
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address = _address(writer)
         try:
             peer = Session.identify(writer)
         except (SecurityError, ValueError) as exc:
-            self.log.warning("child.refused", reason=str(exc))
+            self.log.warning("child.refused", peer_address=address, reason=str(exc))
             return
         session = Session(reader, writer, Side.PARENT, peer, self.cfg.idle_timeout, self.observer)
         try:
             hello = await session.recv(self.cfg.handshake_timeout)
             purpose = self._check_hello(session, hello)
         except SessionClosed as exc:
-            self.log.warning("child.handshake_failed", peer=peer.name, reason=str(exc))
+            self.log.warning(
+                "child.handshake_failed", peer=peer.name, peer_address=address, reason=str(exc)
+            )
             return
         except ProtocolError as exc:
-            self.log.warning("child.refused", peer=peer.name, reason=str(exc))
+            self.log.warning(
+                "child.refused", peer=peer.name, peer_address=address, reason=str(exc)
+            )
             await session.fail(exc)
             return
         session.send_nowait(Welcome(node=self.cfg.name, role=self.cfg.role, time=time.time()))
@@ -203,11 +266,18 @@ class Downlinks:
             if old is not None:
                 old.session.abort("replaced by a new session")
             self.children[peer.name] = child
+            assert isinstance(hello, Hello)
+            self.db.presence_online(
+                peer.name, {peer.name: (self.cfg.name, hello.software[:MAX_SOFTWARE])}
+            )
+            self.hooks.presence_changed()
         if purpose is HelloPurpose.SESSION or known is None or known.via != peer.name:
             # Even a one-shot query tells us the node sits right below us.
             self.db.upsert_node(peer.name, peer.role, via=peer.name)
             self.hooks.topology_changed()
-        self.log.info("child.connected", peer=peer.name, role=peer.role, purpose=purpose)
+        self.log.info(
+            "child.connected", peer=peer.name, role=peer.role, purpose=purpose, peer_address=address
+        )
         self.bus.publish(
             ChildConnected(source=self.cfg.name, child=peer.name, role=peer.role, purpose=purpose)
         )
@@ -225,7 +295,9 @@ class Downlinks:
         except ProtocolError as exc:
             # A well-formed message this child may not send: say why, hang up.
             reason = f"refused: {exc}"
-            self.log.warning("child.refused", peer=peer.name, reason=str(exc))
+            self.log.warning(
+                "child.refused", peer=peer.name, peer_address=address, reason=str(exc)
+            )
             await session.fail(exc)
         except asyncio.CancelledError:
             reason = "shutting down"
@@ -241,6 +313,9 @@ class Downlinks:
                 task.cancel()
             if self.children.get(peer.name) is child:
                 del self.children[peer.name]
+                # The child and everything we knew connected through it.
+                self.db.presence_offline(peer.name)
+                self.hooks.presence_changed()
             await session.close()
 
     def _check_hello(self, session: Session, msg: Message) -> HelloPurpose:
@@ -395,3 +470,9 @@ class Downlinks:
             while len(self._envelopes) > 64:
                 self._envelopes.pop(next(iter(self._envelopes)))
         return found
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    """``host:port`` of the peer, for log lines about this connection."""
+    addr = writer.get_extra_info("peername")
+    return f"{addr[0]}:{addr[1]}" if addr else "unknown"

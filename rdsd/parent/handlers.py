@@ -29,6 +29,7 @@ from protocol import (
     PendingQuery,
     Ping,
     Pong,
+    Presence,
     ProtocolError,
     Report,
     ReportAck,
@@ -200,6 +201,41 @@ class ChildHandlers:
         _relay_only(child, "holds packages for others")
         self.parent.db.set_holdings(child.name, msg.packages)
 
+    async def on_presence(self, child: Child, msg: Message) -> None:
+        """Who is connected below a relay now. Only nodes of its subtree
+        count; the relay's own session is known here already."""
+        assert isinstance(msg, Presence)
+        _relay_only(child, "has nodes below it")
+        p = self.parent
+        routes = p.db.routes()
+        accepted = {
+            name: (parent, msg.software.get(name, ""))
+            for name, parent in msg.online.items()
+            if name != child.name and routes.get(name) == child.name
+        }
+        refused = len(msg.online) - len(accepted)
+        if refused:
+            self.log.warning(
+                "presence.claim_refused",
+                peer=child.name,
+                count=refused,
+                reason="not in this relay's subtree",
+            )
+        offline = [n for n in msg.offline if n != child.name]
+        if msg.reset:
+            was = p.db.online_through(child.name)
+            offline += [n for n in was if n != child.name and n not in accepted]
+        gone = p.db.presence_offline(child.name, offline)
+        p.db.presence_online(child.name, accepted)
+        self.log.info(
+            "presence.changed",
+            peer=child.name,
+            online=len(accepted),
+            offline=len(gone),
+            reset=msg.reset,
+        )
+        p.hooks.presence_changed()
+
     async def on_pending_query(self, child: Child, msg: Message) -> None:
         assert isinstance(msg, PendingQuery)
         p = self.parent
@@ -274,6 +310,7 @@ class ChildHandlers:
         MessageType.JOB_ANNOUNCE: on_announce,
         MessageType.TOPOLOGY: on_topology,
         MessageType.HOLDINGS: on_holdings,
+        MessageType.PRESENCE: on_presence,
         MessageType.PENDING_QUERY: on_pending_query,
         MessageType.FETCH: on_fetch,
         MessageType.FETCH_CANCEL: on_fetch_cancel,

@@ -42,6 +42,14 @@ CREATE TABLE IF NOT EXISTS installed(
     PRIMARY KEY(node, package));
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests(id TEXT PRIMARY KEY, job TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS progress(
+    job TEXT NOT NULL, node TEXT NOT NULL, done INTEGER NOT NULL, total INTEGER NOT NULL,
+    time REAL NOT NULL, prev_done INTEGER, prev_time REAL, PRIMARY KEY(job, node));
+CREATE TABLE IF NOT EXISTS presence(
+    name TEXT PRIMARY KEY, parent TEXT NOT NULL, software TEXT NOT NULL, through TEXT NOT NULL,
+    online INTEGER NOT NULL, since REAL NOT NULL, seen REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS presence_through ON presence(through);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
 CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
 CREATE INDEX IF NOT EXISTS dests_node ON dests(node, state);
 CREATE INDEX IF NOT EXISTS jobs_package ON jobs(package);

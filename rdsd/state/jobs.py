@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from enum import Enum
+from typing import Any
 
 from protocol import Report
 
@@ -31,9 +32,12 @@ from ..domain import (
     DestState,
     IncomingJob,
     Job,
+    JobFilter,
     JobHead,
     JobType,
+    Progress,
     can_move,
+    parse_progress,
 )
 from ..errors import IllegalTransition, JobError
 from ..events import DestChanged, Event, JobReceived
@@ -285,6 +289,61 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             _job(r) for r in self._db.execute(f"SELECT {_JOB_COLS} FROM jobs ORDER BY created, id")
         ]
 
+    def job_summaries(
+        self,
+        state: JobFilter | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[Job, dict[str, int]]]:
+        """Jobs with their destination counts by state, filtered and limited
+        in SQL (the newest ``limit`` jobs created at or after ``since``),
+        oldest first. Two queries whatever the number of jobs."""
+        where = {
+            None: "",
+            JobFilter.RUNNING: f"AND EXISTS (SELECT 1 FROM dests d WHERE d.job = j.id "
+            f"AND d.state {_NOT_FINAL})",
+            JobFilter.FAILED: "AND EXISTS (SELECT 1 FROM dests d WHERE d.job = j.id "
+            "AND d.state = ?)",
+            JobFilter.DONE: f"AND NOT EXISTS (SELECT 1 FROM dests d WHERE d.job = j.id "
+            f"AND d.state {_NOT_FINAL})",
+        }[state]
+        params: list[Any] = [since if since is not None else float("-inf")]
+        if state in (JobFilter.RUNNING, JobFilter.DONE):
+            params.extend(_FINAL)
+        elif state is JobFilter.FAILED:
+            params.append(DestState.FAILED)
+        params.append(-1 if limit is None else limit)
+        chosen = (
+            f"SELECT j.id FROM jobs j WHERE j.created >= ? {where} "
+            "ORDER BY j.created DESC, j.id DESC LIMIT ?"
+        )
+        jobs = [
+            _job(r)
+            for r in self._db.execute(
+                f"SELECT {_JOB_COLS} FROM jobs WHERE id IN ({chosen}) ORDER BY created, id",
+                params,
+            )
+        ]
+        counts: dict[str, dict[str, int]] = {j.id: {} for j in jobs}
+        for jid, st, n in self._db.execute(
+            f"SELECT job, state, COUNT(*) FROM dests WHERE job IN ({chosen}) GROUP BY job, state",
+            params,
+        ):
+            counts[jid][st] = n
+        return [(j, counts[j.id]) for j in jobs]
+
+    def progress(self, jid: str) -> dict[str, Progress]:
+        """The last progress points of ``jid``'s transferring destinations."""
+        return {
+            r[0]: Progress(r[1], r[2], r[3], r[4], r[5])
+            for r in self._db.execute(
+                "SELECT p.node, p.done, p.total, p.time, p.prev_done, p.prev_time "
+                "FROM progress p JOIN dests d ON d.job = p.job AND d.node = p.node "
+                "WHERE p.job=? AND d.state=?",
+                (jid, DestState.TRANSFERRING),
+            )
+        }
+
     def unannounced(self) -> list[Job]:
         """Jobs our parent has not heard of: made here or announced from below."""
         return [
@@ -491,6 +550,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 self._record_installed(db, node, package, jid, now)
             if state is DestState.CANCELLED:
                 self._bump(db, jid)  # the cancel must travel down
+            _record_progress(db, jid, node, state, detail, now)
             if report:
                 rep = Report(
                     report_id=f"{me}:{seq}",
@@ -537,6 +597,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
             if new is DestState.INSTALLED and rep.package:
                 self._record_installed(db, rep.node, rep.package, rep.job, rep.time)
+            _record_progress(db, rep.job, rep.node, new, rep.detail, rep.time or time.time())
             # A node behind a relay is never seen directly: its reports are
             # how we hear from it.
             db.execute(
@@ -553,3 +614,23 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
         )
         return Applied.APPLIED
+
+
+def _record_progress(
+    db: sqlite3.Connection, jid: str, node: str, state: DestState, detail: str, when: float
+) -> None:
+    """Keep the last two progress points of a transferring destination (the
+    ``[bytes DONE/TOTAL]`` convention of protocol/SPEC.md); any other state,
+    or a transfer that starts over, forgets them."""
+    point = parse_progress(detail) if state is DestState.TRANSFERRING else None
+    if point is None:
+        db.execute("DELETE FROM progress WHERE job=? AND node=?", (jid, node))
+        return
+    done, total = point
+    db.execute(
+        "INSERT INTO progress(job, node, done, total, time) VALUES(?,?,?,?,?) "
+        "ON CONFLICT(job, node) DO UPDATE SET prev_done=progress.done, "
+        "prev_time=progress.time, done=excluded.done, total=excluded.total, "
+        "time=excluded.time",
+        (jid, node, done, total, when),
+    )

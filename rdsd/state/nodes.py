@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from ..domain import DestState, NodeRow
+from ..domain import DestState, NodeRow, PresenceRow
 from ..errors import JobError
 from .base import Database
 
@@ -87,6 +87,71 @@ class NodesMixin(Database):
                 if n not in keep
             ]
             db.executemany("UPDATE nodes SET via=NULL WHERE name=?", gone)
+
+    # -- presence: who is connected now ------------------------------------------
+
+    def presence_clear(self) -> None:
+        """Nothing is connected to a parent half that has just started."""
+        self._db.execute("UPDATE presence SET online=0 WHERE online=1")
+
+    def presence_online(self, through: str, entries: dict[str, tuple[str, str]]) -> None:
+        """Nodes ``name -> (parent, software)`` are connected now; the news
+        came over the child session ``through``."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO presence(name, parent, software, through, online, since, seen) "
+                "VALUES(?,?,?,?,1,?,?) ON CONFLICT(name) DO UPDATE SET parent=excluded.parent, "
+                "software=excluded.software, through=excluded.through, online=1, "
+                "since=excluded.since, seen=excluded.seen",
+                [(n, p, sw, through, now, now) for n, (p, sw) in entries.items()],
+            )
+            db.executemany(
+                "UPDATE nodes SET last_seen=? WHERE name=?", [(now, n) for n in entries]
+            )
+
+    def presence_offline(self, through: str, names: Iterable[str] | None = None) -> list[str]:
+        """Nodes that went away, among those known online through ``through``
+        (all of them when ``names`` is None, except ``through`` itself unless
+        asked). Returns the names that were online."""
+        now = time.time()
+        with self._tx() as db:
+            online = [
+                r[0]
+                for r in db.execute(
+                    "SELECT name FROM presence WHERE through=? AND online=1", (through,)
+                )
+            ]
+            gone = online if names is None else sorted(set(online) & set(names))
+            db.executemany(
+                "UPDATE presence SET online=0, seen=? WHERE name=?", [(now, n) for n in gone]
+            )
+            db.executemany("UPDATE nodes SET last_seen=? WHERE name=?", [(now, n) for n in gone])
+        return gone
+
+    def presence(self) -> dict[str, PresenceRow]:
+        return {
+            r[0]: PresenceRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6])
+            for r in self._db.execute(
+                "SELECT name, parent, software, through, online, since, seen FROM presence"
+            )
+        }
+
+    def online_through(self, through: str) -> list[str]:
+        """Nodes known connected over the child session ``through``."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT name FROM presence WHERE through=? AND online=1", (through,)
+            )
+        ]
+
+    def online(self) -> dict[str, tuple[str, str]]:
+        """Every node connected now: name to (parent, software)."""
+        return {
+            r[0]: (r[1], r[2])
+            for r in self._db.execute("SELECT name, parent, software FROM presence WHERE online=1")
+        }
 
     def revoked(self) -> list[str]:
         return [
