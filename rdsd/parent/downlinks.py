@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -51,6 +52,7 @@ log = structlog.get_logger("rdsd.downlinks")
 # Failed TLS handshakes are logged at most once per this many seconds per
 # peer host, and at most HANDSHAKE_LOG_BURST lines per interval in all: a
 # scanner or a misconfigured fleet must not flood the log.
+STREAM_LIMIT = 1024 * 1024
 HANDSHAKE_LOG_INTERVAL = 10.0
 HANDSHAKE_LOG_BURST = 20
 _HANDSHAKE_HOSTS_KEPT = 4096
@@ -149,7 +151,8 @@ class Downlinks:
         self.children: dict[str, Child] = {}
         self.log = log.bind(node=cfg.name)
         self.handlers = ChildHandlers(self)
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
@@ -158,8 +161,8 @@ class Downlinks:
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None and self._server.sockets
-        host, port = self._server.sockets[0].getsockname()[:2]
+        assert self._listener is not None
+        host, port = self._listener.getsockname()[:2]
         return str(host), int(port)
 
     async def start(self) -> None:
@@ -167,29 +170,23 @@ class Downlinks:
         host, port = self.cfg.listen
         # Nothing is connected to a parent half that has just started.
         self.db.presence_clear()
-        # Plain TCP here and TLS in _accept, so a failed handshake is ours to
-        # log (with the peer's address); asyncio would drop it silently.
-        self._server = await asyncio.start_server(
-            self._accept,
-            host,
-            port,
-            limit=1024 * 1024,
-        )
+        self._listener = await _listen(host, port)
+        self._accepting = asyncio.create_task(self._accept_loop(self._listener))
         self.log.info("listening", address=f"{self.address[0]}:{self.address[1]}")
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
         for child in list(self.children.values()):
             child.session.abort("shutting down")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await self._server.wait_closed()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a task this half cancels when it stops."""
@@ -199,42 +196,61 @@ class Downlinks:
 
     # -- one child's session -----------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept plain TCP and do the TLS handshake per connection here, so
+        a failed handshake is ours to log with the peer's address (asyncio's
+        own TLS server drops it silently)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                # Out of file descriptors, say: keep the listener, try later.
+                self.log.warning("accept_failed", reason=str(exc), retry_in=1.0)
+                await asyncio.sleep(1.0)
+                continue
+            self.spawn(self._accept(sock, _format_address(addr)))
+
+    async def _accept(self, sock: socket.socket, address: str) -> None:
+        streams = await self._start_tls(sock, address)
+        if streams is None:
+            return
+        reader, writer = streams
         try:
-            if await self._start_tls(writer):
-                await self._handle(reader, writer)
-        except asyncio.CancelledError:
-            # Shutting down. This is the connection's top-level task, and
-            # asyncio's server logs a traceback for one that ends cancelled.
-            pass
+            await self._handle(reader, writer)
         except Exception:
-            self.log.exception("child.crashed")
+            self.log.exception("child.crashed", peer_address=address)
         finally:
-            self._tasks.discard(task)
             writer.close()
 
-    async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
+    async def _start_tls(
+        self, sock: socket.socket, address: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """The TLS handshake, bounded by the handshake timeout; a failure is
-        logged (rate-limited) with the peer's address and reason."""
-        addr = writer.get_extra_info("peername")
+        logged (rate-limited per host) with the peer's address and reason."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            await writer.start_tls(self.ctx, ssl_handshake_timeout=self.cfg.handshake_timeout)
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            host, port = (str(addr[0]), int(addr[1])) if addr else ("unknown", 0)
-            held = self._handshakes.admit(host, time.monotonic())
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=self.ctx,
+                ssl_handshake_timeout=self.cfg.handshake_timeout,
+            )
+        except (OSError, TimeoutError, EOFError) as exc:
+            sock.close()
+            held = self._handshakes.admit(address.rsplit(":", 1)[0], time.monotonic())
             if held is not None:
                 reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
                 self.log.warning(
                     "child.tls_failed",
-                    peer_address=f"{host}:{port}",
+                    peer_address=address,
                     reason=str(reason) or type(exc).__name__,
                     unlogged_before=held,
                 )
-            return False
-        return True
+            return None
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = _address(writer)
@@ -474,5 +490,32 @@ class Downlinks:
 
 def _address(writer: asyncio.StreamWriter) -> str:
     """``host:port`` of the peer, for log lines about this connection."""
-    addr = writer.get_extra_info("peername")
-    return f"{addr[0]}:{addr[1]}" if addr else "unknown"
+    return _format_address(writer.get_extra_info("peername"))
+
+
+def _format_address(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+    return "unknown"
+
+
+async def _listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket, as asyncio.start_server would make
+    it (address reuse on POSIX, the first address the name resolves to)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(100)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
