@@ -24,7 +24,7 @@ from typing import Any
 from protocol import is_package_id
 
 from ..config import DEFAULT_KEEP, NodeConfig, iso
-from ..domain import TARGET_ROLE, DestState, Job, JobType, Role
+from ..domain import TARGET_ROLE, DestState, Job, JobFilter, JobType, Progress, Role
 from ..errors import AdminError, ConfigError, JobError
 from ..packages.manifest import Envelopes, build_manifest, seal
 from ..packages.packing import pack_directory
@@ -351,6 +351,7 @@ class Admin:
 
     def job_status(self, jid: str) -> dict[str, Any]:
         job = self._job(jid)
+        progress = self.db.progress(job.id)
         return {
             "id": job.id,
             "type": job.type,
@@ -359,18 +360,41 @@ class Admin:
             "at": iso(job.at),
             "origin": job.origin,
             "destinations": [
-                {"node": d.node, "state": d.state, "detail": d.detail, "updated": iso(d.updated)}
+                {
+                    "node": d.node,
+                    "state": d.state,
+                    "detail": d.detail,
+                    "updated": iso(d.updated),
+                    **progress_fields(progress.get(d.node)),
+                }
                 for d in self.db.dests(job.id)
             ],
         }
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def data_version(self) -> int:
+        """Changes whenever another process (the daemon) commits: a cheap
+        way for ``job wait`` to know when to look again."""
+        return self.db.data_version()
+
+    def jobs(
+        self,
+        state: JobFilter | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Jobs with their state counts; ``state`` selects running, failed or
+        done jobs, ``since`` (seconds) those created that recently, ``limit``
+        the newest that many. Filtered in SQL."""
+        try:
+            selected = JobFilter(state) if state is not None else None
+        except ValueError:
+            raise AdminError(f"--state must be one of {', '.join(JobFilter)}") from None
+        if limit is not None and limit < 1:
+            raise AdminError("--limit must be at least 1")
+        after = time.time() - since if since is not None else None
         out = []
-        for job in self.db.jobs():
-            dests = self.db.dests(job.id)
-            counts: dict[str, int] = {}
-            for d in dests:
-                counts[d.state] = counts.get(d.state, 0) + 1
+        for job, counts in self.db.job_summaries(selected, after, limit):
+            final = sum(n for st, n in counts.items() if DestState(st).final)
             out.append(
                 {
                     "id": job.id,
@@ -379,7 +403,7 @@ class Admin:
                     "created": iso(job.created),
                     "at": iso(job.at),
                     "states": counts,
-                    "done": all(d.final for d in dests),
+                    "done": final == sum(counts.values()),
                 }
             )
         return out
@@ -432,23 +456,46 @@ class Admin:
         return self.db.remove_group(name, members or None)
 
     def nodes(self) -> list[dict[str, Any]]:
+        """Known nodes. ``online``: connected now, at any depth (the daemon
+        keeps this from its sessions and relays' PRESENCE); ``via``: what the
+        node is connected to (this node's own name for a direct child);
+        ``route``: the child session it is reached through; ``version``: what
+        it said in HELLO."""
         held = self.db.holdings()
         installed = self.db.installed()
-        return [
-            {
-                "name": n.name,
-                "role": n.role,
-                "via": n.via,
-                "last_seen": iso(n.last_seen),
-                "revoked": n.revoked,
-                "installed": installed.get(n.name, []),
-                "holds": [
-                    {"package": p, "expires": iso(e)}
-                    for p, e in sorted(held.get(n.name, {}).items())
-                ],
-            }
-            for n in self.db.nodes()
-        ]
+        presence = self.db.presence()
+        now = time.time()
+        out = []
+        for n in self.db.nodes():
+            here = presence.get(n.name)
+            online = here is not None and here.online
+            if here is not None:
+                via: str | None = here.parent
+            else:
+                via = self.cfg.name if n.via == n.name else n.via
+            seen = max(
+                [t for t in (n.last_seen, here.seen if here else None) if t is not None],
+                default=None,
+            )
+            out.append(
+                {
+                    "name": n.name,
+                    "role": n.role,
+                    "online": online,
+                    "via": via,
+                    "route": n.via,
+                    "version": (here.software or None) if here else None,
+                    "last_seen": iso(now if online else seen),
+                    "connected_since": iso(here.since) if online and here else None,
+                    "revoked": n.revoked,
+                    "installed": installed.get(n.name, []),
+                    "holds": [
+                        {"package": p, "expires": iso(e)}
+                        for p, e in sorted(held.get(n.name, {}).items())
+                    ],
+                }
+            )
+        return out
 
     def revoke(self, name: str) -> None:
         parse.check_node_name(name)
@@ -488,6 +535,20 @@ def offers_listing(db: JobDB, store: Store, node: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def progress_fields(p: Progress | None) -> dict[str, Any]:
+    """Bytes, rate (bytes/s) and ETA (seconds) of a transferring destination,
+    from the last two progress points; all null when unknown."""
+    if p is None:
+        return {"bytes_done": None, "bytes_total": None, "rate": None, "eta": None}
+    rate, eta = p.rate, p.eta
+    return {
+        "bytes_done": p.done,
+        "bytes_total": p.total,
+        "rate": round(rate, 1) if rate is not None else None,
+        "eta": round(eta, 1) if eta is not None else None,
+    }
 
 
 def allowed_names(roles: list[Role]) -> list[str]:

@@ -18,12 +18,16 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ..config import NodeConfig, default_home
 from ..errors import AdminError
 from ..util.fsutil import try_lock
 from ..util.logs import configure
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+log = structlog.get_logger("rdsd.daemon")
 
 
 def _raise_fd_limit() -> None:
@@ -66,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        _run_loop(_serve(cfg))
+        _run_loop(_serve(cfg, banner=args.log_format == "console"))
     finally:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
@@ -74,7 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(cfg: NodeConfig) -> None:
+async def _serve(cfg: NodeConfig, banner: bool = True) -> None:
+    """Run the node until SIGTERM or SIGINT. With ``banner`` (console logs)
+    say on stdout that it runs; with JSON logs that is one more JSON event
+    on the log stream, so everything the daemon writes is JSON."""
     from ..node import Node
 
     stop = asyncio.Event()
@@ -82,9 +89,14 @@ async def _serve(cfg: NodeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Node(cfg) as node:
+        address = None
         if node.downlinks is not None:
             host, port = node.address
-            print(f"rdsd {cfg.role} {cfg.name} listening on {host}:{port}", flush=True)
+            address = f"{host}:{port}"
+        if not banner:
+            log.info("daemon.ready", node=cfg.name, role=cfg.role, address=address)
+        elif address is not None:
+            print(f"rdsd {cfg.role} {cfg.name} listening on {address}", flush=True)
         else:
             print(f"rdsd client {cfg.name} running", flush=True)
         await stop.wait()

@@ -14,13 +14,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..admin import Admin, enroll, init_node, init_server
+from ..admin.watch import Change, wait_job
 from ..config import DEFAULT_KEEP, default_home
-from ..domain import JobType, Role
-from ..errors import ConfigError
+from ..domain import JobFilter, JobType, Role
+from ..errors import AdminError, ConfigError
+from ..util import parse as parsing
 from ..util.parse import check_node_name, parse_address, parse_duration, parse_time
+from . import watch
+from .completion import add_completion
 from .daemon import cmd_run
 from .output import Parser, listing, print_json, run_cli, table
 
@@ -126,9 +131,10 @@ def cmd_job(args: argparse.Namespace) -> int:
             print(f"cancelled {args.job} on {', '.join(nodes) or 'no unfinished destination'}")
             return 0
         if args.jcmd == "list":
+            since = parsing.parse_duration(args.since, what="--since") if args.since else None
             listing(
                 args.json,
-                admin.jobs(),
+                admin.jobs(args.state, since, args.limit),
                 ["JOB", "TYPE", "PACKAGE", "AT", "STATES"],
                 lambda j: [
                     j["id"],
@@ -146,10 +152,77 @@ def cmd_job(args: argparse.Namespace) -> int:
             when = f" at {status['at']}" if status["at"] else ""
             print(f"job {status['id']}: {status['type']} {status['package']}{when}")
             table(
-                [[d["node"], d["state"], d["detail"]] for d in status["destinations"]],
-                ["NODE", "STATE", "DETAIL"],
+                [
+                    [
+                        d["node"],
+                        d["state"],
+                        _bytes_column(d),
+                        watch.human_rate(d["rate"]),
+                        watch.human_eta(d["eta"]),
+                        watch.human_detail(d["detail"]),
+                    ]
+                    for d in status["destinations"]
+                ],
+                ["NODE", "STATE", "BYTES", "RATE", "ETA", "DETAIL"],
             )
         return 0
+
+
+def _bytes_column(d: dict[str, Any]) -> str:
+    if d["bytes_total"] is None:
+        return "-"
+    return f"{watch.human_bytes(d['bytes_done'])}/{watch.human_bytes(d['bytes_total'])}"
+
+
+def _timeout(text: str) -> float:
+    """``--timeout``: seconds (``90``, ``2.5``) or a duration (``15m``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return parsing.parse_duration(text, minimum=0.001, what="--timeout")
+    if not 0 < value < float("inf"):
+        raise AdminError(f"--timeout must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def cmd_job_wait(args: argparse.Namespace) -> int:
+    """Block until every destination is final: exit 0 if all succeeded, 1 if
+    any failed or was cancelled, 3 on timeout."""
+    timeout = _timeout(args.timeout) if args.timeout is not None else None
+    with Admin(_home(args)) as admin:
+        admin.job_status(args.job)  # an unknown job is an error now, not a timeout
+        last: dict[str, Any] = {}
+
+        def keep(status: dict[str, Any], moved: list[Change]) -> None:
+            last["status"] = status
+
+        if watch.is_terminal():
+            with watch.LiveView() as view:
+
+                def draw(status: dict[str, Any], moved: list[Change]) -> None:
+                    keep(status, moved)
+                    view.update(status, moved)
+
+                outcome = wait_job(admin, args.job, timeout, draw)
+        else:
+
+            def lines(status: dict[str, Any], moved: list[Change]) -> None:
+                keep(status, moved)
+                watch.print_changes(status, moved)
+
+            outcome = wait_job(admin, args.job, timeout, lines)
+    print(watch.summary(last["status"], outcome, timeout), flush=True)
+    return int(outcome)
 
 
 def cmd_group(args: argparse.Namespace) -> int:
@@ -182,11 +255,13 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     listing(
         args.json,
         nodes,
-        ["NODE", "ROLE", "VIA", "LAST SEEN", "", "INSTALLED", "HOLDS"],
+        ["NODE", "ROLE", "ONLINE", "VIA", "VERSION", "LAST SEEN", "", "INSTALLED", "HOLDS"],
         lambda n: [
             n["name"],
             n["role"],
+            "yes" if n["online"] else "no",
             n["via"] or "-",
+            n["version"] or "-",
             n["last_seen"] or "never",
             "revoked" if n["revoked"] else "",
             ",".join(n["installed"]),
@@ -322,8 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("job", help="job id")
         home(sp)
     jl = jsub.add_parser("list", help="all jobs with their state counts")
+    jl.add_argument("--state", choices=list(JobFilter), help="running, failed or done jobs only")
+    jl.add_argument("--since", metavar="DURATION", help="jobs created within this long: 1h, 7d")
+    jl.add_argument("--limit", type=_positive, metavar="N", help="the newest N jobs only")
     home(jl)
     js(jl)
+    wt = jsub.add_parser(
+        "wait", help="wait until every destination is final (exit 0 ok, 1 failed, 3 timeout)"
+    )
+    wt.add_argument("job")
+    wt.add_argument("--timeout", metavar="SECONDS", help="give up after this long (exit 3)")
+    home(wt)
+    wt.set_defaults(fn=cmd_job_wait)
     pr = jsub.add_parser("prune", help="delete jobs that finished long enough ago")
     pr.add_argument(
         "--older-than",
@@ -366,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     home(cl)
     js(cl)
     cache.set_defaults(fn=cmd_cache)
+    add_completion(sub, p)
     return p
 
 

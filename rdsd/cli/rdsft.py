@@ -37,6 +37,7 @@ from ..packages.store import Store
 from ..security import Verifier, client_context
 from ..state import JobDB
 from ..util.fsutil import try_lock
+from .completion import add_completion
 from .output import Parser, run_cli
 
 TIMEOUT = 30.0
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     home(st)
     st.add_argument("--json", action="store_true", help="print one JSON document")
     st.set_defaults(fn=cmd_status)
+    add_completion(sub, p)
     p.set_defaults(fn=None)
     return p
 

@@ -18,7 +18,7 @@ import structlog
 
 from ..child.fetcher import Fetcher
 from ..config import NodeConfig, iso
-from ..domain import Dest, DestState, Job, JobType, Role
+from ..domain import Dest, DestState, Job, JobType, Role, progress_detail
 from ..errors import IllegalTransition, ManifestError, RdsdError, StoreError, TransferFailed
 from ..packages.download import in_thread
 from ..packages.manifest import Envelopes, Manifest
@@ -161,7 +161,10 @@ class Runner:
             await self.install(job, manifest)
 
     async def _report_progress(self, job: Job, manifest: Manifest) -> None:
-        """On a long transfer, say how far it got, so status tells the truth."""
+        """On a long transfer, say how far it got, so status tells the truth:
+        a human part and the ``[bytes DONE/TOTAL]`` suffix documented in
+        protocol/SPEC.md (REPORT), from which every node above computes the
+        rate and the end."""
         last = -1
         while True:
             await asyncio.sleep(self.cfg.progress_interval)
@@ -169,13 +172,9 @@ class Runner:
             if dl is None or dl.verified == last:
                 continue
             last = dl.verified
-            mib = 1024 * 1024
-            pct = 100 * dl.verified // max(manifest.size, 1)
             with contextlib.suppress(Superseded):
                 self._set(
-                    job,
-                    DestState.TRANSFERRING,
-                    f"{pct}% ({dl.verified / mib:.1f} of {manifest.size / mib:.1f} MiB)",
+                    job, DestState.TRANSFERRING, progress_detail(dl.verified, manifest.size)
                 )
 
     def _refresh_keep(self, manifest: Manifest, envelope: bytes) -> None:

@@ -1,0 +1,67 @@
+"""Shell completion for ``rdsd`` and ``rdsft``, generated from the argparse
+parsers by ``shtab``: the script always matches the commands it completes,
+because it is made from the same parser that parses them."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from typing import Any
+
+import shtab
+
+SHELLS = ("bash", "zsh")
+# Options whose values are paths, so the shell completes files or directories.
+_DIRECTORIES = {"home", "src"}
+_FILES = {"bundle", "out"}
+
+
+def _actions(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _actions(sub)
+
+
+def _list_every_subcommand(parser: argparse.ArgumentParser) -> None:
+    """shtab completes only subcommands that argparse lists in help (those
+    added with ``help=``); list the others too, for this process only (it
+    prints the script and exits), so every command completes."""
+    for action in _actions(parser):
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        listed = {a.dest for a in action._choices_actions}
+        for name, sub in action.choices.items():
+            if name not in listed:
+                help_text = sub.description or name
+                action._choices_actions.append(
+                    action._ChoicesPseudoAction(name, (), help_text)
+                )
+
+
+def add_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
+    """Add ``PROG completion bash|zsh`` to ``parser`` (``sub`` is its
+    subparsers object) and mark path options for the shell."""
+    for action in _actions(parser):
+        if action.dest in _DIRECTORIES:
+            action.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+        elif action.dest in _FILES:
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+    comp = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description=(
+            f"Print a completion script for {parser.prog}. bash: "
+            f"eval \"$({parser.prog} completion bash)\" in ~/.bashrc; zsh: "
+            f"{parser.prog} completion zsh > ~/.zfunc/_{parser.prog} with ~/.zfunc on fpath."
+        ),
+    )
+    comp.add_argument("shell", choices=SHELLS)
+
+    def run(args: argparse.Namespace) -> int:
+        _list_every_subcommand(parser)
+        print(shtab.complete(parser, shell=args.shell), end="")
+        return 0
+
+    comp.set_defaults(fn=run)
