@@ -51,9 +51,7 @@ def outcome_of(status: dict[str, Any]) -> WaitOutcome | None:
     states = [DestState(d["state"]) for d in status["destinations"]]
     if not all(s.final for s in states):
         return None
-    return (
-        WaitOutcome.SUCCEEDED if all(s in SUCCEEDED for s in states) else WaitOutcome.FAILED
-    )
+    return WaitOutcome.SUCCEEDED if all(s in SUCCEEDED for s in states) else WaitOutcome.FAILED
 
 
 def changes(before: dict[str, str], status: dict[str, Any]) -> list[Change]:

@@ -35,9 +35,7 @@ def _list_every_subcommand(parser: argparse.ArgumentParser) -> None:
         for name, sub in action.choices.items():
             if name not in listed:
                 help_text = sub.description or name
-                action._choices_actions.append(
-                    action._ChoicesPseudoAction(name, (), help_text)
-                )
+                action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
 
 
 def add_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
@@ -53,7 +51,7 @@ def add_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
         help="print a shell completion script",
         description=(
             f"Print a completion script for {parser.prog}. bash: "
-            f"eval \"$({parser.prog} completion bash)\" in ~/.bashrc; zsh: "
+            f'eval "$({parser.prog} completion bash)" in ~/.bashrc; zsh: '
             f"{parser.prog} completion zsh > ~/.zfunc/_{parser.prog} with ~/.zfunc on fpath."
         ),
     )

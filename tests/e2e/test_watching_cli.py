@@ -190,9 +190,7 @@ def test_presence_in_nodes_through_a_relay(wcli: Cli) -> None:
         assert table[0].split()[:6] == ["NODE", "ROLE", "ONLINE", "VIA", "VERSION", "LAST"]
     finally:
         assert wcli.stop("client1") == 0
-    wcli.wait_until(
-        "client1 offline", lambda: not nodes(wcli)["client1"]["online"], timeout=30
-    )
+    wcli.wait_until("client1 offline", lambda: not nodes(wcli)["client1"]["online"], timeout=30)
 
 
 def test_rdsft_a_that_succeeds_prints_no_warning(wcli: Cli) -> None:

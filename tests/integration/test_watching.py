@@ -65,9 +65,7 @@ async def test_presence_online_and_offline_through_a_relay(deployment: Deploymen
                     with deployment.admin("relay1") as radmin:
                         assert nodes_of(radmin)["client1"]["via"] == "relay1"
                 stopped = time.monotonic()
-                await wait_until(
-                    lambda: not online(admin, "client1"), 30, 0.05, "client1 offline"
-                )
+                await wait_until(lambda: not online(admin, "client1"), 30, 0.05, "client1 offline")
                 assert time.monotonic() - stopped < 30
                 gone = nodes_of(admin)["client1"]
                 assert gone["via"] == "relay1" and gone["version"] == software()
@@ -268,9 +266,7 @@ async def test_job_list_filters_in_sql(deployment: Deployment, package_src: Path
         admin.db.change(done_job, "c3", DestState.INSTALLED, "", "server", report=False)
         # An old job: created two days ago.
         old_job = admin.create_job(JobType.INSTALL, pid, ["c3"])
-        admin.db._db.execute(
-            "UPDATE jobs SET created = created - 2 * 86400 WHERE id=?", (old_job,)
-        )
+        admin.db._db.execute("UPDATE jobs SET created = created - 2 * 86400 WHERE id=?", (old_job,))
 
         def ids(**kw: Any) -> list[str]:
             return [j["id"] for j in admin.jobs(**kw)]

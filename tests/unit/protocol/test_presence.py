@@ -44,7 +44,7 @@ def opened() -> tuple[Connection, Connection]:
 
 def test_version_is_two_and_presence_has_tag_22() -> None:
     assert PROTOCOL_VERSION == 2
-    assert MessageType.PRESENCE == 22
+    assert int(MessageType.PRESENCE) == 22
 
 
 def test_child_sends_presence_and_parent_decodes_it() -> None:
