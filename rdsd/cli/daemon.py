@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import resource
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import structlog
 
 from ..config import NodeConfig, default_home
 from ..errors import AdminError
@@ -27,7 +27,6 @@ from ..util.logs import configure
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
-log = structlog.get_logger("rdsd.daemon")
 
 
 def _raise_fd_limit() -> None:
@@ -79,9 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: NodeConfig, banner: bool = True) -> None:
-    """Run the node until SIGTERM or SIGINT. With ``banner`` (console logs)
-    say on stdout that it runs; with JSON logs that is one more JSON event
-    on the log stream, so everything the daemon writes is JSON."""
+    """Run the node until SIGTERM or SIGINT, saying on stdout once it runs:
+    a line of text with console logs, one JSON object with JSON logs (so
+    everything the daemon writes is JSON)."""
     from ..node import Node
 
     stop = asyncio.Event()
@@ -93,13 +92,30 @@ async def _serve(cfg: NodeConfig, banner: bool = True) -> None:
         if node.downlinks is not None:
             host, port = node.address
             address = f"{host}:{port}"
-        if not banner:
-            log.info("daemon.ready", node=cfg.name, role=cfg.role, address=address)
-        elif address is not None:
-            print(f"rdsd {cfg.role} {cfg.name} listening on {address}", flush=True)
+        if address is not None:
+            text = f"rdsd {cfg.role} {cfg.name} listening on {address}"
         else:
-            print(f"rdsd client {cfg.name} running", flush=True)
+            text = f"rdsd client {cfg.name} running"
+        if banner:
+            print(text, flush=True)
+        else:
+            print(json.dumps(ready_event(cfg, address, text)), flush=True)
         await stop.wait()
+
+
+def ready_event(cfg: NodeConfig, address: str | None, text: str) -> dict[str, Any]:
+    """The start banner as one JSON object, shaped like the log's events.
+    ``message`` is the console banner's sentence, last, so a tool that looks
+    for "listening on HOST:PORT" finds it in either format."""
+    return {
+        "event": "daemon.ready",
+        "level": "info",
+        "timestamp": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "node": cfg.name,
+        "role": str(cfg.role),
+        "address": address,
+        "message": text,
+    }
 
 
 def _run_loop(coro: Any) -> None:
