@@ -77,7 +77,11 @@ class Session:
         self._close_started = False
         self.close_reason = ""
         self._observer = observer
-        self.log = structlog.get_logger("rdsd.session").bind(peer=peer.name)
+        addr = writer.get_extra_info("peername")
+        self.log = structlog.get_logger("rdsd.session").bind(
+            peer=peer.name,
+            peer_address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unknown",
+        )
 
     @staticmethod
     def identify(writer: asyncio.StreamWriter) -> Peer:

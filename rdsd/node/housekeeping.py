@@ -48,6 +48,9 @@ class Housekeeper:
         # which session: a new session starts again from a full snapshot.
         self._presence_sent: dict[str, tuple[str, str]] = {}
         self._presence_session: Session | None = None
+        # Set when a child connects or goes, or a relay below sends PRESENCE:
+        # only then is the connected subtree read again.
+        self.presence_dirty = True
 
     def wake(self) -> None:
         """Something changed: run a pass soon."""
@@ -197,8 +200,11 @@ class Housekeeper:
         session = node.uplink.session if node.uplink else None
         if not node.parts.forwards_up or session is None or session.closed:
             return
-        now = node.db.online()
         reset = session is not self._presence_session
+        if not (reset or self.presence_dirty):
+            return
+        self.presence_dirty = False
+        now = node.db.online()
         before = {} if reset else self._presence_sent
         online = [(n, v) for n, v in sorted(now.items()) if before.get(n) != v]
         offline = sorted(set(before) - set(now))
@@ -209,6 +215,7 @@ class Housekeeper:
                 session.send_nowait(msg)
         except SessionClosed:
             self._presence_session = None
+            self.presence_dirty = True
             return
         self._presence_session, self._presence_sent = session, now
 

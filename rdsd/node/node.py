@@ -110,7 +110,7 @@ class Node:
                 provide=self._provide,
                 reports_changed=self.wake,
                 topology_changed=self._topology_changed,
-                presence_changed=self.wake,
+                presence_changed=self._presence_changed,
                 forward_reports=parts.forwards_up,
                 ask_parent=self._ask_parent if parts.forwards_up else None,
             )
@@ -156,6 +156,10 @@ class Node:
     def wake(self) -> None:
         """Something changed: run the housekeeping pass soon."""
         self.housekeeping.wake()
+
+    def _presence_changed(self) -> None:
+        self.housekeeping.presence_dirty = True
+        self.wake()
 
     def _topology_changed(self) -> None:
         self.housekeeping.tell_parent = True

@@ -83,6 +83,29 @@ async def test_presence_online_and_offline_through_a_relay(deployment: Deploymen
                     assert online(admin, "client2")
 
 
+async def test_presence_two_relays_deep(deployment: Deployment) -> None:
+    """server -> relay1 -> relay2 -> client1: the server sees client1 online
+    via relay2 (its own parent), reached through relay1."""
+    async with running(deployment.server) as (server,):
+        r1 = deployment.add_node("relay1", Role.RELAY, server.address)
+        async with running(r1) as (relay1,):
+            r2 = deployment.add_node("relay2", Role.RELAY, relay1.address)
+            async with running(r2) as (relay2,):
+                c1 = deployment.add_node("client1", Role.CLIENT, relay2.address)
+                with deployment.admin() as admin:
+                    async with running(c1):
+                        await wait_until(
+                            lambda: online(admin, "client1"), 15, 0.05, "client1 online"
+                        )
+                        n = nodes_of(admin)
+                        assert (n["client1"]["via"], n["client1"]["route"]) == ("relay2", "relay1")
+                        assert (n["relay2"]["via"], n["relay2"]["route"]) == ("relay1", "relay1")
+                    await wait_until(
+                        lambda: not online(admin, "client1"), 30, 0.05, "client1 offline"
+                    )
+                    assert online(admin, "relay2")
+
+
 async def test_presence_from_a_relay_counts_only_its_subtree(deployment: Deployment) -> None:
     """A relay cannot put nodes online that are not behind it, and a client
     may not send PRESENCE at all."""
