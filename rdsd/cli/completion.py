@@ -55,7 +55,7 @@ def add_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
             f"{parser.prog} completion zsh > ~/.zfunc/_{parser.prog} with ~/.zfunc on fpath."
         ),
     )
-    comp.add_argument("shell", choices=SHELLS)
+    comp.add_argument("shell", choices=SHELLS, help="the shell to print a completion script for")
 
     def run(args: argparse.Namespace) -> int:
         _list_every_subcommand(parser)

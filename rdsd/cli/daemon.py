@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        _run_loop(_serve(cfg, banner=args.log_format == "console"))
+        _run_loop(_serve(cfg, banner=cfg.log_format == "console"))
     finally:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)

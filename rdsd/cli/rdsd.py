@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt = jsub.add_parser(
         "wait", help="wait until every destination is final (exit 0 ok, 1 failed, 3 timeout)"
     )
-    wt.add_argument("job")
+    wt.add_argument("job", help="the job id (from rdsd job create or job list)")
     wt.add_argument("--timeout", metavar="SECONDS", help="give up after this long (exit 3)")
     home(wt)
     wt.set_defaults(fn=cmd_job_wait)

@@ -157,9 +157,10 @@ def test_job_wait_times_out_with_exit_3(wcli: Cli) -> None:
     assert time.monotonic() - began < 15
     assert "not finished after 1s" in proc.stdout
     assert "client3 waiting" in proc.stdout
-    # A bad timeout or an unknown job is an error, not a wait.
+    # A bad timeout (a usage error, exit 2) or an unknown job (exit 1) is an
+    # error, not a wait.
     bad = wait(wcli, job, "--timeout", "soon")
-    assert bad.returncode == 1 and "--timeout" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "--timeout" in bad.stderr, bad.stderr
     unknown = wait(wcli, "nosuchjob", "--timeout", "1")
     assert unknown.returncode == 1 and "no job" in unknown.stderr
     wcli.rdsd("job", "cancel", job, "--home", wcli.home("server"))
