@@ -17,6 +17,7 @@ from .frames import MAGIC, MAX_HEADER, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
     MAX_PRESENCE_BATCH,
     MAX_SOFTWARE,
+    MAX_TOPOLOGY_BATCH,
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
     Chunk,
@@ -54,6 +55,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_PRESENCE_BATCH",
     "MAX_SOFTWARE",
+    "MAX_TOPOLOGY_BATCH",
     "MESSAGE_CLASSES",
     "NEED_DATA",
     "PROTOCOL_VERSION",

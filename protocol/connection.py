@@ -20,6 +20,7 @@ from .frames import MAGIC, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
     MAX_PRESENCE_BATCH,
     MAX_SOFTWARE,
+    MAX_TOPOLOGY_BATCH,
     PROTOCOL_VERSION,
     Chunk,
     Error,
@@ -31,6 +32,7 @@ from .messages import (
     Message,
     MessageType,
     Presence,
+    Topology,
 )
 
 
@@ -206,6 +208,8 @@ class Connection:
         self._track_fetch(msg, err)
         if isinstance(msg, Presence):
             _check_presence(msg, err)
+        elif isinstance(msg, Topology):
+            _check_topology(msg, err)
         return nxt
 
     def _track_fetch(
@@ -239,6 +243,19 @@ class Connection:
         elif isinstance(msg, FetchCancel):
             # The parent may already have finished it: a late cancel is harmless.
             pass
+
+
+def _check_topology(
+    msg: Topology, err: type[LocalProtocolError] | type[RemoteProtocolError]
+) -> None:
+    """TOPOLOGY is bounded: a relay with a large subtree sends several."""
+    count = len(msg.nodes) + len(msg.removed)
+    if count > MAX_TOPOLOGY_BATCH:
+        raise err(f"TOPOLOGY names {count} nodes, more than {MAX_TOPOLOGY_BATCH}")
+    if msg.reset and msg.removed:
+        raise err("TOPOLOGY with reset replaces the subtree: it removes nothing by name")
+    if set(msg.nodes) & set(msg.removed):
+        raise err("TOPOLOGY both adds and removes a node")
 
 
 def _check_presence(

@@ -23,6 +23,10 @@ from .errors import ErrorCode, RemoteProtocolError
 
 PROTOCOL_VERSION = 2
 
+#: Names per TOPOLOGY message (added and removed together): about 0.4 MiB
+#: of header with 64-character names, well inside the header cap.
+MAX_TOPOLOGY_BATCH = 5000
+
 # At most this many names (online plus offline) in one PRESENCE message; a
 # larger change goes as several messages.
 MAX_PRESENCE_BATCH = 1000
@@ -264,10 +268,19 @@ class ReportAck(Message):
 
 @dataclass(frozen=True, slots=True)
 class Topology(Message):
-    """The whole subtree below a relay, node name to role; replaces the last."""
+    """The subtree below a relay, node name to role.
+
+    With ``reset`` (the default) ``nodes`` replaces everything the parent
+    routed through this relay; without it, ``nodes`` are added (or their
+    role updated) and ``removed`` are taken away. A relay sends its whole
+    subtree as one message with ``reset`` followed by additions, then only
+    changes. At most ``MAX_TOPOLOGY_BATCH`` names per message (``nodes``
+    and ``removed`` together), so a subtree of any size fits."""
 
     TYPE: ClassVar[MessageType] = MessageType.TOPOLOGY
     nodes: dict[Name, str]
+    removed: list[Name] = field(default_factory=list)
+    reset: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,20 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import structlog
 
-from protocol import MAX_PRESENCE_BATCH, MAX_SOFTWARE, Holdings, JobAnnounce, Presence, Topology
+from protocol import (
+    MAX_PRESENCE_BATCH,
+    MAX_SOFTWARE,
+    MAX_TOPOLOGY_BATCH,
+    Holdings,
+    JobAnnounce,
+    Presence,
+    Topology,
+)
 
 from ..domain import DestState
 from ..errors import IllegalTransition, SessionClosed
@@ -42,6 +51,12 @@ class Housekeeper:
         self._due: float | None = None
         self.tell_parent = False
         self.revocations_changed = False
+        # What the parent has been told of the subtree, on which session; the
+        # names changed since (or, with _topology_full, possibly any).
+        self._topology_sent: dict[str, str] = {}
+        self._topology_session: Session | None = None
+        self._topology_dirty: set[str] = set()
+        self._topology_full = True
         self._held: dict[str, float] = {}
         self._store_mtime = 0
         # What the parent has been told of who is connected below us, and on
@@ -172,25 +187,55 @@ class Housekeeper:
             if not uplink.send_reports(rows):
                 break
 
+    def topology_changed(self, names: Iterable[str] | None) -> None:
+        """Routes below this relay changed: for ``names``, or (None) for any."""
+        if names is None:
+            self._topology_full = True
+        else:
+            self._topology_dirty.update(names)
+        self.tell_parent = True
+        self.wake()
+
     async def describe_subtree(self) -> None:
         """A relay tells its parent which nodes are behind it (so jobs for
-        them are routed here) and what its cache holds."""
+        them are routed here) and what its cache holds: the whole subtree on
+        a new session (in batches), afterwards only the nodes that changed,
+        so a storm of children connecting costs the parent what changed."""
         node = self.node
         session = node.uplink.session if node.uplink else None
         if not node.parts.forwards_up or session is None or session.closed:
             return
         self.tell_parent = False
-        nodes = {
-            n.name: n.role
-            for n in node.db.nodes()
-            if n.name != self.cfg.name and n.via and not n.revoked
-        }
+        me = self.cfg.name
+        reset = self._topology_full or session is not self._topology_session
+        dirty, self._topology_dirty = self._topology_dirty, set()
+        self._topology_full = False
+        added: dict[str, str] = {}
+        removed: list[str] = []
+        if reset:
+            now = {
+                n.name: n.role for n in node.db.nodes() if n.name != me and n.via and not n.revoked
+            }
+            added = now
+        else:
+            rows = node.db.node_index_of(dirty)
+            now = dict(self._topology_sent)
+            for name in sorted(dirty - {me}):
+                row = rows.get(name)
+                if row is not None and row[1] and not row[2]:
+                    if now.get(name) != row[0]:
+                        added[name] = now[name] = row[0]
+                elif now.pop(name, None) is not None:
+                    removed.append(name)
         self._held = self.holdings()
         try:
-            session.send_nowait(Topology(nodes=nodes))
+            for msg in topology_batches(added, removed, reset):
+                session.send_nowait(msg)
             session.send_nowait(Holdings(packages=self._held))
         except SessionClosed:
-            self.tell_parent = True
+            self.tell_parent = self._topology_full = True
+            return
+        self._topology_session, self._topology_sent = session, now
 
     async def send_presence(self) -> None:
         """A relay tells its parent who below it is connected: everything,
@@ -232,6 +277,23 @@ class Housekeeper:
             return False
         self._store_mtime = mtime
         return self.holdings() != self._held
+
+
+def topology_batches(added: dict[str, str], removed: list[str], reset: bool) -> list[Topology]:
+    """A subtree change as TOPOLOGY messages within the cap; the first
+    carries ``reset``. An empty reset is one empty message."""
+    items: list[tuple[str, str | None]] = [*added.items(), *((n, None) for n in removed)]
+    out = []
+    for start in range(0, max(len(items), 1), MAX_TOPOLOGY_BATCH):
+        part = items[start : start + MAX_TOPOLOGY_BATCH]
+        out.append(
+            Topology(
+                nodes={n: role for n, role in part if role is not None},
+                removed=[n for n, role in part if role is None],
+                reset=reset and start == 0,
+            )
+        )
+    return out if (items or reset) else []
 
 
 def presence_batches(

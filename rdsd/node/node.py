@@ -161,8 +161,8 @@ class Node:
         self.housekeeping.presence_dirty = True
         self.wake()
 
-    def _topology_changed(self) -> None:
-        self.housekeeping.tell_parent = True
+    def _topology_changed(self, names: Iterable[str] | None = None) -> None:
+        self.housekeeping.topology_changed(names)
         self.wake()
 
     def _fetch_owners(self, package: str) -> list[str]:
@@ -244,6 +244,7 @@ class Node:
     async def on_revoked(self, nodes: list[str]) -> None:
         self.db.set_revoked(nodes)
         self.housekeeping.revocations_changed = True
+        self.housekeeping.topology_changed(None)  # revoked nodes leave the subtree
         self.wake()
 
     def on_report_ack(self, report_id: str) -> None:

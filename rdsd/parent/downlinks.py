@@ -16,7 +16,7 @@ import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,10 @@ from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, made_below, plan_push
 
 log = structlog.get_logger("rdsd.downlinks")
+#: Connections between accept and WELCOME at once; the rest wait in the
+#: listen backlog (the kernel caps it at net.core.somaxconn).
+MAX_HANDSHAKES = 128
+LISTEN_BACKLOG = 4096
 
 # Failed TLS handshakes are logged at most once per this many seconds per
 # peer host, and at most HANDSHAKE_LOG_BURST lines per interval in all: a
@@ -118,7 +122,8 @@ class ParentHooks:
     # A report or announcement from below was applied (a relay forwards it).
     reports_changed: Callable[[], None]
     # The set of nodes below us changed (a relay tells its parent).
-    topology_changed: Callable[[], None]
+    # (None: anything may have changed; else the names that did.)
+    topology_changed: Callable[[Iterable[str] | None], None]
     # Who is connected below us changed (a relay tells its parent).
     presence_changed: Callable[[], None] = lambda: None
     # A relay asks its own parent for a node's pending jobs before answering.
@@ -154,6 +159,7 @@ class Downlinks:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
         self._envelopes: dict[str, bytes] = {}
@@ -202,26 +208,38 @@ class Downlinks:
         own TLS server drops it silently)."""
         loop = asyncio.get_running_loop()
         while True:
+            # A connection storm (a relay restarting under thousands of
+            # clients) waits in the kernel's backlog rather than starting
+            # thousands of handshakes that all crawl past their timeout:
+            # only MAX_HANDSHAKES are between accept and WELCOME at once.
+            await self._slots.acquire()
             try:
                 sock, addr = await loop.sock_accept(listener)
             except OSError as exc:
+                self._slots.release()
                 # Out of file descriptors, say: keep the listener, try later.
                 self.log.warning("accept_failed", reason=str(exc), retry_in=1.0)
                 await asyncio.sleep(1.0)
                 continue
-            self.spawn(self._accept(sock, _format_address(addr)))
+            except BaseException:
+                self._slots.release()
+                raise
+            self.spawn(self._accept(sock, _format_address(addr), _Slot(self._slots)))
 
-    async def _accept(self, sock: socket.socket, address: str) -> None:
-        streams = await self._start_tls(sock, address)
-        if streams is None:
-            return
-        reader, writer = streams
+    async def _accept(self, sock: socket.socket, address: str, slot: _Slot) -> None:
         try:
-            await self._handle(reader, writer)
-        except Exception:
-            self.log.exception("child.crashed", peer_address=address)
+            streams = await self._start_tls(sock, address)
+            if streams is None:
+                return
+            reader, writer = streams
+            try:
+                await self._handle(reader, writer, slot)
+            except Exception:
+                self.log.exception("child.crashed", peer_address=address)
+            finally:
+                writer.close()
         finally:
-            writer.close()
+            slot.release()
 
     async def _start_tls(
         self, sock: socket.socket, address: str
@@ -252,7 +270,9 @@ class Downlinks:
             return None
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slot: _Slot
+    ) -> None:
         address = _address(writer)
         try:
             peer = Session.identify(writer)
@@ -269,12 +289,11 @@ class Downlinks:
             )
             return
         except ProtocolError as exc:
-            self.log.warning(
-                "child.refused", peer=peer.name, peer_address=address, reason=str(exc)
-            )
+            self.log.warning("child.refused", peer=peer.name, peer_address=address, reason=str(exc))
             await session.fail(exc)
             return
         session.send_nowait(Welcome(node=self.cfg.name, role=self.cfg.role, time=time.time()))
+        slot.release()  # authenticated: the next handshake may start
         child = Child(session, purpose)
         known = self.db.node(peer.name)
         if purpose is HelloPurpose.SESSION:
@@ -290,7 +309,7 @@ class Downlinks:
         if purpose is HelloPurpose.SESSION or known is None or known.via != peer.name:
             # Even a one-shot query tells us the node sits right below us.
             self.db.upsert_node(peer.name, peer.role, via=peer.name)
-            self.hooks.topology_changed()
+            self.hooks.topology_changed([peer.name])
         self.log.info(
             "child.connected", peer=peer.name, role=peer.role, purpose=purpose, peer_address=address
         )
@@ -311,9 +330,7 @@ class Downlinks:
         except ProtocolError as exc:
             # A well-formed message this child may not send: say why, hang up.
             reason = f"refused: {exc}"
-            self.log.warning(
-                "child.refused", peer=peer.name, peer_address=address, reason=str(exc)
-            )
+            self.log.warning("child.refused", peer=peer.name, peer_address=address, reason=str(exc))
             await session.fail(exc)
         except asyncio.CancelledError:
             reason = "shutting down"
@@ -493,6 +510,19 @@ def _address(writer: asyncio.StreamWriter) -> str:
     return _format_address(writer.get_extra_info("peername"))
 
 
+class _Slot:
+    """One of the handshake slots, released once (whichever comes first:
+    the child is welcomed, or its connection ends)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
+
+
 def _format_address(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
@@ -513,7 +543,7 @@ async def _listen(host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(100)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -187,14 +187,19 @@ class ChildHandlers:
         assert isinstance(msg, Topology)
         _relay_only(child, "has nodes below it")
         p = self.parent
-        plan = judge_topology(
-            p.cfg.name, child.name, msg.nodes, p.db.node_index(), p.children.keys()
-        )
+        # Only the names in the message are looked up: a relay sends its
+        # subtree once per session and then only what changed.
+        known = p.db.node_index_of(msg.nodes)
+        plan = judge_topology(p.cfg.name, child.name, msg.nodes, known, p.children.keys())
         for name, current in plan.refused:
             self.log.warning("topology.claim_refused", node=name, peer=child.name, current=current)
-        p.db.route_through(child.name, plan.moves, keep=plan.keep)
-        p.hooks.topology_changed()
-        p.push_nodes(child, [name for name, _ in plan.moves])
+        p.db.route_through(
+            child.name, plan.moves, keep=plan.keep if msg.reset else None, removed=msg.removed
+        )
+        moved = [name for name, _ in plan.moves]
+        # After a reset, routes that were dropped are not known by name.
+        p.hooks.topology_changed(None if msg.reset else [*moved, *msg.removed])
+        p.push_nodes(child, moved)
 
     async def on_holdings(self, child: Child, msg: Message) -> None:
         assert isinstance(msg, Holdings)

@@ -72,21 +72,47 @@ class NodesMixin(Database):
             for r in self._db.execute("SELECT name, role, via, revoked FROM nodes")
         }
 
-    def route_through(self, via: str, nodes: list[tuple[str, str]], keep: set[str]) -> None:
-        """Route ``nodes`` (name, role) through ``via`` and forget routes
-        through it for nodes not in ``keep``, in one transaction."""
+    def route_through(
+        self,
+        via: str,
+        nodes: list[tuple[str, str]],
+        keep: set[str] | None,
+        removed: Iterable[str] = (),
+    ) -> None:
+        """Route ``nodes`` (name, role) through ``via``; with ``keep``, forget
+        routes through it for nodes not in ``keep`` (a whole subtree
+        replaced); forget the routes of ``removed`` that go through it. One
+        transaction."""
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO nodes(name, role, via) VALUES(?,?,?) "
                 "ON CONFLICT(name) DO UPDATE SET role=excluded.role, via=excluded.via",
                 [(name, role, via) for name, role in nodes],
             )
-            gone = [
-                (n,)
-                for (n,) in db.execute("SELECT name FROM nodes WHERE via=?", (via,))
-                if n not in keep
-            ]
-            db.executemany("UPDATE nodes SET via=NULL WHERE name=?", gone)
+            if keep is not None:
+                gone = [
+                    (n,)
+                    for (n,) in db.execute("SELECT name FROM nodes WHERE via=?", (via,))
+                    if n not in keep
+                ]
+                db.executemany("UPDATE nodes SET via=NULL WHERE name=?", gone)
+            db.executemany(
+                "UPDATE nodes SET via=NULL WHERE name=? AND via=?", [(n, via) for n in removed]
+            )
+
+    def node_index_of(self, names: Iterable[str]) -> dict[str, tuple[str, str | None, bool]]:
+        """``node_index`` for just ``names``."""
+        wanted = list(names)
+        out: dict[str, tuple[str, str | None, bool]] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            for r in self._db.execute(
+                "SELECT name, role, via, revoked FROM nodes "
+                f"WHERE name IN ({','.join('?' * len(part))})",
+                part,
+            ):
+                out[r[0]] = (r[1], r[2], bool(r[3]))
+        return out
 
     # -- presence: who is connected now ------------------------------------------
 
@@ -106,9 +132,7 @@ class NodesMixin(Database):
                 "since=excluded.since, seen=excluded.seen",
                 [(n, p, sw, through, now, now) for n, (p, sw) in entries.items()],
             )
-            db.executemany(
-                "UPDATE nodes SET last_seen=? WHERE name=?", [(now, n) for n in entries]
-            )
+            db.executemany("UPDATE nodes SET last_seen=? WHERE name=?", [(now, n) for n in entries])
 
     def presence_offline(self, through: str, names: Iterable[str] | None = None) -> list[str]:
         """Nodes that went away, among those known online through ``through``

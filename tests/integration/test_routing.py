@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from protocol import Message, MessageType, Topology
 from rdsd.domain import HelloPurpose, IncomingJob, JobType, Role
 from rdsd.errors import AdminError
 from rdsd.parent.downlinks import Child
+from rdsd.parent.handlers import ChildHandlers
 from tests.helpers import (
     Deployment,
     enroll_node,
     make_payload_dir,
+    routed,
     running,
     wait_routed,
     wait_state,
@@ -144,3 +147,40 @@ async def test_a_pass_routes_only_what_changed(
             assert all(len(sessions[n].sent) == 2 for n in names)  # one JOB_CANCEL each
         finally:
             downlinks.children.clear()
+
+
+async def test_a_relay_tells_its_parent_only_what_changed_below_it(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Children connecting one after another reach the server as small
+    deltas, not as the whole subtree again each time; a node that leaves the
+    relay's subtree is removed by name."""
+    heard: list[Topology] = []
+    original = ChildHandlers.TABLE[MessageType.TOPOLOGY]
+
+    async def recording(self: ChildHandlers, child: Child, msg: Message) -> None:
+        assert isinstance(msg, Topology)
+        heard.append(msg)
+        await original(self, child, msg)
+
+    monkeypatch.setitem(ChildHandlers.TABLE, MessageType.TOPOLOGY, recording)
+    async with running(deployment.server) as (server,):
+        relay_cfg = deployment.add_node("relay1", Role.RELAY, server.address)
+        async with running(relay_cfg) as (relay,):
+            names = [f"c{i}" for i in range(12)]
+            cfgs = [deployment.add_node(n, Role.CLIENT, relay.address) for n in names]
+            with deployment.admin() as admin:
+                for cfg in cfgs:  # one at a time, each routed before the next
+                    async with running(cfg):
+                        await wait_routed(admin, cfg.name, "relay1")
+                named = sum(len(t.nodes) + len(t.removed) for t in heard)
+                # Each child is told about once, not the whole subtree again
+                # each time (12 + 11 + ... + 1 would be 78 names).
+                assert named <= 2 * len(names), [len(t.nodes) for t in heard]
+                assert any(not t.reset for t in heard)
+                # c0 leaves the relay's subtree: the server hears it by name.
+                relay.db.route_through("c0", [], keep=set())
+                relay.housekeeping.topology_changed(["c0"])
+                await wait_until(lambda: not routed(admin, "c0", "relay1"), 10, what="c0 gone")
+                assert heard[-1].removed == ["c0"] and not heard[-1].reset
+                assert all(routed(admin, n, "relay1") for n in names[1:])
