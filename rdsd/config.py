@@ -148,8 +148,8 @@ class NodeConfig:
     chunk_size: int = DEFAULT_CHUNK
     install_timeout: float = 600.0
     handshake_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    ping_interval: float = 15.0
+    idle_timeout: float = 30.0
+    ping_interval: float = 10.0
     poll_interval: float = 0.25
     reconnect_min: float = 0.2
     reconnect_max: float = 30.0

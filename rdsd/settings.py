@@ -327,15 +327,15 @@ SCHEMA: tuple[Setting, ...] = (
         "idle",
         "idle_timeout",
         _duration(1, _DAY),
-        60.0,
-        "A connection that has heard nothing for this long is closed.",
+        30.0,
+        "A connection that has heard nothing for this long is closed (its node shows offline).",
     ),
     Setting(
         "timeouts",
         "ping_interval",
         "ping_interval",
         _duration(0.1, 3600),
-        15.0,
+        10.0,
         "How often a child pings its parent; keep it well below timeouts.idle.",
     ),
     Setting(

@@ -67,7 +67,7 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
         (BASE + "[limits]\nupload_rate = 1\n", "unknown section [limits]"),
         (BASE + "[windows]\ninstall = []\n", "unknown section [windows]"),
         (BASE + "[timeouts]\nidle = true\n", "timeouts.idle must be seconds"),
-        (BASE + '[timeouts]\nidle = "5s"\n', "ping_interval 15s must be less than"),
+        (BASE + '[timeouts]\nidle = "5s"\n', "ping_interval 10s must be less than"),
         ('[node]\nname = "hq"\n', "node.role is not set"),
         ('[node]\nrole = "relay"\nname = "r"\nlisten = "0.0.0.0:1"\n', "needs a parent"),
     ],
@@ -88,7 +88,7 @@ def test_init_writes_a_commented_file_that_loads_back(tmp_path: Path) -> None:
     cfg = init_server(tmp_path / "hq", name="hq", listen=("127.0.0.1", 7700))
     text = HomePaths(cfg.home).config.read_text()
     assert text.startswith("# rdsd.toml")
-    assert '# idle = "1m"' in text and 'name = "hq"' in text
+    assert '# idle = "30s"' in text and 'name = "hq"' in text
     assert load_settings(HomePaths(cfg.home).config) == {
         "role": Role.SERVER,
         "name": "hq",

@@ -208,7 +208,7 @@ def test_missing_unreadable_and_binary(tmp_path: Path) -> None:
 def test_check_combination() -> None:
     check_combination(defaults())
     check_combination({})
-    with pytest.raises(ConfigError, match=r"ping_interval 1m must be less than timeouts.idle 1m"):
+    with pytest.raises(ConfigError, match=r"ping_interval 1m must be less than timeouts.idle 30s"):
         check_combination(defaults() | {"ping_interval": 60.0})
     with pytest.raises(ConfigError, match=r"reconnect.min 1m is more than reconnect.max 30s"):
         check_combination(defaults() | {"reconnect_min": 60.0})
@@ -263,7 +263,7 @@ def test_render_defaults_are_commented_out() -> None:
     text = render(defaults())
     assert tomllib.loads(text) == {name: {} for name, _ in SECTIONS}
     assert '# chunk_size = "1MiB"' in text
-    assert '# idle = "1m"' in text
+    assert '# idle = "30s"' in text
     assert '# listen = "0.0.0.0:7700"' in text
 
 

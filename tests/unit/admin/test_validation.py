@@ -424,7 +424,7 @@ REFUSALS = [
         "load-overrides-that-clash",
         lambda c: NodeConfig.load(c.home, ping_interval=90.0),
         ConfigError,
-        ("timeouts.ping_interval 90s must be less than timeouts.idle 1m",),
+        ("timeouts.ping_interval 90s must be less than timeouts.idle 30s",),
     ),
 ]
 
