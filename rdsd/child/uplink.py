@@ -81,8 +81,10 @@ class Uplink:
         self._lost = asyncio.Event()
         self.last_error = ""
         self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
-        # What went up on the current session and awaits its ack there.
-        self.sent: set[str] = set()
+        # What went up on the current session and awaits its ack there, and
+        # when (loop time): unacknowledged for ``idle_timeout`` (the parent
+        # could not record it), it goes again on the same session.
+        self.sent: dict[str, float] = {}
         self._ping = 0
         self.log = log.bind(node=cfg.name)
 
@@ -105,7 +107,7 @@ class Uplink:
             self.observer,
         )
         self.session = session
-        self.sent = set()
+        self.sent = {}
         self.parent_role = Role(welcome.role)
         self.parent_name = welcome.node
         self._lost.clear()
@@ -114,8 +116,12 @@ class Uplink:
         return session
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with backoff; until cancelled."""
+        """Connect, serve, reconnect with backoff; until cancelled. Every
+        reconnect waits through the backoff (with jitter); it starts over
+        from ``reconnect_min`` only after a session that lasted, so a parent
+        that drops or crashes each session at once is not hammered."""
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 session = await self.connect_once()
@@ -128,13 +134,16 @@ class Uplink:
                 )
                 await backoff.wait()
                 continue
-            backoff.reset()
+            began = loop.time()
             try:
                 await self.serve(session)
             except Exception:
                 # A bug in handling one message must not end the link for good.
                 self.log.exception("uplink.crashed")
-                await asyncio.sleep(self.cfg.reconnect_min)
+            if loop.time() - began >= max(self.cfg.reconnect_max, self.cfg.ping_interval):
+                backoff.reset()
+            self.log.info("uplink.reconnecting", retry_in=round(backoff.current, 2))
+            await backoff.wait()
 
     async def serve(self, session: Session) -> None:
         """Read until the session ends, dispatching every message."""
@@ -174,6 +183,7 @@ class Uplink:
 
     async def _on_report_ack(self, msg: Message) -> None:
         assert isinstance(msg, ReportAck)
+        self.sent.pop(msg.report_id, None)
         self.handler.on_report_ack(msg.report_id)
 
     async def _on_pending_done(self, msg: Message) -> None:
@@ -238,16 +248,26 @@ class Uplink:
             return await asyncio.shield(fut)
 
     async def send_up(self, messages: list[tuple[str, Message]]) -> None:
-        """Send each ``(ack id, message)`` not yet sent on this session; the
-        rest are in flight and will be sent again only on a new session."""
+        """Send each ``(ack id, message)`` not yet sent on this session, or
+        sent and not acknowledged for ``idle_timeout`` (the parent could not
+        record it); the rest are in flight."""
         session = self.session
         if session is None or session.closed:
             return
+        now = asyncio.get_running_loop().time()
         with contextlib.suppress(SessionClosed):
             for key, msg in messages:
-                if key not in self.sent:
-                    self.sent.add(key)
+                if now - self.sent.get(key, -self.cfg.idle_timeout) >= self.cfg.idle_timeout:
+                    self.sent[key] = now
                     await session.send(msg)
+
+    def unacked_overdue(self) -> bool:
+        """Has something sent on this session waited ``idle_timeout`` for
+        its acknowledgement?"""
+        if not self.sent:
+            return False
+        oldest = min(self.sent.values())
+        return asyncio.get_running_loop().time() - oldest >= self.cfg.idle_timeout
 
     async def send_reports(self, reports: list[Report]) -> None:
         await self.send_up([(r.report_id, r) for r in reports])
