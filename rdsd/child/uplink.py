@@ -117,9 +117,10 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff; until cancelled. Every
-        reconnect waits through the backoff (with jitter); it starts over
-        from ``reconnect_min`` only after a session that lasted, so a parent
-        that drops or crashes each session at once is not hammered."""
+        reconnect after a short-lived session waits through the backoff (with
+        jitter), which starts over only after a session that lasted: a parent
+        that drops or crashes each session at once is not hammered, and a
+        link lost after a long session comes back at once."""
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
         loop = asyncio.get_running_loop()
         while True:
@@ -141,7 +142,8 @@ class Uplink:
                 # A bug in handling one message must not end the link for good.
                 self.log.exception("uplink.crashed")
             if loop.time() - began >= max(self.cfg.reconnect_max, self.cfg.ping_interval):
-                backoff.reset()
+                backoff.reset()  # it lasted: connect again at once
+                continue
             self.log.info("uplink.reconnecting", retry_in=round(backoff.current, 2))
             await backoff.wait()
 

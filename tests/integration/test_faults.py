@@ -21,6 +21,8 @@ import resource
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -1312,7 +1314,10 @@ async def test_failed_fetch_with_a_full_queue_leaves_the_link_working(
 
 
 async def test_cleanup_spares_files_another_process_is_writing(deployment: Deployment) -> None:
-    """A command's store clean-up must not delete what a live process writes."""
+    """A command's store clean-up must not delete what a live process writes:
+    an archive whose envelope is not yet written is spared while its writer
+    holds the store lock (a commit in progress), and is debris at once when
+    nobody does (a commit that failed, or a crash)."""
     with deployment.admin() as admin:
         store = admin.store
         store.prepare()
@@ -1321,6 +1326,26 @@ async def test_cleanup_spares_files_another_process_is_writing(deployment: Deplo
         fresh = store.root / "z-1.0.pkg"  # just renamed, envelope not yet written
         for path in (live, dead, fresh):
             path.write_bytes(b"data")
-        store.prepare()
-        assert live.exists() and fresh.exists()
-        assert not dead.exists()
+        locker = subprocess.Popen(
+            [sys.executable, "-c", HOLD_STORE_LOCK, str(store.lock_path)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+        )
+        try:
+            assert locker.stdout is not None and locker.stdout.readline() == b"locked\n"
+            store.prepare()
+            assert live.exists() and fresh.exists()
+            assert not dead.exists()
+        finally:
+            locker.communicate(b"", timeout=10)
+        store.prepare()  # nobody commits now: no waiting 10 minutes for it
+        assert live.exists() and not fresh.exists()
+
+
+HOLD_STORE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
