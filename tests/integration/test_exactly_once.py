@@ -1,0 +1,434 @@
+"""Exactly once, truthfully: an install survives the daemon's kill -9 and is
+adopted, never run twice nor beside itself; jobs of one package on one node
+share it; a full disk under the database is a failure the node recovers
+from without a restart; expiry is exact; a crashing parent is not hammered.
+
+Real daemons (``rdsd run`` subprocesses, killed with SIGKILL) where a test
+kills one, nodes in this event loop where a test looks inside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from protocol import NEED_DATA, Connection, Hello, Side, Welcome
+from rdsd.config import HomePaths, NodeConfig
+from rdsd.domain import CLOCK_SKEW, JobType, Role
+from rdsd.errors import PackageExpired
+from rdsd.node import Node
+from rdsd.node.install import RunRecord
+from rdsd.security import server_context
+from tests.faultproxy import DOWN, FaultProxy, delay, split
+from tests.helpers import FAST, Deployment, running, wait_child, wait_state, wait_until
+from tests.integration.test_faults import (
+    KiB,
+    MiB,
+    Daemon,
+    add_package,
+    cli,
+    daemons,
+    dest_of,
+    job_db,
+    store_of,
+)
+
+DONE = {"installed", "failed", "stored"}
+
+#: An install with a side effect (a line in effects-NODE.txt) between two
+#: sleeps, that notes each start and end and any overlap with another run
+#: on the same node (mkdir is atomic).
+EFFECT_SCRIPT = """#!/bin/sh
+out="$RDSD_TEST_OUT"
+echo "start $RDSD_JOB" >> "$out/events-$RDSD_NODE.txt"
+mkdir "$out/running-$RDSD_NODE" 2>/dev/null || echo "$RDSD_JOB" >> "$out/overlap-$RDSD_NODE.txt"
+sleep "${RDSD_TEST_BEFORE:-0}"
+echo "$RDSD_JOB" >> "$out/effects-$RDSD_NODE.txt"
+sleep "${RDSD_TEST_AFTER:-0}"
+rmdir "$out/running-$RDSD_NODE"
+echo "end $RDSD_JOB" >> "$out/events-$RDSD_NODE.txt"
+exit "${RDSD_TEST_EXIT:-0}"
+"""
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def no_process_runs(home: Path) -> bool:
+    """No supervisor of this home's installs is alive."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (proc / "cmdline").read_bytes()
+            if b"supervise.py" in cmd and str(home).encode() in cmd:
+                return False
+    return True
+
+
+# == 1. an install is an action with a durable record ===========================================
+
+
+@pytest.mark.parametrize(
+    ("phase", "exit_code"),
+    [("before_effect", 0), ("after_effect", 0), ("ended_while_down", 0), ("ended_while_down", 3)],
+)
+async def test_kill9_during_install_is_adopted_with_its_real_result(
+    deployment: Deployment, tmp_path: Path, phase: str, exit_code: int
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = add_package(deployment, "effect", 64 * KiB, script=EFFECT_SCRIPT)
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        env = {
+            "RDSD_TEST_OUT": str(out),
+            "RDSD_TEST_BEFORE": "1.5",
+            "RDSD_TEST_AFTER": "1.5",
+            "RDSD_TEST_EXIT": str(exit_code),
+        }
+        client = Daemon(cfg.home, env=env)
+        events, effects = out / "events-client1.txt", out / "effects-client1.txt"
+        async with daemons(client):
+            await client.start()
+            await wait_child(server, "client1")
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                if phase == "before_effect":
+                    await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
+                else:
+                    await wait_until(lambda: bool(lines(effects)), 15, what="its side effect")
+                await client.kill(signal.SIGKILL)
+                # The daemon is gone; the install is not (its supervisor runs it).
+                assert not lines(effects) or phase != "before_effect"
+                assert dest_of(admin, job, "client1")["state"] == "installing"
+                record = RunRecord.load(cfg.paths.work, job)
+                assert record is not None and record.pid is not None and record.start_time
+                if phase == "ended_while_down":
+                    await wait_until(
+                        lambda: f"end {job}" in lines(events), 15, what="the install to end"
+                    )
+                await client.start()
+                want = "installed" if exit_code == 0 else "failed"
+                assert await wait_state(admin, job, "client1", DONE, 20) == want
+                detail = dest_of(admin, job, "client1")["detail"]
+                if exit_code:
+                    assert f"exited with {exit_code}" in detail, detail
+                assert "interrupted" not in detail
+                await client.stop()
+    # Exactly one run, one effect, no overlap, nothing left running or lying about.
+    assert lines(events) == [f"start {job}", f"end {job}"]
+    assert lines(effects) == [job]
+    assert not (out / "overlap-client1.txt").exists()
+    assert no_process_runs(cfg.home)
+    work = HomePaths(cfg.home).work
+    assert RunRecord.load(work, job) is None, "the record goes once the outcome is recorded"
+    assert (work / f"{job}-{pid}.log").exists(), "the log stays"
+    assert not (work / f"{job}-{pid}").exists(), "the extracted package goes after the install"
+    print(f"\nkill -9 {phase}, exit {exit_code}: adopted, reported {want} ({detail!r})")
+
+
+async def test_sigterm_stops_the_install_and_says_so(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A clean stop does not leave the install running unseen: the supervisor
+    kills it, the node reports ``failed: interrupted``, and a retry runs it
+    once more, never beside the stopped run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = add_package(deployment, "effect", 64 * KiB, script=EFFECT_SCRIPT)
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        client = Daemon(cfg.home, env={"RDSD_TEST_OUT": str(out), "RDSD_TEST_BEFORE": "2"})
+        events, effects = out / "events-client1.txt", out / "effects-client1.txt"
+        async with daemons(client):
+            await client.start()
+            await wait_child(server, "client1")
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
+                await client.stop()
+                assert client.proc is not None and client.proc.returncode == 0
+                assert no_process_runs(cfg.home), "the install stops with the node"
+                with job_db(cfg.home) as db:
+                    mine = db.dest(job, "client1")
+                assert mine is not None and mine.state == "failed", mine
+                assert mine.detail == "interrupted: the node stopped during the install"
+                assert not lines(effects)
+                # The killed command could not take its marker down; nothing runs now.
+                (out / "running-client1").rmdir()
+                await client.start()
+                assert await wait_state(admin, job, "client1", {"failed"}, 10) == "failed"
+                code, _, err = await cli("job", "retry", job, "--home", str(deployment.server.home))
+                assert code == 0, err
+                assert await wait_state(admin, job, "client1", {"installed"}, 20) == "installed"
+                await client.stop()
+    assert lines(effects) == [job]
+    assert lines(events) == [f"start {job}", f"start {job}", f"end {job}"]
+    assert not (out / "overlap-client1.txt").exists()
+
+
+# == 2. the store knows who uses a package ======================================================
+
+
+async def test_staggered_jobs_of_one_package_all_install(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 jobs of one package, a few at a time, to 4 clients: each client
+    fetches while it has none, runs the installs one at a time in order, and
+    deletes the archive only when no job of it needs it any more."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("RDSD_TEST_OUT", str(out))
+    monkeypatch.setenv("RDSD_TEST_BEFORE", "0.05")
+    pid = add_package(deployment, "shared", 1 * MiB, script=EFFECT_SCRIPT)
+    names = [f"client{i}" for i in range(1, 5)]
+    async with running(deployment.server) as (server,):
+        cfgs = [deployment.add_node(n, Role.CLIENT, server.address) for n in names]
+        async with running(*cfgs) as clients:
+            for n in names:
+                await wait_child(server, n)
+            with deployment.admin() as admin:
+                jobs = []
+                for i in range(20):
+                    jobs.append(admin.create_job("install", pid, names))
+                    await asyncio.sleep(0.03 + 0.04 * (i % 3))
+                for job in jobs:
+                    for n in names:
+                        state = await wait_state(admin, job, n, DONE, 60)
+                        assert state == "installed", (job, n, dest_of(admin, job, n))
+            for node in clients:
+                await wait_until(lambda node=node: not node.store.has(pid), 5, what="clean-up")  # type: ignore[misc]
+    for n in names:
+        assert sorted(lines(out / f"effects-{n}.txt")) == sorted(jobs), n
+        assert not (out / f"overlap-{n}.txt").exists(), lines(out / f"overlap-{n}.txt")
+
+
+# == 3. disk full under the database ============================================================
+
+
+@contextlib.contextmanager
+def small_filesystem(home: Path, size: str) -> Iterator[None]:
+    """Move ``home`` onto a tmpfs of ``size`` (root only; skipped otherwise)."""
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    moved = home.with_name(home.name + ".orig")
+    home.rename(moved)
+    home.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(home)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        home.rmdir()
+        moved.rename(home)
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        shutil.copytree(moved, home, dirs_exist_ok=True, symlinks=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the filesystem under it is full."""
+    block = b"\0" * (64 * KiB)
+    with path.open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@pytest.fixture
+async def slow_server(deployment: Deployment) -> AsyncIterator[tuple[Node, FaultProxy]]:
+    async with (
+        running(deployment.server) as (server,),
+        FaultProxy(server.address, default=[delay(0.01, DOWN), split(32 * KiB, DOWN)]) as proxy,
+    ):
+        yield server, proxy
+
+
+async def test_database_disk_full_recovers_without_restart(
+    deployment: Deployment,
+    tmp_path: Path,
+    slow_server: tuple[Node, FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("RDSD_TEST_OUT", str(out))
+    pid = add_package(deployment, "big", 3 * MiB, script=EFFECT_SCRIPT)
+    server, proxy = slow_server
+    cfg = deployment.add_node("client1", Role.CLIENT, proxy.address)
+    with small_filesystem(cfg.home, "24m"):
+        filler = cfg.home / "filler"
+        async with running(cfg) as (client,):
+            await wait_child(server, "client1")
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                # The archive's room is reserved as it starts; then the disk fills.
+                await wait_until(lambda: client.store.active(pid) is not None, 15, what="fetch")
+                await asyncio.to_thread(fill, filler)
+                await wait_until(
+                    lambda: client.fetcher is not None and pid not in _fetching(client),
+                    30,
+                    what="the fetch to end",
+                )
+                # Neither the archive nor its failure can be recorded yet ...
+                await asyncio.sleep(1.0)
+                assert client.db.dest(job, "client1").state == "transferring"  # type: ignore[union-attr]
+                assert not list(client.store.root.glob("*.pkg")), "no archive without envelope"
+                # ... and once there is room again, the truth comes out by itself.
+                filler.unlink()
+                assert await wait_state(admin, job, "client1", DONE, 20) == "failed"
+                detail = dest_of(admin, job, "client1")["detail"]
+                assert f"{pid}.env" in detail and "No space left" in detail, detail
+                assert admin.retry(job) == ["client1"]
+                assert await wait_state(admin, job, "client1", DONE, 30) == "installed"
+    assert lines(out / "effects-client1.txt") == [job]
+    print(f"\ndisk full under the database: failed with {detail!r}, then recovered")
+
+
+def _fetching(node: Node) -> set[str]:
+    assert node.fetcher is not None
+    return {p for p, t in node.fetcher._tasks.items() if not t.done()}
+
+
+# == 4. expiry is exact =========================================================================
+
+
+@contextlib.asynccontextmanager
+async def relay_holding(
+    deployment: Deployment, keep: int
+) -> AsyncIterator[tuple[Node, Node, NodeConfig, str]]:
+    with deployment.admin() as admin:
+        src = deployment.root / "src-short"
+        src.mkdir()
+        (src / "payload.bin").write_bytes(os.urandom(200 * KiB))
+        pid = admin.add_package(src, "short", "1.0", keep=keep)
+    async with running(deployment.server) as (server,):
+        rcfg = deployment.add_node("relay1", Role.RELAY, server.address)
+        async with running(rcfg) as (relay,):
+            await wait_child(server, "relay1")
+            with deployment.admin() as admin:
+                job = admin.create_job("transfer", pid, ["relay1"])
+                assert await wait_state(admin, job, "relay1", DONE, 10) == "stored"
+            ccfg = deployment.add_node("client1", Role.CLIENT, relay.address)
+            yield server, relay, ccfg, pid
+
+
+async def test_package_is_refused_one_second_after_expiry(deployment: Deployment) -> None:
+    async with relay_holding(deployment, keep=3) as (_, relay, ccfg, pid):
+        m = relay.store.manifest(pid)
+        assert m is not None
+        # Something still uses it, so the expiry timer must spare it: the
+        # check at serving time is what refuses it.
+        with relay.store.lease(pid, "a job"):
+            await asyncio.sleep(max(0.0, m.expires + 1 - time.time()))
+            assert relay.store.has(pid)
+            with pytest.raises(PackageExpired):
+                async for _ in relay.store.chunks(pid, 0):
+                    pass
+            async with running(ccfg) as (_client,):
+                with deployment.admin() as admin:
+                    job = admin.create_job("install", pid, ["client1"])
+                    assert await wait_state(admin, job, "client1", DONE, 15) == "failed"
+                    detail = dest_of(admin, job, "client1")["detail"]
+                    assert "expired" in detail, detail
+        # Free again: the timer deletes it at once.
+        await wait_until(lambda: not relay.store.has(pid), 2, what="the expired package to go")
+
+
+async def test_relay_evicts_within_moments_of_expiry(deployment: Deployment) -> None:
+    """No fixed sweep: a timer set from the earliest expiry in the store."""
+    async with relay_holding(deployment, keep=3) as (_, relay, _ccfg, pid):
+        assert relay.cfg.sweep_interval == 60.0
+        m = relay.store.manifest(pid)
+        assert m is not None
+        await wait_until(lambda: not relay.store.has(pid), m.expires - time.time() + 2, 0.01)
+        late = time.time() - m.expires
+    print(f"\nrelay evicted the package {late:.2f}s after its expiry")
+    assert 0 <= late < 1.0
+
+
+async def test_a_child_cannot_report_from_the_future(deployment: Deployment) -> None:
+    """A child's REPORT time is bounded by the parent's clock plus CLOCK_SKEW."""
+    from protocol import Report
+
+    with deployment.admin() as admin:
+        src = deployment.root / "src-t"
+        src.mkdir()
+        (src / "payload.bin").write_bytes(b"x")
+        pid = admin.add_package(src, "t", "1.0")
+        db = admin.db
+        envelope = admin.store.envelope(pid)
+        assert envelope is not None
+        job = db.create_job(JobType.INSTALL, pid, ["client1"], envelope, None, "server")
+        future = time.time() + 2 * 3600
+        rep = Report(
+            report_id="client1:1", job=job, node="client1", state="transferring", seq=1,
+            detail="", package=pid, time=future, origin="client1",
+        )  # fmt: skip
+        db.enroll("client1", "client")
+        db.apply_report(rep, forward=False)
+        d = db.dest(job, "client1")
+        node = db.node("client1")
+        assert d is not None and node is not None and node.last_seen is not None
+        assert d.updated <= time.time() + CLOCK_SKEW
+        assert node.last_seen <= time.time() + CLOCK_SKEW
+
+
+# == 5. a crashing parent is not hammered =======================================================
+
+
+async def test_reconnect_backs_off_under_a_crashing_parent(deployment: Deployment) -> None:
+    """A parent that welcomes and then drops every session at once: the
+    child's reconnects slow down (exponential, with jitter) instead of
+    looping at full speed."""
+    paths = deployment.server.paths
+    ctx = server_context(paths.ca_cert, paths.cert, paths.key)
+    arrivals: list[float] = []
+
+    async def crash(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrivals.append(time.monotonic())
+        conn = Connection(Side.PARENT)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                while (event := conn.next_event()) is NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                assert isinstance(event, Hello)
+                writer.writelines(conn.send(Welcome(node="server", role="server", time=time.time())))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(crash, "127.0.0.1", 0, ssl=ctx)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        cfg = deployment.add_node("client1", Role.CLIENT, ("127.0.0.1", port))
+        cfg = replace(cfg, reconnect_min=0.05, reconnect_max=0.8)
+        async with running(cfg):
+            await asyncio.sleep(4.0)
+    finally:
+        server.close()
+        with contextlib.suppress(ssl.SSLError, TimeoutError):
+            async with asyncio.timeout(2):
+                await server.wait_closed()
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    print(f"\ncrashing parent: {len(arrivals)} sessions in 4 s, gaps {[round(g, 2) for g in gaps]}")
+    assert 3 <= len(arrivals) <= 20, len(arrivals)
+    assert max(gaps[-3:]) >= 0.3, gaps  # backed off towards reconnect_max
+    assert FAST["reconnect_max"] == 0.5
