@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -154,7 +155,13 @@ class Uplink:
             await self.handler.on_connected(self)
             while True:
                 msg = await session.recv()
-                await self._dispatch(msg)
+                try:
+                    await self._dispatch(msg)
+                except sqlite3.Error as exc:
+                    # Our database cannot take it now (a full disk): the link
+                    # stays; what was not recorded comes again (a report's ack
+                    # is asked for again, a job on the next query or session).
+                    self.log.warning("uplink.not_recorded", message=msg.TYPE.name, reason=str(exc))
         except SessionClosed as exc:
             self.last_error = str(exc)
             self.log.warning("uplink.lost", reason=str(exc))

@@ -72,7 +72,8 @@ class Runner:
         self.changed = changed
         self._running: dict[str, asyncio.Task[Dest | None]] = {}
         # One install of a package at a time on this node, in arrival order.
-        self._turns: dict[str, asyncio.Lock] = {}
+        # (lock, how many hold or wait for it): forgotten when nobody does.
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self._stopping = False
 
     def kick(self) -> None:
@@ -297,13 +298,17 @@ class Runner:
     async def _turn(self, package: str) -> AsyncIterator[None]:
         """Installs of one package on this node run one at a time, in order
         (an asyncio lock wakes its waiters first come, first served)."""
-        lock = self._turns.setdefault(package, asyncio.Lock())
+        lock, users = self._turns.get(package, (asyncio.Lock(), 0))
+        self._turns[package] = (lock, users + 1)
         try:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and self._turns.get(package) is lock:
+            lock, users = self._turns[package]
+            if users == 1:
                 del self._turns[package]
+            else:
+                self._turns[package] = (lock, users - 1)
 
     async def install(self, job: Job, manifest: Manifest) -> None:
         async with self._turn(manifest.id):

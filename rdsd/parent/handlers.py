@@ -62,8 +62,16 @@ class ChildHandlers:
 
     async def handle(self, child: Child, msg: Message) -> None:
         handler = self.TABLE.get(msg.TYPE)
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             await handler(self, child, msg)
+        except sqlite3.Error as exc:
+            # Our database cannot take it now (a full disk): the child's
+            # session goes on; what it sent is not acknowledged and comes again.
+            self.log.warning(
+                "child.not_recorded", peer=child.name, message=msg.TYPE.name, reason=str(exc)
+            )
 
     # -- reports ------------------------------------------------------------------
 

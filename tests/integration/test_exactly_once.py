@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import signal
+import sqlite3
 import ssl
 import subprocess
 import time
@@ -33,15 +35,14 @@ from rdsd.security import server_context
 from tests.faultproxy import DOWN, FaultProxy, delay, split
 from tests.helpers import FAST, Deployment, running, wait_child, wait_state, wait_until
 from tests.integration.test_faults import (
+    Daemon,
     KiB,
     MiB,
-    Daemon,
     add_package,
     cli,
     daemons,
     dest_of,
     job_db,
-    store_of,
 )
 
 DONE = {"installed", "failed", "stored"}
@@ -220,37 +221,38 @@ async def test_staggered_jobs_of_one_package_all_install(
 
 
 @contextlib.contextmanager
-def small_filesystem(home: Path, size: str) -> Iterator[None]:
-    """Move ``home`` onto a tmpfs of ``size`` (root only; skipped otherwise)."""
+def small_filesystem(where: Path, size: str) -> Iterator[None]:
+    """Put a tmpfs of ``size`` at ``where``, keeping what is there (root
+    only; skipped otherwise)."""
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("mounting a small filesystem needs root")
-    moved = home.with_name(home.name + ".orig")
-    home.rename(moved)
-    home.mkdir()
+    moved = where.with_name(where.name + ".orig")
+    where.mkdir(exist_ok=True)
+    where.rename(moved)
+    where.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(home)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
-        home.rmdir()
-        moved.rename(home)
+        where.rmdir()
+        moved.rename(where)
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:
-        shutil.copytree(moved, home, dirs_exist_ok=True, symlinks=True)
+        shutil.copytree(moved, where, dirs_exist_ok=True, symlinks=True)
         yield
     finally:
-        subprocess.run(["umount", "-l", str(home)], check=False)
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(path: Path) -> None:
-    """Write ``path`` until the filesystem under it is full."""
-    block = b"\0" * (64 * KiB)
-    with path.open("wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+    """Write ``path`` until the filesystem under it has not a byte left."""
+    with path.open("wb", buffering=0) as f:
+        for size in (1024 * KiB, 64 * KiB, 4 * KiB, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
 
 
 @pytest.fixture
@@ -268,6 +270,54 @@ async def test_database_disk_full_recovers_without_restart(
     slow_server: tuple[Node, FaultProxy],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The database's own filesystem fills while a package arrives: the store
+    takes the package, the state cannot be recorded and is tried again; once
+    there is room the install runs (once) and is reported, no restart."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("RDSD_TEST_OUT", str(out))
+    pid = add_package(deployment, "big", 3 * MiB, script=EFFECT_SCRIPT)
+    server, proxy = slow_server
+    cfg = deployment.add_node("client1", Role.CLIENT, proxy.address)
+    dbfs = tmp_path / "dbfs"
+    with small_filesystem(dbfs, "4m"):
+        # SQLite follows the link: the database and its log live on the small disk.
+        for suffix in ("", "-wal", "-shm"):
+            here = cfg.paths.db.with_name(cfg.paths.db.name + suffix)
+            if here.exists():
+                shutil.move(here, dbfs / here.name)
+        cfg.paths.db.symlink_to(dbfs / cfg.paths.db.name)
+        filler = dbfs / "filler"
+        async with running(cfg) as (client,):
+            await wait_child(server, "client1")
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                await wait_until(lambda: client.store.active(pid) is not None, 15, what="fetch")
+                # An empty write-ahead log, so the database's next write needs room.
+                with contextlib.closing(sqlite3.connect(cfg.paths.db)) as db:
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await asyncio.to_thread(fill, filler)
+                await wait_until(lambda: client.store.has(pid), 30, what="the package stored")
+                await asyncio.sleep(1.0)
+                # Stored, but nothing more could be recorded: still transferring.
+                assert client.db.dest(job, "client1").state == "transferring"  # type: ignore[union-attr]
+                assert dest_of(admin, job, "client1")["state"] == "transferring"
+                assert not lines(out / "effects-client1.txt")
+                filler.unlink()
+                state = await wait_state(admin, job, "client1", DONE, 30)
+                assert state == "installed", dest_of(admin, job, "client1")
+    assert lines(out / "effects-client1.txt") == [job]
+
+
+async def test_full_store_disk_names_the_file_and_recovers(
+    deployment: Deployment,
+    tmp_path: Path,
+    slow_server: tuple[Node, FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole home fills while a package arrives: its envelope cannot be
+    written, the archive goes back out of the store (never an archive without
+    its envelope), the failure names the file, and a retry installs."""
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("RDSD_TEST_OUT", str(out))
@@ -283,24 +333,16 @@ async def test_database_disk_full_recovers_without_restart(
                 # The archive's room is reserved as it starts; then the disk fills.
                 await wait_until(lambda: client.store.active(pid) is not None, 15, what="fetch")
                 await asyncio.to_thread(fill, filler)
-                await wait_until(
-                    lambda: client.fetcher is not None and pid not in _fetching(client),
-                    30,
-                    what="the fetch to end",
-                )
-                # Neither the archive nor its failure can be recorded yet ...
-                await asyncio.sleep(1.0)
-                assert client.db.dest(job, "client1").state == "transferring"  # type: ignore[union-attr]
-                assert not list(client.store.root.glob("*.pkg")), "no archive without envelope"
-                # ... and once there is room again, the truth comes out by itself.
-                filler.unlink()
-                assert await wait_state(admin, job, "client1", DONE, 20) == "failed"
+                assert await wait_state(admin, job, "client1", DONE, 30) == "failed"
                 detail = dest_of(admin, job, "client1")["detail"]
                 assert f"{pid}.env" in detail and "No space left" in detail, detail
+                assert not list(client.store.root.glob("*.pkg")), "no archive without envelope"
+                assert not list(client.store.partial_dir.iterdir()), "nothing partial left"
+                filler.unlink()
                 assert admin.retry(job) == ["client1"]
                 assert await wait_state(admin, job, "client1", DONE, 30) == "installed"
     assert lines(out / "effects-client1.txt") == [job]
-    print(f"\ndisk full under the database: failed with {detail!r}, then recovered")
+    print(f"\nfull disk under the store: failed with {detail!r}, then a retry installed")
 
 
 def _fetching(node: Node) -> set[str]:
@@ -411,7 +453,9 @@ async def test_reconnect_backs_off_under_a_crashing_parent(deployment: Deploymen
                 while (event := conn.next_event()) is NEED_DATA:
                     conn.receive_data(await reader.read(65536))
                 assert isinstance(event, Hello)
-                writer.writelines(conn.send(Welcome(node="server", role="server", time=time.time())))
+                writer.writelines(
+                    conn.send(Welcome(node="server", role="server", time=time.time()))
+                )
                 await writer.drain()
         writer.close()
 
@@ -427,7 +471,7 @@ async def test_reconnect_backs_off_under_a_crashing_parent(deployment: Deploymen
         with contextlib.suppress(ssl.SSLError, TimeoutError):
             async with asyncio.timeout(2):
                 await server.wait_closed()
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     print(f"\ncrashing parent: {len(arrivals)} sessions in 4 s, gaps {[round(g, 2) for g in gaps]}")
     assert 3 <= len(arrivals) <= 20, len(arrivals)
     assert max(gaps[-3:]) >= 0.3, gaps  # backed off towards reconnect_max
