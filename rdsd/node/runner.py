@@ -94,7 +94,7 @@ class Runner:
         if task is not None:
             task.cancel()
         job = self.db.job(jid)
-        if job is not None and not self.needed(job.package, jid):
+        if job is not None and not self.needed(job.package, jid, download=False):
             self.fetcher.drop(job.package)
 
     async def stop(self) -> None:
@@ -201,11 +201,11 @@ class Runner:
         if result.ok:
             self.release(job.package, job.id)
 
-    def needed(self, package: str, job: str) -> bool:
+    def needed(self, package: str, job: str, download: bool = True) -> bool:
         """Does anything but ``job`` need ``package`` here: another job of
-        this node (open, or offered), or a reader, download or lease in
-        this process?"""
-        if self.store.in_use(package, besides=job):
+        this node (open, or offered), or a reader, lease or (with
+        ``download``) the download in this process?"""
+        if self.store.in_use(package, besides=job, download=download):
             return True
         for other, dest in self.db.open_work(now=float("inf")):
             if other.package == package and other.id != job and dest.node == self.cfg.name:

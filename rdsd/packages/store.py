@@ -174,13 +174,13 @@ class Store:
                 out.append(m)
         return out
 
-    def in_use(self, package: str, besides: str | None = None) -> bool:
-        """Is ``package`` read, downloaded or leased (by a holder other
-        than ``besides``) in this process?"""
+    def in_use(self, package: str, besides: str | None = None, download: bool = True) -> bool:
+        """Is ``package`` read, downloaded (unless ``download`` is false) or
+        leased (by a holder other than ``besides``) in this process?"""
         holders = self._leases.get(package, [])
         return (
             self._readers.get(package, 0) > 0
-            or package in self._downloads
+            or (download and package in self._downloads)
             or any(h != besides for h in holders)
         )
 

@@ -780,6 +780,12 @@ async def test_cancel_during_transfer_stops_it(
             assert states(admin, job) == {"client1": "cancelled"}
             assert state_of(client.db, job, "client1") == "cancelled"
             assert not (install_out / "client1").exists(), "a cancelled job was installed"
+            # Nobody wants the package any more: its fetch is dropped, nothing kept.
+            await wait_until(
+                lambda: not client.store.has(pid) and not list(client.store.partial_dir.iterdir()),
+                5,
+                what="the cancelled download's files to go",
+            )
     finally:
         gate.set()
 
