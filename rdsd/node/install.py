@@ -223,6 +223,7 @@ def _start_supervisor(
     return subprocess.Popen(
         [
             sys.executable,
+            "-I",  # isolated: the standard library only, nothing from the environment
             str(SUPERVISOR),
             "--cwd",
             str(target),

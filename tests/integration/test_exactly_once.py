@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from protocol import NEED_DATA, Connection, Hello, Side, Welcome
 from rdsd.config import HomePaths, NodeConfig
@@ -33,7 +34,15 @@ from rdsd.node import Node
 from rdsd.node.install import RunRecord
 from rdsd.security import server_context
 from tests.faultproxy import DOWN, FaultProxy, delay, split
-from tests.helpers import FAST, Deployment, running, wait_child, wait_state, wait_until
+from tests.helpers import (
+    FAST,
+    Deployment,
+    rdsft_cmd,
+    running,
+    wait_child,
+    wait_state,
+    wait_until,
+)
 from tests.integration.test_faults import (
     Daemon,
     KiB,
@@ -179,6 +188,64 @@ async def test_sigterm_stops_the_install_and_says_so(
     assert lines(effects) == [job]
     assert lines(events) == [f"start {job}", f"start {job}", f"end {job}"]
     assert not (out / "overlap-client1.txt").exists()
+
+
+async def test_rdsft_adopts_an_install_a_killed_daemon_left_running(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """``rdsft -a`` runs installs with the same code and the same rules: after
+    the daemon's kill -9 it waits for the install still running and reports
+    its result; it does not run it a second time."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = add_package(deployment, "effect", 64 * KiB, script=EFFECT_SCRIPT)
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        env = {"RDSD_TEST_OUT": str(out), "RDSD_TEST_BEFORE": "2"}
+        client = Daemon(cfg.home, env=env)
+        events = out / "events-client1.txt"
+        async with daemons(client):
+            await client.start()
+            await wait_child(server, "client1")
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
+                await client.kill(signal.SIGKILL)
+                proc = await asyncio.create_subprocess_exec(
+                    *rdsft_cmd(),
+                    "-a",
+                    "--home",
+                    str(cfg.home),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env={**os.environ, **env},
+                )
+                async with asyncio.timeout(30):
+                    stdout, stderr = await proc.communicate()
+                assert proc.returncode == 0, stderr.decode()
+                assert f"{job} install {pid}: installed" in stdout.decode()
+                assert dest_of(admin, job, "client1")["state"] == "installed"
+    assert lines(events) == [f"start {job}", f"end {job}"]
+    assert lines(out / "effects-client1.txt") == [job]
+
+
+async def test_a_background_failure_is_one_structured_event(deployment: Deployment) -> None:
+    """What asyncio would print raw on stderr (an exception nobody retrieved,
+    an SSL shutdown that timed out) is logged as one event of the node."""
+    async with running(deployment.server):
+        loop = asyncio.get_running_loop()
+        with structlog.testing.capture_logs() as logs:
+            loop.call_exception_handler(
+                {
+                    "message": "Task exception was never retrieved",
+                    "exception": TimeoutError("SSL shutdown timed out"),
+                }
+            )
+        events = [e for e in logs if e["event"] == "node.background_error"]
+        assert len(events) == 1, logs
+        assert "SSL shutdown timed out" in events[0]["error"]
+        assert events[0]["message"] == "Task exception was never retrieved"
+    assert loop.get_exception_handler() is None, "the loop is left as it was found"
 
 
 # == 2. the store knows who uses a package ======================================================
