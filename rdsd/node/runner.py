@@ -174,7 +174,13 @@ class Runner:
     async def _adopt(self, job: Job) -> bool:
         """The destination says ``installing`` but nothing here runs it (the
         node restarted): take the real outcome of the run that was going,
-        waiting for it if it still runs. False if it never started."""
+        waiting for it if it still runs. False if it never started. It
+        takes its package's turn like any install: none starts beside it."""
+        async with self._turn(job.package):
+            with self.store.lease(job.package, job.id):
+                return await self._adopted(job)
+
+    async def _adopted(self, job: Job) -> bool:
         dest = self.db.dest(job.id, self.cfg.name)
         done = await settle(self.cfg.paths.work, job.id)
         if done is None or dest is None or done.generation != dest.generation:

@@ -26,13 +26,14 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from protocol import NEED_DATA, Connection, Hello, Side, Welcome
+from protocol import NEED_DATA, Connection, Hello, Report, Side, Welcome
 from rdsd.config import HomePaths, NodeConfig
 from rdsd.domain import CLOCK_SKEW, JobType, Role
 from rdsd.errors import PackageExpired
 from rdsd.node import Node
 from rdsd.node.install import RunRecord
 from rdsd.security import server_context
+from rdsd.state import Applied
 from tests.faultproxy import DOWN, FaultProxy, delay, split
 from tests.helpers import (
     FAST,
@@ -415,6 +416,46 @@ async def test_full_store_disk_names_the_file_and_recovers(
 def _fetching(node: Node) -> set[str]:
     assert node.fetcher is not None
     return {p for p, t in node.fetcher._tasks.items() if not t.done()}
+
+
+async def test_a_report_the_parent_cannot_record_keeps_the_session(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's database refuses a child's reports for a while (a full
+    disk): the child's session is not dropped, the reports are not
+    acknowledged, and they go again on the same session until they land."""
+    with deployment.admin() as admin:
+        src = deployment.root / "src-quiet"
+        src.mkdir()
+        (src / "payload.bin").write_bytes(os.urandom(10 * KiB))
+        pid = admin.add_package(src, "quiet", "1.0")
+    async with running(deployment.server) as (server,):
+        cfg = replace(
+            deployment.add_node("client1", Role.CLIENT, server.address),
+            idle_timeout=1.5,
+            ping_interval=0.5,
+        )
+        refused: list[str] = []
+        real = server.db.apply_report
+
+        def full_disk(rep: Report, forward: bool) -> Applied:
+            if len(refused) < 3:
+                refused.append(rep.report_id)
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(rep, forward)
+
+        monkeypatch.setattr(server.db, "apply_report", full_disk)
+        async with running(cfg) as (client,):
+            await wait_child(server, "client1")
+            assert server.downlinks is not None and client.uplink is not None
+            theirs, mine = server.downlinks.children["client1"].session, client.uplink.session
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                assert await wait_state(admin, job, "client1", DONE, 20) == "installed"
+            await wait_until(lambda: not client.db.outbox(), 10, what="every report acknowledged")
+            assert server.downlinks.children["client1"].session is theirs and not theirs.closed
+            assert client.uplink.session is mine
+    assert len(refused) == 3
 
 
 # == 4. expiry is exact =========================================================================
