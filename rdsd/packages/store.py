@@ -321,7 +321,8 @@ class Store:
                     await fut
             os.close(fd)
             self._readers[package] -= 1
-            self.notify()
+            if self.expired(m):  # the expiry timer spared it for this reader
+                self.notify()
 
     @staticmethod
     def _read_chunk(fd: int, m: Manifest, index: int, pos: int) -> bytes:
