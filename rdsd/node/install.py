@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,21 @@ async def wait_exit(pid: int, start_time: int | None) -> None:
         os.close(fd)
 
 
+def signal_process(pid: int, start_time: int | None, sig: int) -> None:
+    """Send ``sig`` to ``pid`` only if it is still the process that started
+    at ``start_time`` (through a pidfd: no reuse can slip in between)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if start_time is None or proc_start_time(pid) == start_time:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
+
+
 def read_outcome(path: Path) -> InstallResult | None:
     """The supervisor's exit file as a result, or None if it is not there."""
     try:
@@ -178,9 +194,13 @@ class Settled:
     result: InstallResult
 
 
-async def settle(workdir: Path, job: str) -> Settled | None:
+async def settle(
+    workdir: Path, job: str, stopping: Callable[[], bool] = lambda: False
+) -> Settled | None:
     """Find out what became of the last run of ``job``'s install command,
-    waiting for it if it still runs. None: it never started."""
+    waiting for it if it still runs. None: it never started. Cancelled while
+    waiting because the node stops (``stopping()``), it stops the run as it
+    would one it started itself."""
     rec = RunRecord.load(workdir, job)
     if rec is None:
         return None
@@ -198,7 +218,15 @@ async def settle(workdir: Path, job: str) -> Settled | None:
             return Settled(rec.generation, InstallResult(False, LOST))
         log.info("install.adopted", job=job, package=rec.package, pid=rec.pid)
         if rec.pid is not None and proc_start_time(rec.pid) == rec.start_time:
-            await wait_exit(rec.pid, rec.start_time)
+            try:
+                await wait_exit(rec.pid, rec.start_time)
+            except asyncio.CancelledError:
+                if stopping():
+                    signal_process(rec.pid, rec.start_time, signal.SIGTERM)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(STOP_GRACE):
+                            await asyncio.shield(wait_exit(rec.pid, rec.start_time))
+                raise
         else:
             # Started but its pid not yet recorded: the lock ends with it.
             loop = asyncio.get_running_loop()

@@ -182,7 +182,12 @@ class Runner:
 
     async def _adopted(self, job: Job) -> bool:
         dest = self.db.dest(job.id, self.cfg.name)
-        done = await settle(self.cfg.paths.work, job.id)
+        try:
+            done = await settle(self.cfg.paths.work, job.id, lambda: self._stopping)
+        except asyncio.CancelledError:
+            if self._stopping:
+                self._after_stop(job, job.package)
+            raise
         if done is None or dest is None or done.generation != dest.generation:
             return False
         log.info(
@@ -350,11 +355,11 @@ class Runner:
                 generation,
             )
         except asyncio.CancelledError:
-            self._after_stop(job, manifest)
+            self._after_stop(job, manifest.id)
             raise
         await self._outcome(job, result)
 
-    def _after_stop(self, job: Job, manifest: Manifest) -> None:
+    def _after_stop(self, job: Job, package: str) -> None:
         """The install was cancelled (the node stops, or the job was
         cancelled) and its supervisor has stopped it. Say what happened: a
         command that ended by itself first keeps its real result; one the
@@ -362,7 +367,7 @@ class Runner:
         stays cancelled). Whatever is not recorded now is found on disk at
         the next start."""
         work = self.cfg.paths.work
-        result = read_outcome(work / f"{job.id}-{manifest.id}.exit")
+        result = read_outcome(work / f"{job.id}-{package}.exit")
         if result is None:
             return  # still running (it did not stop in time): adopted at the next start
         dest = self.db.dest(job.id, self.cfg.name)

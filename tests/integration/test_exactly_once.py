@@ -191,6 +191,39 @@ async def test_sigterm_stops_the_install_and_says_so(
     assert not (out / "overlap-client1.txt").exists()
 
 
+async def test_sigterm_while_adopting_stops_the_adopted_install(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """An install adopted after a kill -9 is stopped by a clean stop like any
+    other, and the state says so."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = add_package(deployment, "effect", 64 * KiB, script=EFFECT_SCRIPT)
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        client = Daemon(cfg.home, env={"RDSD_TEST_OUT": str(out), "RDSD_TEST_BEFORE": "30"})
+        events = out / "events-client1.txt"
+        async with daemons(client):
+            await client.start()
+            await wait_child(server, "client1")
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
+                await client.kill(signal.SIGKILL)
+                assert not no_process_runs(cfg.home), "the install outlives the daemon"
+                await client.start()
+                await asyncio.sleep(0.5)  # it adopts the running install and waits
+                assert dest_of(admin, job, "client1")["state"] == "installing"
+                await client.stop()
+                assert no_process_runs(cfg.home), "the adopted install stops with the node"
+                with job_db(cfg.home) as db:
+                    mine = db.dest(job, "client1")
+                assert mine is not None and mine.state == "failed", mine
+                assert mine.detail == "interrupted: the node stopped during the install"
+    assert lines(events) == [f"start {job}"]
+    assert not lines(out / "effects-client1.txt")
+
+
 async def test_rdsft_adopts_an_install_a_killed_daemon_left_running(
     deployment: Deployment, tmp_path: Path
 ) -> None:
