@@ -285,8 +285,12 @@ def forget(workdir: Path, job: str) -> None:
         Path(rec.exit).unlink(missing_ok=True)
     RunRecord.path(workdir, job).unlink(missing_ok=True)
     lock_path(workdir, job).unlink(missing_ok=True)
-    logs = sorted(workdir.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in logs[KEEP_LOGS:]:
+    logs = []
+    for path in workdir.glob("*.log"):
+        with contextlib.suppress(FileNotFoundError):  # another process pruned it
+            logs.append((path.stat().st_mtime, path))
+    logs.sort(reverse=True)
+    for _, old in logs[KEEP_LOGS:]:
         old.unlink(missing_ok=True)
 
 

@@ -261,7 +261,7 @@ class Runner:
             return  # cancelled while it was transferring
         if job.type is JobType.TRANSFER:
             await self._record(job, DestState.STORED, f"kept until {iso(manifest.expires)}")
-        elif job.type is JobType.OFFER:
+        elif job.type is JobType.OFFER and current.state is not DestState.INSTALLING:
             await self._record(job, DestState.OFFERED)
         else:
             await self.install(job, manifest)
