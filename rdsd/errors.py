@@ -60,7 +60,7 @@ class DiskFull(StoreError):
     """ENOSPC/EFBIG/EDQUOT while writing: the download is dropped, the store intact."""
 
 
-class PackageExpired(StoreError):
+class ExpiredPackage(StoreError):
     """The package's keep time is over by this node's clock: it is neither
     served nor stored again."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from ..config import NodeConfig
-from ..errors import DiskFull, PackageExpired, StoreError, TransferFailed
+from ..errors import DiskFull, ExpiredPackage, StoreError, TransferFailed
 from ..net.transfer import receive
 from ..packages.manifest import Manifest
 from ..packages.store import Store
@@ -76,6 +76,15 @@ class Fetcher:
         return self.store.has(manifest.id) or self.store.active(manifest.id) is not None
 
     async def _obtain(self, manifest: Manifest, envelope: bytes) -> None:
+        try:
+            await self._attempts(manifest, envelope)
+        finally:
+            if manifest.id in self._dropped:
+                # Wherever the cancel landed (even while the partial file was
+                # being opened), nothing of a dropped fetch stays.
+                self.store.discard_partial(manifest.id)
+
+    async def _attempts(self, manifest: Manifest, envelope: bytes) -> None:
         cfg = self.cfg
         bound = log.bind(node=cfg.name, package=manifest.id)
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
@@ -89,7 +98,7 @@ class Fetcher:
             resume = self.link.resumes
             try:
                 dl = await self.store.begin_download(envelope, manifest, resume=resume)
-            except (DiskFull, PackageExpired) as exc:
+            except (DiskFull, ExpiredPackage) as exc:
                 raise TransferFailed(str(exc), retryable=False) from None
             except StoreError as exc:
                 # Another process (the daemon, or rdsft) is fetching it: wait.

@@ -23,7 +23,7 @@ from protocol import Chunk, Fetch, FetchCancel, FetchEnd, FetchFail, Message
 from ..errors import (
     CorruptChunk,
     DiskFull,
-    PackageExpired,
+    ExpiredPackage,
     SessionClosed,
     StoreError,
     TransferFailed,
@@ -183,7 +183,7 @@ async def _store_step(step: Awaitable[None]) -> None:
         await step
     except CorruptChunk as exc:
         raise TransferFailed(str(exc)) from None
-    except (DiskFull, PackageExpired) as exc:
+    except (DiskFull, ExpiredPackage) as exc:
         raise TransferFailed(str(exc), retryable=False) from None
     except StoreError as exc:
         raise TransferFailed(str(exc)) from None

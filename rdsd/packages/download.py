@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from ..errors import CorruptChunk, DiskFull, PackageExpired, StoreError
+from ..errors import CorruptChunk, DiskFull, ExpiredPackage, StoreError
 from ..util.fsutil import atomic_write, commit_file, try_lock
 from .manifest import Manifest
 
@@ -203,7 +203,7 @@ class Download:
             raise CorruptChunk(m.id, 0, "whole file")
         if self.store.expired(m):
             self.fail("expired", keep_partial=False)
-            raise PackageExpired(f"{m.id} expired while it was received: not stored")
+            raise ExpiredPackage(f"{m.id} expired while it was received: not stored")
         await in_thread(os.fsync, self._fd)
         store = self.store
         data, env = store.data_path(m.id), store.envelope_path(m.id)

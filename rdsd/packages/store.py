@@ -32,7 +32,7 @@ import structlog
 
 from protocol import is_package_id
 
-from ..errors import CorruptChunk, ManifestError, PackageExpired, StoreError
+from ..errors import CorruptChunk, ExpiredPackage, ManifestError, StoreError
 from ..util.fsutil import atomic_write, file_lock, fsync_dir
 from .download import Download
 from .manifest import Envelopes, Manifest
@@ -237,6 +237,14 @@ class Store:
         fsync_dir(self.root)
         log.error("store.quarantined", store=str(self.root), package=package, offset=offset)
 
+    def discard_partial(self, package: str) -> None:
+        """Remove what a download of ``package`` left in ``partial/`` (none
+        is running)."""
+        if package in self._downloads:
+            return
+        for path in (self.partial_dir / f"{package}.part", self.partial_dir / f"{package}.env"):
+            path.unlink(missing_ok=True)
+
     def active(self, package: str) -> Download | None:
         return self._downloads.get(package)
 
@@ -247,7 +255,7 @@ class Store:
         if current is not None:
             return current
         if self.expired(manifest):
-            raise PackageExpired(f"{manifest.id} expired at {_iso(manifest.expires)}")
+            raise ExpiredPackage(f"{manifest.id} expired at {_iso(manifest.expires)}")
         with self.committing():
             # An archive a failed commit left without its envelope goes now,
             # not at some later start.
@@ -284,7 +292,7 @@ class Store:
         if offset % m.chunk_size or offset > m.size:
             raise StoreError(f"{package}: offset {offset} is not a chunk boundary")
         if self.expired(m):
-            raise PackageExpired(f"{package} expired at {_iso(m.expires)}")
+            raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
         fd = os.open(path, os.O_RDONLY)
         self._readers[package] = self._readers.get(package, 0) + 1
         loop = asyncio.get_running_loop()
@@ -312,7 +320,7 @@ class Store:
                     continue
                 data = await ahead.popleft()
                 if self.expired(m):
-                    raise PackageExpired(f"{package} expired at {_iso(m.expires)}")
+                    raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
                 yield pos, data
                 pos += len(data)
         finally:

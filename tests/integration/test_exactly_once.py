@@ -29,7 +29,7 @@ import structlog.testing
 from protocol import NEED_DATA, Connection, Hello, Report, Side, Welcome
 from rdsd.config import HomePaths, NodeConfig
 from rdsd.domain import CLOCK_SKEW, JobType, Role
-from rdsd.errors import PackageExpired
+from rdsd.errors import ExpiredPackage
 from rdsd.node import Node
 from rdsd.node.install import RunRecord
 from rdsd.security import server_context
@@ -523,7 +523,7 @@ async def test_package_is_refused_one_second_after_expiry(deployment: Deployment
         with relay.store.lease(pid, "a job"):
             await asyncio.sleep(max(0.0, m.expires + 1 - time.time()))
             assert relay.store.has(pid)
-            with pytest.raises(PackageExpired):
+            with pytest.raises(ExpiredPackage):
                 async for _ in relay.store.chunks(pid, 0):
                     pass
             async with running(ccfg) as (_client,):
