@@ -1,60 +1,72 @@
 """Node configuration: an explicit, immutable object built from a home dir.
 
 The daemon and embedders both start a node from a ``NodeConfig``; nothing is
-read from globals or the environment. A home directory holds ``node.json``
-(role, name, addresses) next to the TLS material and state, so the CLI only
-needs ``--home``.
+read from globals or the environment (the one exception is where the
+command line looks for a home when ``--home`` is not given:
+``default_home``). A home directory holds ``rdsd.toml`` (see
+``settings.py``: every setting, its default and its check) next to the TLS
+material and state, so the CLI only needs ``--home``. Homes made before
+``rdsd.toml`` existed hold ``node.json`` instead; it is still read, never
+written.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from protocol import is_safe_name
-
 from .domain import Role
 from .errors import ConfigError
+from .settings import FILE_NAME, SCHEMA, check_combination, defaults, load_settings, render
 from .util.fsutil import atomic_write
+from .util.parse import check_node_name, format_address, parse_address, parse_duration
 
-CONFIG_FILE = "node.json"
+CONFIG_FILE = FILE_NAME
+#: What homes made before ``rdsd.toml`` hold; read when there is no rdsd.toml.
+LEGACY_CONFIG_FILE = "node.json"
 DEFAULT_CHUNK = 1024 * 1024
 DEFAULT_KEEP = 90 * 86400
-_DURATION = re.compile(r"(\d+)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Where the command line looks for a home when neither ``--home`` nor
+#: ``$RDSD_HOME`` says: the system's for root, the user's own otherwise.
+SYSTEM_HOME = Path("/var/lib/rdsd")
+HOME_ENV = "RDSD_HOME"
+_SETTINGS = {s.name: s for s in SCHEMA}
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) to a tuple; port 0 is allowed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"address {text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+def default_home() -> Path:
+    """``$RDSD_HOME``; else ``/var/lib/rdsd`` for root; else
+    ``$XDG_DATA_HOME/rdsd`` (``~/.local/share/rdsd`` when that is unset), so
+    a person trying rdsd out never needs root and root finds the system's."""
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return SYSTEM_HOME
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / "rdsd"
 
 
-def format_address(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+#: The last second ``iso`` can show; later times (an expiry computed from a
+#: keep duration that earlier versions did not bound) are shown as this.
+_LAST_SHOWN = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with a Z, as every JSON output shows."""
+    """Epoch seconds as ISO 8601 UTC with a Z, as every JSON output shows.
+    A time beyond the year 9999 is shown as its last second rather than
+    failing the whole listing it appears in."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_duration(text: str) -> int:
-    """``90s``, ``15m``, ``12h``, ``30d`` to seconds."""
-    m = _DURATION.fullmatch(text.strip())
-    if m is None or int(m.group(1)) <= 0:
-        raise ConfigError(f"duration {text!r} is not a positive number with s, m, h or d")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        dt = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):
+        dt = _LAST_SHOWN if ts > 0 else datetime.fromtimestamp(0, UTC)
+    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,14 @@ class HomePaths:
     @property
     def config(self) -> Path:
         return self.home / CONFIG_FILE
+
+    @property
+    def legacy_config(self) -> Path:
+        return self.home / LEGACY_CONFIG_FILE
+
+    def is_home(self) -> bool:
+        """Has ``rdsd init`` made this home (in this or an earlier version)?"""
+        return self.config.exists() or self.legacy_config.exists()
 
     @property
     def tls(self) -> Path:
@@ -137,57 +157,90 @@ class NodeConfig:
     sweep_interval: float = 60.0
     progress_interval: float = 5.0
 
+    log_level: str = "info"
+    log_format: str = "console"
+
     @property
     def paths(self) -> HomePaths:
         return HomePaths(self.home)
 
     def __post_init__(self) -> None:
-        if not is_safe_name(self.name):
-            raise ConfigError(f"node name {self.name!r} must match [A-Za-z0-9._-]{{1,64}}")
+        check_node_name(self.name)
         if self.role is not Role.SERVER and self.parent is None:
             raise ConfigError(f"a {self.role.value} needs a parent address")
         if self.role is not Role.CLIENT and self.listen is None:
             raise ConfigError(f"a {self.role.value} needs a listen address")
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "role": self.role.value,
-            "name": self.name,
-            "listen": format_address(self.listen) if self.listen else None,
-            "parent": format_address(self.parent) if self.parent else None,
-            "chunk_size": self.chunk_size,
-            "install_timeout": self.install_timeout,
-        }
+    def settings(self) -> dict[str, Any]:
+        """Every setting under its flat name, as ``rdsd.toml`` holds them."""
+        return {name: getattr(self, name) for name in _SETTINGS}
 
     def save(self) -> None:
-        data = json.dumps(self.to_json(), indent=2).encode() + b"\n"
-        atomic_write(self.paths.config, data)
+        """Write ``HOME/rdsd.toml``: the values that differ from the
+        defaults as settings, every other setting commented out with its
+        default, so the file documents itself."""
+        atomic_write(self.paths.config, render(self.settings()).encode())
 
     @classmethod
     def load(cls, home: Path, **overrides: Any) -> NodeConfig:
-        """Read ``HOME/node.json``; keyword overrides win (tests, embedders)."""
-        path = HomePaths(home).config
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{home} is not an rdsd home (no {CONFIG_FILE}); run rdsd init"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
-        try:
-            kwargs: dict[str, Any] = {
-                "home": home,
-                "role": Role(raw["role"]),
-                "name": raw["name"],
-                "listen": parse_address(raw["listen"]) if raw.get("listen") else None,
-                "parent": parse_address(raw["parent"]) if raw.get("parent") else None,
-            }
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"{path} is incomplete or invalid: {exc}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in ("chunk_size", "install_timeout"):
-            if key in raw:
-                kwargs[key] = raw[key]
-        kwargs.update({k: v for k, v in overrides.items() if k in known})
-        return cls(**kwargs)
+        """Defaults, then ``HOME/rdsd.toml`` (or an older home's
+        ``node.json``), then keyword ``overrides`` (tests, embedders, the
+        command line); the merged values are checked together. An override
+        that is not a setting is refused, as an unknown key in the file is."""
+        paths = HomePaths(home)
+        if paths.config.exists():
+            from_file = load_settings(paths.config)
+            source = paths.config
+        elif paths.legacy_config.exists():
+            from_file = _load_legacy(paths.legacy_config)
+            source = paths.legacy_config
+        else:
+            raise ConfigError(f"{home} is not an rdsd home (no {CONFIG_FILE}); run rdsd init")
+        unknown = sorted(set(overrides) - set(_SETTINGS))
+        if unknown:
+            raise ConfigError(f"not settings: {', '.join(unknown)}")
+        values = defaults() | from_file | overrides
+        for name in ("role", "name"):
+            if values[name] is None:
+                raise ConfigError(f"{source}: {_SETTINGS[name].path} is not set")
+        check_combination(values)
+        return cls(home=home, **values)
+
+
+def _load_legacy(path: Path) -> dict[str, Any]:
+    """The settings in an older home's ``node.json`` (flat names, the
+    values ``rdsd.toml`` takes), checked the same way."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        setting = _SETTINGS.get(key)
+        if setting is None:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        if value is not None:
+            try:
+                values[key] = setting.parse(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    return values
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_CHUNK",
+    "DEFAULT_KEEP",
+    "HOME_ENV",
+    "LEGACY_CONFIG_FILE",
+    "SYSTEM_HOME",
+    "HomePaths",
+    "NodeConfig",
+    "default_home",
+    "format_address",
+    "iso",
+    "parse_address",
+    "parse_duration",
+]

@@ -109,6 +109,19 @@ SUCCESS_STATE: dict[JobType, DestState] = {
 
 
 @dataclass(frozen=True, slots=True)
+class JobHead:
+    """A job without its envelope: what routing and listings need. The
+    envelope is looked up by job id only where it is sent or opened."""
+
+    id: str
+    type: JobType
+    package: str
+    created: float
+    at: float | None
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A job as a node's database holds it. ``manifest`` is the server-signed
     envelope of the package."""

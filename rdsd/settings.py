@@ -15,7 +15,7 @@ default.
 
 Values are read with the parsers of ``rdsd.util.parse``: durations may be a
 number of seconds or a string such as ``"90s"``, sizes a number of bytes or
-``"1MiB"``, rates bytes per second or ``"20MB/s"``.
+``"1MiB"``.
 """
 
 from __future__ import annotations
@@ -33,19 +33,14 @@ from .domain import Role
 from .errors import ConfigError
 from .util.parse import (
     check_node_name,
-    check_rate,
     check_seconds,
     check_size,
     format_address,
     format_duration,
-    format_rate,
     format_size,
-    format_window,
     parse_address,
     parse_duration,
-    parse_rate,
     parse_size,
-    parse_window,
 )
 
 __all__ = [
@@ -151,25 +146,6 @@ def _size(minimum: int, maximum: int) -> Kind:
     return Kind("size", f'bytes, or a string like "1MiB" ({span})', read, write)
 
 
-def _rate() -> Kind:
-    def read(raw: object, what: str) -> float:
-        if isinstance(raw, str):
-            return parse_rate(raw, what=what)
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return check_rate(raw, what=what)
-        raise _WrongType
-
-    def write(value: float) -> str:
-        return _toml_string(format_rate(value))
-
-    return Kind(
-        "rate",
-        'bytes per second, or a string like "20MB/s"; 0 or "unlimited" for none',
-        read,
-        write,
-    )
-
-
 def _integer(minimum: int, maximum: int) -> Kind:
     def read(raw: object, what: str) -> int:
         if not isinstance(raw, int) or isinstance(raw, bool):
@@ -227,18 +203,6 @@ def _address() -> Kind:
     return Kind("address", '"HOST:PORT" or "[IPv6]:PORT"', read, write)
 
 
-def _windows() -> Kind:
-    def read(raw: object, what: str) -> tuple[tuple[int, int], ...]:
-        if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
-            raise _WrongType
-        return tuple(parse_window(w, what=what) for w in raw)
-
-    def write(value: tuple[tuple[int, int], ...]) -> str:
-        return "[" + ", ".join(_toml_string(format_window(w)) for w in value) + "]"
-
-    return Kind("windows", 'a list of "HH:MM-HH:MM" (UTC); [] for any time', read, write)
-
-
 # -- the schema ------------------------------------------------------------
 
 
@@ -284,8 +248,6 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("reconnect", "Waiting between attempts to reach the parent: min, doubling up to max."),
     ("housekeeping", "Work a node does on its own, on a timer."),
     ("log", "What the daemon logs and how."),
-    ("limits", 'Bandwidth caps in bytes per second; 0 or "unlimited" means no cap.'),
-    ("windows", "Times of day (UTC) when work may happen; an empty list means at any time."),
 )
 
 _TICK = 0.01  # the shortest timer a setting takes: 10 ms
@@ -432,46 +394,6 @@ SCHEMA: tuple[Setting, ...] = (
         "console",
         "console for people to read, json for log collectors (one object per line).",
     ),
-    Setting(
-        "limits",
-        "download_rate",
-        "download_rate",
-        _rate(),
-        0.0,
-        "Most this node receives from its parent, all downloads together.",
-    ),
-    Setting(
-        "limits",
-        "upload_rate",
-        "upload_rate",
-        _rate(),
-        0.0,
-        "Most this node sends to its children, all of them together.",
-    ),
-    Setting(
-        "limits",
-        "per_child_rate",
-        "per_child_rate",
-        _rate(),
-        0.0,
-        "Most this node sends to any one child.",
-    ),
-    Setting(
-        "windows",
-        "transfer",
-        "transfer_windows",
-        _windows(),
-        (),
-        'When packages may be downloaded, as "HH:MM-HH:MM" ranges; "22:00-06:00" wraps.',
-    ),
-    Setting(
-        "windows",
-        "install",
-        "install_windows",
-        _windows(),
-        (),
-        'When install commands may run, as "HH:MM-HH:MM" ranges; "22:00-06:00" wraps.',
-    ),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SCHEMA}
@@ -572,9 +494,7 @@ _HEADER = """\
 # A setting that is commented out (# at the start of its line) keeps the
 # default shown; remove the # and change the value to set it.
 #   durations  seconds, or a string like "250ms", "90s", "15m", "12h", "30d"
-#   sizes      bytes, or a string like "512KiB", "1MiB" (of 1024), "1.5GB" (of 1000)
-#   rates      bytes per second, or a string like "20MB/s", "500KiB/s", "100Mbit/s"
-#   windows    a list of "HH:MM-HH:MM" in UTC; "22:00-06:00" runs past midnight"""
+#   sizes      bytes, or a string like "512KiB", "1MiB" (of 1024), "1.5GB" (of 1000)"""
 
 
 def render(values: Mapping[str, Any]) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
+import sqlite3
 import ssl
 import stat
 import sys
@@ -257,3 +259,34 @@ def enroll_node(deployment: Deployment, name: str, role: Role) -> Path:
     bundle = deployment.root / f"{name}.enrolled.bundle"
     enroll(deployment.server.home, name, role, bundle)
     return bundle
+
+
+# -- "nothing changed" ------------------------------------------------------------------
+
+_DB_FILES = {"state.db", "state.db-wal", "state.db-shm"}
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Everything a refused command must leave alone under ``roots``: each
+    file's SHA-256 by path (directories too, so a new empty one shows), and
+    each SQLite database's rows, read through a fresh connection (the WAL
+    files themselves change on a mere read, their content does not)."""
+    out: dict[str, str] = {}
+    for root in roots:
+        if not root.exists():
+            out[str(root)] = "absent"
+            continue
+        for path in sorted(root.rglob("*")):
+            if path.name in _DB_FILES:
+                continue
+            if path.is_dir():
+                out[str(path)] = "dir"
+            elif path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for db in sorted(root.rglob("state.db")):
+            conn = sqlite3.connect(db)
+            try:
+                out[f"{db}:rows"] = "\n".join(conn.iterdump())
+            finally:
+                conn.close()
+    return out

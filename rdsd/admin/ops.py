@@ -4,39 +4,84 @@ Admin operations act on a home directory: they write the job database and
 the store, and a running daemon on that home notices within its poll
 interval (it watches SQLite's ``data_version``), so no restart and no
 control socket are needed. Embedders call the same functions the CLI does.
+
+Every operation checks all of its input before it changes anything, with
+the parsers of ``rdsd.util.parse``: a malformed or out-of-range value is a
+``ConfigError`` (the command line exits 2), a well-formed request that
+cannot be done here (an unknown node, a package still in use) an
+``AdminError`` (exit 1). Either way nothing was written.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import shlex
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from protocol import is_destination, is_package_id, is_safe_name
+from protocol import is_package_id
 
 from ..config import DEFAULT_KEEP, NodeConfig, iso
-from ..domain import DestState, Job, JobType, Role
-from ..errors import AdminError, JobError
+from ..domain import TARGET_ROLE, DestState, Job, JobType, Role
+from ..errors import AdminError, ConfigError, JobError
 from ..packages.manifest import Envelopes, build_manifest, seal
 from ..packages.packing import pack_directory
 from ..packages.store import Store
 from ..security import Signer, Verifier
 from ..state import JobDB
+from ..util import parse
 from ..util.fsutil import commit_file, removing_on_error, temp_name
+
+#: What a refusal of an unknown destination suggests.
+_SEE_NODES = "see rdsd nodes"
+#: How many job ids a refusal names before it says "and N more".
+_NAMED = 5
 
 
 def parse_time(text: str) -> float:
-    """ISO 8601; a time without zone is taken as UTC."""
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise AdminError(f"time {text!r} is not ISO 8601 (like 2026-12-01T22:00:00Z)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    """ISO 8601 to epoch seconds, past or future (for reading times back,
+    as ``--json`` prints them); a time without zone is taken as UTC. A new
+    job's ``--at`` is read with ``rdsd.util.parse.parse_time``, which also
+    refuses the past."""
+    return parse.parse_time(text, now=time.time(), allow_past=True)
+
+
+def check_at(at: float | None, now: float | None = None) -> float | None:
+    """A job's execution time in epoch seconds, as ``create_job`` takes it:
+    not more than a minute in the past (a past time is a mistake; no time
+    means "now"), not more than ten years ahead."""
+    if at is None:
+        return None
+    now = time.time() if now is None else now
+    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+        raise ConfigError(f"execution time {at!r} is not a number of seconds since 1970")
+    if at < now - parse.PAST_GRACE:
+        raise ConfigError(
+            f"execution time {iso(at)} is in the past (now is {iso(now)}); "
+            "give no time to run the job now"
+        )
+    if at > now + parse.MAX_FUTURE:
+        raise ConfigError(f"execution time {iso(at)} is more than ten years ahead")
+    return float(at)
+
+
+def _named(items: list[str]) -> str:
+    """A list for a one-line message, cut short when long."""
+    shown = ", ".join(items[:_NAMED])
+    return shown + (f" and {len(items) - _NAMED} more" if len(items) > _NAMED else "")
+
+
+def check_package_ref(pid: str) -> str:
+    """An id naming a package that should exist: ``NAME-VERSION`` as the
+    protocol allows it (ids made before names could hold ``-`` included)."""
+    if not is_package_id(pid):
+        raise ConfigError(
+            f"package id {pid!r} is not NAME-VERSION (like my-app-2.0): "
+            "1 to 128 of A-Z a-z 0-9 . _ - with a '-' before the version"
+        )
+    return pid
 
 
 @dataclass(frozen=True)
@@ -93,18 +138,25 @@ class Admin:
         name: str,
         version: str,
         install: str | None = None,
-        keep: int = DEFAULT_KEEP,
+        keep: float = DEFAULT_KEEP,
     ) -> str:
+        """Pack ``src``, sign its manifest and store it as ``NAME-VERSION``.
+
+        Everything is checked before the archive is written: the id
+        (``parse.package_id``: a version never holds ``-``, so every id splits
+        back at its last ``-`` alone and two packages cannot share one), the
+        install command (split as a POSIX shell would) and the keep duration
+        (1 s to 10 years). The archive is packed under a temporary name and
+        removed if anything fails."""
         self.require_role(Role.SERVER)
-        pid = f"{name}-{version}"
-        if not (is_safe_name(name) and is_safe_name(version) and is_package_id(pid)):
-            raise AdminError(f"package name and version must match [A-Za-z0-9._-]{{1,64}}: {pid!r}")
+        pid = parse.package_id(name, version)
+        keep_s = int(parse.check_seconds(keep, what="keep"))
+        argv = parse.check_install_command(install) if install is not None else ()
         if not src.is_dir():
             raise AdminError(f"{src} is not a directory")
         self.store.prepare()
         if self.store.has(pid):
             raise AdminError(f"package {pid} already exists; a name and version are immutable")
-        argv = tuple(shlex.split(install)) if install else ()
         target = self.store.data_path(pid)
         tmp = temp_name(target)
         with removing_on_error(tmp):
@@ -114,7 +166,7 @@ class Admin:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            manifest = build_manifest(tmp, name, version, argv, keep, self.cfg.chunk_size)
+            manifest = build_manifest(tmp, name, version, argv, keep_s, self.cfg.chunk_size)
             commit_file(tmp, target)
         self.store.replace_envelope(pid, seal(manifest, self._signer()))
         return pid
@@ -135,58 +187,131 @@ class Admin:
             for m in self.store.manifests()
         ]
 
-    def keep_package(self, pid: str, keep: int) -> PackageInfo:
+    def _where(self) -> str:
+        return "storehouse" if self.cfg.role is Role.SERVER else "relay's cache"
+
+    def _envelope(self, pid: str) -> bytes:
+        """The stored envelope of package ``pid``, or a refusal naming it."""
+        envelope = self.store.envelope(check_package_ref(pid))
+        if envelope is None:
+            listing = "package" if self.cfg.role is Role.SERVER else "cache"
+            raise AdminError(
+                f"no package {pid!r} in this {self._where()} (see rdsd {listing} list)"
+            )
+        return envelope
+
+    def keep_package(self, pid: str, keep: float) -> PackageInfo:
         """Re-sign the manifest with a new keep duration. Relays learn it when
         the package is transferred to them again."""
         self.require_role(Role.SERVER)
+        keep_s = int(parse.check_seconds(keep, what="keep"))
+        self._envelope(pid)
         m = self.store.manifest(pid)
-        if m is None:
+        if m is None:  # pragma: no cover - removed between the two reads
             raise AdminError(f"no package {pid}")
-        self.store.replace_envelope(pid, seal(m.with_keep(keep), self._signer()))
+        self.store.replace_envelope(pid, seal(m.with_keep(keep_s), self._signer()))
         return next(p for p in self.packages() if p.id == pid)
+
+    def remove_package(self, pid: str) -> None:
+        """Delete a package from the server's store. Refused while a job
+        that has not finished uses it (those jobs are named): cancel them
+        first. Relays that hold it keep their copy until it expires."""
+        self.require_role(Role.SERVER)
+        self._envelope(pid)
+        users = self.db.remove_unused_package(pid, lambda: self.store.delete(pid))
+        if users:
+            raise AdminError(
+                f"package {pid} is used by unfinished job {_named(users)}; "
+                "cancel it or let it finish first"
+            )
 
     # -- jobs ------------------------------------------------------------------------
 
     def create_job(
-        self, type_: JobType | str, package: str, to: list[str], at: float | None = None
+        self,
+        type_: JobType | str,
+        package: str,
+        to: list[str],
+        at: float | None = None,
+        request_id: str | None = None,
     ) -> str:
+        """Make a job and return its id. ``at`` (epoch seconds) holds it
+        until then; it may not lie in the past. ``request_id`` makes the
+        call idempotent: the same id again returns the same job."""
         try:
             job_type = JobType(type_)
         except ValueError:
-            raise AdminError(f"--type must be one of {', '.join(JobType)}") from None
+            raise ConfigError(
+                f"job type {type_!r} is not allowed: use {', '.join(JobType)}"
+            ) from None
+        if request_id is not None:
+            parse.check_job_id(request_id, what="request id")
+        at = check_at(at)
+        if not to:
+            raise ConfigError("no destination given: name nodes or group:NAME")
+        for dest in to:
+            if dest.startswith("group:"):
+                parse.check_group_name(dest[6:], what=f"destination {dest!r}: group name")
+            else:
+                parse.check_node_name(dest, what="destination")
+        check_package_ref(package)
         if self.cfg.role is Role.CLIENT:
             raise AdminError("jobs are created on the server or on a relay")
         if job_type is JobType.TRANSFER and self.cfg.role is Role.RELAY:
             raise AdminError("a transfer job cannot be created on a relay; create it on the server")
-        bad = [d for d in to if not is_destination(d)]
-        if bad:
-            raise AdminError(f"not a node name or group:NAME: {', '.join(map(repr, bad))}")
-        envelope = self.store.envelope(package) if is_package_id(package) else None
-        if envelope is None:
-            where = "storehouse" if self.cfg.role is Role.SERVER else "relay's cache"
-            raise AdminError(f"no package {package!r} in this {where}")
+        envelope = self._envelope(package)
+        groups = self.db.groups()
+        missing = [d[6:] for d in to if d.startswith("group:") and d[6:] not in groups]
+        if missing:
+            raise AdminError(f"no group named {_named(missing)} (see rdsd group list)")
+        nodes = self.db.expand(to)
+        self._check_destinations(job_type, nodes)
+
+        def package_still_there() -> None:
+            if not self.store.has(package):
+                raise AdminError(f"package {package} was removed meanwhile")
+
         try:
-            nodes = self.db.expand(to)
-            revoked = sorted(set(nodes) & set(self.db.revoked()))
-            if revoked:
-                raise AdminError(f"revoked node(s) cannot get jobs: {', '.join(revoked)}")
-            if self.cfg.role is Role.RELAY:
-                # A relay can reach only nodes that have connected to it (or below).
-                foreign = [n for n in nodes if (row := self.db.node(n)) is None or not row.via]
-                if foreign:
-                    raise AdminError(f"not behind this relay: {', '.join(foreign)}")
-            else:
-                unknown = [n for n in nodes if self.db.node(n) is None]
-                if unknown:
-                    raise AdminError(f"no node named {', '.join(unknown)}; enroll it first")
-            return self.db.create_job(job_type, package, nodes, envelope, at, origin=self.cfg.name)
+            return self.db.create_job(
+                job_type,
+                package,
+                nodes,
+                envelope,
+                at,
+                origin=self.cfg.name,
+                request_id=request_id,
+                require=package_still_there,
+            )
         except JobError as exc:
             raise AdminError(str(exc)) from None
 
+    def _check_destinations(self, job_type: JobType, nodes: list[str]) -> None:
+        """Every destination is a known, unrevoked node of the role the job
+        type goes to, and (on a relay) behind this relay."""
+        index = self.db.node_index()
+        revoked = sorted(n for n in nodes if n in index and index[n][2])
+        if revoked:
+            raise AdminError(f"revoked node(s) cannot get jobs: {_named(revoked)}")
+        if self.cfg.role is Role.RELAY:
+            # A relay can reach only nodes that have connected to it (or below).
+            foreign = [n for n in nodes if n not in index or not index[n][1]]
+            if foreign:
+                raise AdminError(f"not behind this relay: {_named(foreign)}")
+        else:
+            unknown = [n for n in nodes if n not in index]
+            if unknown:
+                raise AdminError(f"no node named {_named(unknown)}; enroll it first")
+        want = TARGET_ROLE[job_type]
+        wrong = [n for n in nodes if index[n][0] != want]
+        if wrong:
+            what = ", ".join(f"{n} is a {index[n][0]}" for n in wrong[:_NAMED])
+            article = "an" if job_type.value[0] in "aeiou" else "a"
+            raise AdminError(f"{article} {job_type.value} job goes to {want.value}s only; {what}")
+
     def _job(self, jid: str) -> Job:
-        job = self.db.job(jid) if is_safe_name(jid) else None
+        job = self.db.job(parse.check_job_id(jid))
         if job is None:
-            raise AdminError(f"no job {jid!r}")
+            raise AdminError(f"no job {jid} (see rdsd job list)")
         return job
 
     def retry(self, jid: str) -> list[str]:
@@ -194,6 +319,12 @@ class Admin:
         job = self._job(jid)
         if job.origin != self.cfg.name:
             raise AdminError(f"job {jid} was made at {job.origin}; retry it there")
+        if not any(d.state is DestState.FAILED for d in self.db.dests(jid)):
+            raise AdminError(f"job {jid} has no failed destinations")
+        if not self.store.has(job.package):
+            raise AdminError(
+                f"package {job.package} of job {jid} is no longer in this {self._where()}"
+            )
         nodes = self.db.reset_failed(jid)
         if not nodes:
             raise AdminError(f"job {jid} has no failed destinations")
@@ -253,13 +384,52 @@ class Admin:
             )
         return out
 
+    def prune_jobs(self, older_than: float) -> list[str]:
+        """Delete jobs that finished (every destination final) more than
+        ``older_than`` seconds ago; return their ids. Unfinished jobs are
+        never touched, nor jobs whose reports have not yet reached the
+        parent."""
+        older = parse.check_seconds(older_than, what="older than")
+        return self.db.prune(time.time() - older, has_parent=self.cfg.parent is not None)
+
     # -- nodes and groups ----------------------------------------------------------------
 
     def add_group(self, name: str, members: list[str]) -> None:
-        bad = [m for m in [name, *members] if not is_safe_name(m)]
-        if bad:
-            raise AdminError(f"not a valid name: {', '.join(map(repr, bad))}")
+        """Define group ``name`` or add ``members`` to it; every member must
+        be a known, unrevoked node."""
+        parse.check_group_name(name)
+        if not members:
+            raise ConfigError(f"group {name}: name at least one node to add")
+        for m in members:
+            parse.check_node_name(m, what="group member")
+        index = self.db.node_index()
+        unknown = [m for m in members if m not in index]
+        if unknown:
+            raise AdminError(f"no node named {_named(unknown)}; enroll it first ({_SEE_NODES})")
+        revoked = [m for m in members if index[m][2]]
+        if revoked:
+            raise AdminError(f"revoked node(s) cannot join a group: {_named(revoked)}")
         self.db.add_group(name, members)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Every group and its members, by name."""
+        return self.db.groups()
+
+    def remove_group(self, name: str, members: list[str] | None = None) -> list[str]:
+        """Take ``members`` out of group ``name``, or remove the whole group
+        when none are named; return who was removed. Jobs already made
+        for the group keep their destinations."""
+        parse.check_group_name(name)
+        for m in members or []:
+            parse.check_node_name(m, what="group member")
+        current = self.db.group_members(name)
+        if not current:
+            raise AdminError(f"no group named {name} (see rdsd group list)")
+        if members:
+            outside = [m for m in members if m not in current]
+            if outside:
+                raise AdminError(f"not in group {name}: {_named(outside)}")
+        return self.db.remove_group(name, members or None)
 
     def nodes(self) -> list[dict[str, Any]]:
         held = self.db.holdings()
@@ -281,9 +451,10 @@ class Admin:
         ]
 
     def revoke(self, name: str) -> None:
+        parse.check_node_name(name)
         self.require_role(Role.SERVER)
         if not self.db.revoke(name):
-            raise AdminError(f"no node {name!r}")
+            raise AdminError(f"no node named {name} ({_SEE_NODES})")
 
     def cache(self) -> list[dict[str, Any]]:
         self.require_role(Role.RELAY)
@@ -323,4 +494,12 @@ def allowed_names(roles: list[Role]) -> list[str]:
     return [f"a {r.value}" for r in roles]
 
 
-__all__ = ["Admin", "PackageInfo", "cache_listing", "offers_listing", "parse_time"]
+__all__ = [
+    "Admin",
+    "PackageInfo",
+    "cache_listing",
+    "check_at",
+    "check_package_ref",
+    "offers_listing",
+    "parse_time",
+]

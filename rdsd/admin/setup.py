@@ -4,13 +4,12 @@ bundle (``init_node``)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-
-from protocol import is_safe_name
 
 from ..config import HomePaths, NodeConfig
 from ..domain import Role
-from ..errors import AdminError
+from ..errors import AdminError, ConfigError
 from ..security import (
     Bundle,
     create_ca,
@@ -21,13 +20,16 @@ from ..security import (
 )
 from ..state import JobDB
 from ..util.fsutil import atomic_write
+from ..util.parse import check_node_name
 from .ops import Admin
 
 
 def _fresh_home(home: Path) -> HomePaths:
     paths = HomePaths(home)
-    if paths.config.exists():
+    if paths.is_home():
         raise AdminError(f"{home} is already an rdsd home")
+    if home.exists() and not home.is_dir():
+        raise AdminError(f"{home} exists and is not a directory")
     home.mkdir(parents=True, exist_ok=True)
     paths.tls.mkdir(mode=0o700, exist_ok=True)
     return paths
@@ -53,12 +55,23 @@ def init_server(
     return cfg
 
 
-def enroll(server_home: Path, name: str, role: str, out: Path) -> None:
-    """Issue a bundle a relay or client is set up from, and record the node."""
-    if role not in (Role.RELAY, Role.CLIENT):
-        raise AdminError(f"role must be relay or client, not {role!r}")
-    if not is_safe_name(name):
-        raise AdminError(f"node name {name!r} must match [A-Za-z0-9._-]{{1,64}}")
+def enroll(server_home: Path, name: str, role: str, out: Path, force: bool = False) -> None:
+    """Issue a bundle a relay or client is set up from, and record the node.
+
+    Enrolling a name again under the same role re-issues its bundle (a lost
+    bundle); under another role it is refused unless ``force``, since the
+    node's jobs and routes assume its role. ``out`` is never overwritten
+    unless ``force``: it may be another node's bundle. Nothing is written
+    when the request is refused, and the bundle is removed again if the
+    node cannot be recorded."""
+    try:
+        want = Role(role)
+    except ValueError:
+        want = None
+    if want not in (Role.RELAY, Role.CLIENT):
+        raise ConfigError(f"role {role!r} is not allowed: use relay or client")
+    assert want is not None
+    check_node_name(name)
     admin = Admin(server_home)
     try:
         admin.require_role(Role.SERVER)
@@ -69,21 +82,37 @@ def enroll(server_home: Path, name: str, role: str, out: Path) -> None:
         if row is not None and row.revoked:
             # Revocation is by name: reusing it would let the old certificate in again.
             raise AdminError(f"{name} was revoked; enrol the replacement under a new name")
+        if row is not None and row.role != want and not force:
+            raise AdminError(
+                f"{name} is already enrolled as a {row.role}; enrolling it as a {want.value} "
+                "needs --force (or use another name)"
+            )
+        if out.is_dir():
+            raise AdminError(f"--out {out} is a directory; name the bundle file to write")
+        if out.exists() and not force:
+            raise AdminError(f"--out {out} already exists; add --force to overwrite it")
+        if not out.parent.is_dir():
+            raise AdminError(f"--out {out}: directory {out.parent} does not exist")
         cert, key, _ = issue_certificate(
-            paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), name, role
+            paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), name, want
         )
         write_bundle(
             out,
             Bundle(
                 name=name,
-                role=role,
+                role=want,
                 ca_pem=paths.ca_cert.read_bytes(),
                 cert_pem=cert,
                 key_pem=key,
                 signing_pub_pem=paths.signing_pub.read_bytes(),
             ),
         )
-        admin.db.enroll(name, role)
+        try:
+            admin.db.enroll(name, want)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()
+            raise
     finally:
         admin.close()
 

@@ -3,11 +3,16 @@
 One fetch per package however many jobs or children want it at the same
 moment. Below the server (and between relays) a failed attempt resumes from
 the verified offset; a client below a relay starts over (``Uplink.resumes``).
+
+Each fetch reports on the node's event bus: ``TransferProgress`` about once
+a second while bytes arrive (never more often, so a fast link does not fill
+subscribers' buffers) and once more at 100%, then ``PackageStored``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +20,7 @@ import structlog
 
 from ..config import NodeConfig
 from ..errors import DiskFull, ExpiredPackage, StoreError, TransferFailed
+from ..events import EventBus, PackageStored, TransferProgress
 from ..net.transfer import receive
 from ..packages.manifest import Manifest
 from ..packages.store import Store
@@ -22,15 +28,34 @@ from ..util.backoff import Backoff
 from .uplink import Uplink
 
 log = structlog.get_logger("rdsd.runner")
+#: At most this many seconds between TransferProgress events of one fetch.
+EVENT_INTERVAL = 1.0
+
+
+def _no_owners(package: str) -> list[str]:
+    return []
 
 
 class Fetcher:
-    """Fetches packages from the parent, once per package."""
+    """Fetches packages from the parent, once per package.
 
-    def __init__(self, cfg: NodeConfig, store: Store, link: Uplink) -> None:
+    ``owners(package)`` names the jobs a fetch is for, so each progress
+    event can carry its job (None when no job of this node owns it, as when
+    a relay fetches for a child)."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        store: Store,
+        link: Uplink,
+        bus: EventBus | None = None,
+        owners: Callable[[str], list[str]] = _no_owners,
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.link = link
+        self.bus = bus if bus is not None else EventBus(name=cfg.name)
+        self.owners = owners
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Set once a download of the package is open for readers to follow.
         self._begun: dict[str, asyncio.Event] = {}
@@ -108,6 +133,7 @@ class Fetcher:
                 await asyncio.sleep(min(cfg.reconnect_max, 1.0))
                 continue
             self._begun[manifest.id].set()
+            progress = _Progress(self, manifest, dl.verified, bound)
             try:
                 await receive(
                     session,
@@ -115,9 +141,10 @@ class Fetcher:
                     dl,
                     cfg.idle_timeout,
                     cfg.name,
-                    self._progress(bound),
-                    cfg.progress_interval,
+                    progress.report,
+                    min(cfg.progress_interval, EVENT_INTERVAL),
                 )
+                progress.finished()
                 return
             except TransferFailed as exc:
                 final = not exc.retryable or attempt >= cfg.retry_limit
@@ -139,14 +166,58 @@ class Fetcher:
                 raise
             await backoff.wait()
 
-    @staticmethod
-    def _progress(bound: Any) -> Callable[[int, int], None]:
-        def report(done: int, total: int) -> None:
-            bound.info(
+    def publish_progress(self, package: str, done: int, total: int, rate: float) -> None:
+        """One TransferProgress per job the fetch is for (or one without a job)."""
+        name = self.cfg.name
+        jobs: list[str | None] = [*self.owners(package)] or [None]
+        for job in jobs:
+            self.bus.publish(
+                TransferProgress(
+                    source=name,
+                    job=job,
+                    node=name,
+                    package=package,
+                    done=done,
+                    total=total,
+                    rate=rate,
+                )
+            )
+
+
+class _Progress:
+    """One attempt's progress: events at most every ``EVENT_INTERVAL``
+    seconds with the rate since the previous one, a log line every
+    ``progress_interval``, and a last event (average rate) at the end."""
+
+    def __init__(self, fetcher: Fetcher, manifest: Manifest, offset: int, bound: Any) -> None:
+        self.fetcher = fetcher
+        self.manifest = manifest
+        self.bound = bound
+        self.start = self.at = self.logged = time.monotonic()
+        self.offset = self.done = offset
+
+    def report(self, done: int, total: int) -> None:
+        if done == self.done:
+            return  # chunks arrived but none is written yet: nothing to tell
+        now = time.monotonic()
+        rate = (done - self.done) / max(now - self.at, 1e-6)
+        self.at, self.done = now, done
+        self.fetcher.publish_progress(self.manifest.id, done, total, rate)
+        if now - self.logged >= self.fetcher.cfg.progress_interval:
+            self.logged = now
+            self.bound.info(
                 "fetch.progress",
                 bytes=done,
                 size=total,
                 percent=round(100 * done / max(total, 1), 1),
             )
 
-        return report
+    def finished(self) -> None:
+        m = self.manifest
+        rate = (m.size - self.offset) / max(time.monotonic() - self.start, 1e-6)
+        self.fetcher.publish_progress(m.id, m.size, m.size, rate)
+        self.fetcher.bus.publish(
+            PackageStored(
+                source=self.fetcher.cfg.name, package=m.id, size=m.size, expires=m.expires
+            )
+        )

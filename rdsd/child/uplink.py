@@ -45,6 +45,10 @@ from ..net.transfer import FetchRouter
 from ..util.backoff import Backoff
 
 log = structlog.get_logger("rdsd.uplink")
+# A session that lasted this long (seconds) got well past its handshake: the
+# parent works, and the backoff starts over. One that a crashing parent
+# drops at once ends far sooner.
+STABLE_SESSION = 2.0
 
 
 class UplinkHandler(Protocol):
@@ -81,11 +85,16 @@ class Uplink:
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()
         self.last_error = ""
+        # Set by the node before its goodbye: the link must not come back.
+        self.closing = False
         self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
-        # What went up on the current session and awaits its ack there, and
-        # when (loop time): unacknowledged for ``idle_timeout`` (the parent
-        # could not record it), it goes again on the same session.
-        self.sent: dict[str, float] = {}
+        # What went up on the current session and awaits its ack there.
+        self.sent: set[str] = set()
+        self.reports_upto = 0  # outbox position sent on the current session
+        # Loop time of the last send or acknowledgement: what waits longer
+        # than ``idle_timeout`` for its ack (the parent could not record it)
+        # is sent again on the same session (``ack_overdue``).
+        self._progress_at = 0.0
         self._ping = 0
         self.log = log.bind(node=cfg.name)
 
@@ -108,7 +117,8 @@ class Uplink:
             self.observer,
         )
         self.session = session
-        self.sent = {}
+        self.sent = set()
+        self.reports_upto = 0
         self.parent_role = Role(welcome.role)
         self.parent_name = welcome.node
         self._lost.clear()
@@ -117,14 +127,14 @@ class Uplink:
         return session
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with backoff; until cancelled. Every
-        reconnect after a short-lived session waits through the backoff (with
-        jitter), which starts over only after a session that lasted: a parent
-        that drops or crashes each session at once is not hammered, and a
-        link lost after a long session comes back at once."""
+        """Connect, serve, reconnect with backoff; until cancelled or closing.
+        A reconnect after a short-lived session waits through the backoff
+        (with jitter), which starts over only after a session that lasted: a
+        parent that drops or crashes each session at once is not hammered,
+        and a link lost after a long session comes back at once."""
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.closing:
             try:
                 session = await self.connect_once()
             except Exception as exc:
@@ -142,7 +152,7 @@ class Uplink:
             except Exception:
                 # A bug in handling one message must not end the link for good.
                 self.log.exception("uplink.crashed")
-            if loop.time() - began >= max(self.cfg.reconnect_max, self.cfg.ping_interval):
+            if loop.time() - began >= STABLE_SESSION:
                 backoff.reset()  # it lasted: connect again at once
                 continue
             self.log.info("uplink.reconnecting", retry_in=round(backoff.current, 2))
@@ -164,7 +174,8 @@ class Uplink:
                     self.log.warning("uplink.not_recorded", message=msg.TYPE.name, reason=str(exc))
         except SessionClosed as exc:
             self.last_error = str(exc)
-            self.log.warning("uplink.lost", reason=str(exc))
+            # Our own goodbye is no cause for a warning.
+            (self.log.info if self.closing else self.log.warning)("uplink.lost", reason=str(exc))
         finally:
             pinger.cancel()
             self.connected.clear()
@@ -192,7 +203,7 @@ class Uplink:
 
     async def _on_report_ack(self, msg: Message) -> None:
         assert isinstance(msg, ReportAck)
-        self.sent.pop(msg.report_id, None)
+        self.acked()
         self.handler.on_report_ack(msg.report_id)
 
     async def _on_pending_done(self, msg: Message) -> None:
@@ -256,27 +267,51 @@ class Uplink:
         async with asyncio.timeout(timeout):
             return await asyncio.shield(fut)
 
-    async def send_up(self, messages: list[tuple[str, Message]]) -> None:
-        """Send each ``(ack id, message)`` not yet sent on this session, or
-        sent and not acknowledged for ``idle_timeout`` (the parent could not
-        record it); the rest are in flight."""
+    def send_up(self, messages: list[tuple[str, Message]]) -> None:
+        """Queue each ``(ack id, message)`` not yet sent on this session; the
+        rest are in flight and will be sent again on a new session, or on
+        this one after ``resend``."""
         session = self.session
         if session is None or session.closed:
             return
-        now = asyncio.get_running_loop().time()
         with contextlib.suppress(SessionClosed):
             for key, msg in messages:
-                if now - self.sent.get(key, -self.cfg.idle_timeout) >= self.cfg.idle_timeout:
-                    self.sent[key] = now
-                    await session.send(msg)
+                if key not in self.sent:
+                    self.sent.add(key)
+                    session.send_nowait(msg)
+                    self.acked()
 
-    def unacked_overdue(self) -> bool:
-        """Has something sent on this session waited ``idle_timeout`` for
-        its acknowledgement?"""
-        if not self.sent:
+    def send_reports(self, rows: list[tuple[int, Report]]) -> bool:
+        """Queue outbox rows (position, report) past what this session has
+        sent; False when there is no session to send them on. A new session
+        starts from the beginning of the outbox again."""
+        session = self.session
+        if session is None or session.closed:
             return False
-        oldest = min(self.sent.values())
-        return asyncio.get_running_loop().time() - oldest >= self.cfg.idle_timeout
+        try:
+            for position, report in rows:
+                if position > self.reports_upto:
+                    session.send_nowait(report)
+                    self.reports_upto = position
+                    self.acked()
+        except SessionClosed:
+            return False
+        return True
 
-    async def send_reports(self, reports: list[Report]) -> None:
-        await self.send_up([(r.report_id, r) for r in reports])
+    def acked(self) -> None:
+        """Something went up or was acknowledged: the link is making progress."""
+        self._progress_at = asyncio.get_running_loop().time()
+
+    def ack_overdue(self) -> bool:
+        """Has what was sent on this session waited ``idle_timeout`` without
+        any acknowledgement (the parent could not record it)?"""
+        if self.session is None or (self.reports_upto == 0 and not self.sent):
+            return False
+        return asyncio.get_running_loop().time() - self._progress_at >= self.cfg.idle_timeout
+
+    def resend(self) -> None:
+        """Send everything unacknowledged again on this session (a repeat
+        changes nothing upstream)."""
+        self.reports_upto = 0
+        self.sent.clear()
+        self.acked()

@@ -18,7 +18,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from ..config import NodeConfig
+from ..config import NodeConfig, default_home
 from ..errors import AdminError
 from ..util.fsutil import try_lock
 from ..util.logs import configure
@@ -45,9 +45,17 @@ def _pin_mmap_threshold() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def run_config(args: argparse.Namespace) -> NodeConfig:
+    """The home's configuration with ``--log-format``/``--log-level``, where
+    given, over ``[log]`` of its ``rdsd.toml`` for this run."""
+    home = (Path(args.home) if args.home else default_home()).resolve()
+    flags = {"log_format": args.log_format, "log_level": args.log_level}
+    return NodeConfig.load(home, **{k: v for k, v in flags.items() if v is not None})
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = NodeConfig.load(Path(args.home).resolve())
-    configure(args.log_format, args.log_level)
+    cfg = run_config(args)
+    configure(cfg.log_format, cfg.log_level)
     _raise_fd_limit()
     _pin_mmap_threshold()
     pidfile = cfg.paths.pidfile

@@ -15,26 +15,29 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from protocol import JobCancel, JobNotice
 
+from .. import __version__
 from ..admin import cache_listing, offers_listing
+from ..admin.ops import check_package_ref
 from ..child.fetcher import Fetcher
 from ..child.intake import JobIntake
 from ..child.uplink import Uplink
-from ..config import NodeConfig, iso
+from ..config import NodeConfig, default_home, format_address, iso
 from ..domain import Dest, DestState, HelloPurpose, Job, Role
-from ..errors import AdminError, SessionClosed
+from ..errors import AdminError, PeerError, SessionClosed
 from ..node.runner import Runner, job_lock
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..security import Verifier, client_context
 from ..state import JobDB
 from ..util.fsutil import try_lock
-from .output import run_cli
+from .output import Parser, run_cli
 
 TIMEOUT = 30.0
 
@@ -80,19 +83,34 @@ class LocalNode:
         self._acked.set()
 
     def my_work(self) -> list[Job]:
-        return [job for job, dest in self.db.open_work() if dest.node == self.cfg.name]
+        return [job for job, _ in self.db.own_work(self.cfg.name, time.time(), False)]
 
     async def connected(self) -> asyncio.Task[None]:
-        session = await self.link.connect_once()
+        """A session to the parent, served in a task; a refusal or an
+        unreachable parent becomes one line a person can act on."""
+        assert self.cfg.parent is not None
+        where = format_address(self.cfg.parent)
+        try:
+            session = await self.link.connect_once()
+        except PeerError as exc:
+            reason = exc.reason
+            raise AdminError(f"the parent at {where} refused {self.cfg.name}: {reason}") from None
+        except TimeoutError:
+            raise AdminError(f"the parent at {where} did not answer in time") from None
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+            raise AdminError(f"cannot reach the parent at {where}: {reason}") from None
         return asyncio.create_task(self.link.serve(session))
 
     async def deliver_reports(self, timeout: float) -> bool:
         """Send the outbox and wait for every acknowledgement; each ack wakes
         this to look again (reports sent on this session go once)."""
         async with asyncio.timeout(timeout):
-            while pending := self.db.outbox():
+            while self.db.outbox_after(0, 1):
                 self._acked.clear()
-                await self.link.send_reports(pending)
+                while rows := self.db.outbox_after(self.link.reports_upto):
+                    if not self.link.send_reports(rows):
+                        raise TimeoutError("the parent hung up before acknowledging")
                 await self._acked.wait()
         return True
 
@@ -124,7 +142,7 @@ async def check_now(local: LocalNode) -> list[tuple[Job, Dest | None]]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    local = LocalNode(Path(args.home).resolve())
+    local = LocalNode(_home(args))
     try:
         results = asyncio.run(check_now(local))
         left = len(local.db.outbox())
@@ -148,7 +166,7 @@ def _offers(local: LocalNode) -> list[dict[str, Any]]:
 
 
 def cmd_offers(args: argparse.Namespace) -> int:
-    local = LocalNode(Path(args.home).resolve())
+    local = LocalNode(_home(args))
     try:
         offers = _offers(local)
     finally:
@@ -165,6 +183,7 @@ def cmd_offers(args: argparse.Namespace) -> int:
 
 
 async def _install_offer(local: LocalNode, package: str) -> Dest | None:
+    check_package_ref(package)
     offer = next((o for o in _offers(local) if o["id"] == package), None)
     if offer is None:
         raise AdminError(f"{package} is not offered to {local.cfg.name} (see rdsft offers)")
@@ -185,7 +204,7 @@ async def _install_offer(local: LocalNode, package: str) -> Dest | None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    local = LocalNode(Path(args.home).resolve())
+    local = LocalNode(_home(args))
     try:
         dest = asyncio.run(_install_offer(local, args.package))
         queued = len(local.db.outbox())
@@ -224,7 +243,7 @@ async def _probe(local: LocalNode) -> tuple[bool, str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    local = LocalNode(Path(args.home).resolve())
+    local = LocalNode(_home(args))
     try:
         cfg = local.cfg
         pid = _daemon_pid(cfg)
@@ -238,8 +257,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "detail": d.detail,
                 "updated": iso(d.updated),
             }
-            for j, d in local.db.open_work(now=float("inf"))
-            if d.node == cfg.name
+            for j, d in local.db.own_work(cfg.name, float("inf"), waiting_only=False)
         ]
         doc: dict[str, Any] = {
             "node": cfg.name,
@@ -277,27 +295,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+HOME_HELP = (
+    "the node's home directory (default: $RDSD_HOME, else /var/lib/rdsd for root "
+    "and ~/.local/share/rdsd for anyone else)"
+)
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return (Path(args.home) if args.home else default_home()).resolve()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rdsft", description="check and run jobs for this node")
+    p = Parser(prog="rdsft", description="check and run jobs for this node")
+    p.add_argument("--version", action="version", version=f"rdsft {__version__}")
     p.add_argument(
         "-a",
         dest="check",
         action="store_true",
         help="ask the parent for pending jobs for this node and do them now",
     )
-    p.add_argument("--home", help="the node's home directory")
-    sub = p.add_subparsers(dest="cmd")
+    p.add_argument("--home", help=HOME_HELP)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def home(sp: argparse.ArgumentParser) -> None:
+        # SUPPRESS: a --home given before the command is not reset here.
+        sp.add_argument("--home", default=argparse.SUPPRESS, help=HOME_HELP)
+
     of = sub.add_parser("offers", help="packages offered to this client")
-    of.add_argument("--home", required=True)
-    of.add_argument("--json", action="store_true")
+    home(of)
+    of.add_argument("--json", action="store_true", help="print one JSON document")
     of.set_defaults(fn=cmd_offers)
     ins = sub.add_parser("install", help="install an offered package now")
-    ins.add_argument("package")
-    ins.add_argument("--home", required=True)
+    ins.add_argument("package", help="package id, NAME-VERSION, as rdsft offers lists it")
+    home(ins)
     ins.set_defaults(fn=cmd_install)
     st = sub.add_parser("status", help="daemon, parent, installed packages, work in progress")
-    st.add_argument("--home", required=True)
-    st.add_argument("--json", action="store_true")
+    home(st)
+    st.add_argument("--json", action="store_true", help="print one JSON document")
     st.set_defaults(fn=cmd_status)
     p.set_defaults(fn=None)
     return p
@@ -307,9 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.fn is None:
-        if not args.check or not args.home:
-            parser.error("use rdsft -a --home DIR, or one of: offers, install, status")
+        if not args.check:
+            parser.error("use rdsft -a [--home DIR], or one of: offers, install, status")
         args.fn = cmd_check
+    elif args.check:
+        parser.error(f"-a does not go with {args.cmd}")
     return run_cli(parser.prog, args)
 
 

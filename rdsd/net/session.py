@@ -39,6 +39,10 @@ READ_SIZE = 1024 * 1024
 # Two chunks may wait in a transport: enough to keep the link busy, small
 # enough that many slow children cannot add up to much memory.
 WRITE_BUFFER = 2 * 1024 * 1024
+# What a peer may leave unread before queued control messages count as a
+# stalled peer, which is then dropped: chunks in flight (WRITE_BUFFER) plus
+# a generous margin of notices, acknowledgements and the like.
+CONTROL_BACKLOG = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,28 @@ class Session:
         name, role, _ = peer_identity(obj.getpeercert(binary_form=True))
         return Peer(name, Role(role))
 
+    def send_nowait(self, msg: Message) -> None:
+        """Frame and queue ``msg`` without waiting for the peer: what control
+        messages (notices, acknowledgements, answers) use, so no handler and
+        no pass over many children ever waits on one peer. A peer that has
+        left more than CONTROL_BACKLOG unread is dropped as stalled."""
+        if self.closed:
+            raise SessionClosed(self.close_reason or "session closed")
+        transport = self._writer.transport
+        if transport.is_closing():
+            self._mark_closed("connection closing")
+            raise SessionClosed(self.close_reason)
+        buffers = self.conn.send(msg)
+        if self._observer is not None:
+            self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
+        self._writer.writelines(buffers)
+        if transport.get_write_buffer_size() > CONTROL_BACKLOG:
+            self.abort(f"peer left {CONTROL_BACKLOG // (1024 * 1024)} MiB unread")
+            raise SessionClosed(self.close_reason)
+
     async def send(self, msg: Message) -> None:
-        """Frame and write ``msg``; waits while the peer is slow to read."""
+        """Frame and write ``msg``; waits while the peer is slow to read (how
+        package data is paced to what the peer takes)."""
         if self.closed:
             raise SessionClosed(self.close_reason or "session closed")
         buffers = self.conn.send(msg)
@@ -187,7 +211,16 @@ async def open_child_session(
     """Connect to a parent, check it is a server or relay of our deployment,
     and exchange HELLO/WELCOME within ``timeout``."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
+        try:
+            reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
+        except ssl.SSLCertVerificationError:
+            # OpenSSL's words ("self-signed certificate in certificate chain")
+            # name the mechanism; a person needs to know which side is wrong.
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise SecurityError(
+                f"the parent at {where} belongs to another deployment: its certificate is "
+                "not signed by this node's CA (check --parent, or enrol this node there)"
+            ) from None
         try:
             peer = Session.identify(writer)
             if peer.role not in (Role.SERVER, Role.RELAY):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from protocol import Holdings, JobAnnounce, Topology
 
 from ..domain import DestState
 from ..errors import IllegalTransition, SessionClosed
+from ..events import PackageExpired
 
 if TYPE_CHECKING:
     from .node import Node
@@ -38,8 +40,9 @@ class Housekeeper:
         self._version = -1
         self._due: float | None = None
         self.tell_parent = False
+        self.revocations_changed = False
         self._held: dict[str, float] = {}
-        self.passes = asyncio.Condition()
+        self._store_mtime = 0
 
     def wake(self) -> None:
         """Something changed: run a pass soon."""
@@ -66,22 +69,31 @@ class Housekeeper:
         version = db.data_version()
         now = time.time()
         due = self._due is not None and self._due <= now
-        if not (woken or due or version != self._version):
-            if node.uplink is not None and node.uplink.unacked_overdue():
-                await self.flush_outbox()
+        changed_elsewhere = version != self._version  # an admin command committed
+        if not (woken or due or changed_elsewhere):
+            if node.uplink is not None and node.uplink.ack_overdue():
+                # Sent and not acknowledged for an idle timeout (the parent
+                # could not record it): send it again on this session.
+                if db.outbox_after(0) or db.unannounced():
+                    node.uplink.resend()
+                    await self.flush_outbox()
+                else:
+                    node.uplink.acked()
             return
         self._version = version
         self._due = db.next_due(now)
         if node.downlinks is not None:
-            await node.downlinks.dispatch()
+            # Routes only what changed since the last pass: cheap when nothing did.
+            node.downlinks.push_changes(now)
+            if changed_elsewhere or self.revocations_changed:
+                self.revocations_changed = False
+                node.downlinks.push_revocations()
         if node.uplink is not None:
-            if self.tell_parent or (node.parts.forwards_up and self.holdings() != self._held):
+            if self.tell_parent or (node.parts.forwards_up and self._holdings_changed()):
                 await self.describe_subtree()
             await self.flush_outbox()
         if node.runner is not None:
             node.runner.kick()
-        async with self.passes:
-            self.passes.notify_all()
 
     # -- expiry ------------------------------------------------------------------
 
@@ -134,6 +146,7 @@ class Housekeeper:
                 store.delete(m.id)
                 gone.append(m.id)
                 self.log.info("package.expired", package=m.id)
+                self.node.bus.publish(PackageExpired(source=self.cfg.name, package=m.id))
                 self._expire_offers(m.id)
         if gone:
             self.wake()
@@ -165,7 +178,7 @@ class Housekeeper:
         if node.uplink is None:
             return
         if node.parts.forwards_up:
-            await node.uplink.send_up(
+            node.uplink.send_up(
                 [
                     (
                         f"job:{job.id}",
@@ -182,7 +195,10 @@ class Housekeeper:
                     for job in node.db.unannounced()
                 ]
             )
-        await node.uplink.send_reports(node.db.outbox())
+        uplink = node.uplink
+        while rows := node.db.outbox_after(uplink.reports_upto):
+            if not uplink.send_reports(rows):
+                break
 
     async def describe_subtree(self) -> None:
         """A relay tells its parent which nodes are behind it (so jobs for
@@ -206,3 +222,14 @@ class Housekeeper:
 
     def holdings(self) -> dict[str, float]:
         return {m.id: m.expires for m in self.node.store.manifests()}
+
+    def _holdings_changed(self) -> bool:
+        """Has the store changed what a relay holds? Anything that adds,
+        replaces or removes a package renames or unlinks in the store's
+        directory, so its modification time says whether to look; a time
+        still within the clock's granularity is looked at again."""
+        mtime = os.stat(self.node.store.root).st_mtime_ns
+        if mtime == self._store_mtime and time.time_ns() - mtime > 2_000_000_000:
+            return False
+        self._store_mtime = mtime
+        return self.holdings() != self._held

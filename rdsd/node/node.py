@@ -6,13 +6,18 @@ asks of the node (job notices, cancels, revocations, acknowledgements) and
 what the parent half asks of a relay (fetch a package on a child's behalf,
 ask its own parent for a child's pending jobs). Nothing here is global, so
 several nodes can run in one event loop (the tests do exactly that).
+
+Every part reports what it does on the node's ``EventBus`` (``node.bus``);
+embedders read it with ``node.events(...)``. Destination changes reach the
+bus from the job database's listener, right after each commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Coroutine
+import sqlite3
+from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +31,7 @@ from ..child.uplink import Uplink
 from ..config import NodeConfig
 from ..domain import DestState
 from ..errors import IllegalTransition, ManifestError, SessionClosed
+from ..events import Event, EventBus, Subscription, wait_for_state
 from ..net.observe import TrafficObserver
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
@@ -43,7 +49,8 @@ class Node:
     """``async with Node(cfg) as node:`` runs a server, relay or client.
 
     ``observer``, if given, hears how many bytes each session sends (for
-    benchmarks and metrics)."""
+    benchmarks and metrics). Every method is for the event loop's thread:
+    the node, its database connection and its bus belong to that loop."""
 
     def __init__(self, cfg: NodeConfig, observer: TrafficObserver | None = None) -> None:
         self.cfg = cfg
@@ -51,7 +58,9 @@ class Node:
         self.observer = observer
         paths = cfg.paths
         self.envelopes = Envelopes(Verifier(paths.signing_pub.read_bytes()))
+        self.bus = EventBus(name=cfg.name)
         self.db = JobDB(paths.db)
+        self.db.listen(cfg.name, self.bus.publish)
         self.store = Store(paths.store, self.envelopes, refetchable=self.parts.refetchable)
         self.log = log.bind(node=cfg.name, role=cfg.role)
         self.intake = JobIntake(cfg.name, cfg.role, self.db, self.envelopes)
@@ -99,12 +108,10 @@ class Node:
         if parts.child_half:
             ctx = client_context(paths.ca_cert, paths.cert, paths.key)
             self.uplink = Uplink(cfg, ctx, self, observer=self.observer)
-            self.fetcher = Fetcher(cfg, self.store, self.uplink)
+            self.fetcher = Fetcher(cfg, self.store, self.uplink, self.bus, self._fetch_owners)
         if parts.runs_jobs:
             assert self.fetcher is not None
-            self.runner = Runner(
-                cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake
-            )
+            self.runner = Runner(cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake)
             self.runner.recover()
         if parts.parent_half:
             hooks = ParentHooks(
@@ -116,7 +123,7 @@ class Node:
             )
             ctx = server_context(paths.ca_cert, paths.cert, paths.key)
             self.downlinks = Downlinks(
-                cfg, self.db, self.store, self.envelopes, ctx, hooks, self.observer
+                cfg, self.db, self.store, self.envelopes, ctx, hooks, self.observer, self.bus
             )
             await self.downlinks.start()
         self._group = asyncio.TaskGroup()
@@ -134,6 +141,10 @@ class Node:
         self._tasks.append(self._group.create_task(coro, name=name))
 
     async def stop(self) -> None:
+        if self.uplink is not None:
+            # Without this the link reconnects between the goodbye and the
+            # cancel, and the parent sees the child come back as it leaves.
+            self.uplink.closing = True
         if self.uplink is not None and self.uplink.session is not None:
             await self.uplink.session.goodbye("shutting down")
         if self.runner is not None:
@@ -146,6 +157,9 @@ class Node:
         if self.downlinks is not None:
             await self.downlinks.stop()
         self.db.close()
+        # After the last thing that could publish: subscribers get what is
+        # buffered, then their iteration ends.
+        self.bus.close()
         if self._loop is not None:
             self._loop.set_exception_handler(None)
             self._loop = None
@@ -168,6 +182,15 @@ class Node:
     def _topology_changed(self) -> None:
         self.housekeeping.tell_parent = True
         self.wake()
+
+    def _fetch_owners(self, package: str) -> list[str]:
+        """This node's unfinished jobs for ``package``: whom a fetch is for."""
+        me = self.cfg.name
+        return [
+            job.id
+            for job, _ in self.db.own_work(me, float("inf"), waiting_only=False)
+            if job.package == package
+        ]
 
     # -- what a relay's parent half asks of the node --------------------------------
 
@@ -237,6 +260,7 @@ class Node:
 
     async def on_revoked(self, nodes: list[str]) -> None:
         self.db.set_revoked(nodes)
+        self.housekeeping.revocations_changed = True
         self.wake()
 
     def on_report_ack(self, report_id: str) -> None:
@@ -247,15 +271,44 @@ class Node:
 
     # -- for embedders ------------------------------------------------------------------
 
+    def events(
+        self,
+        *,
+        job: str | Iterable[str] | None = None,
+        node: str | Iterable[str] | None = None,
+        types: type[Event] | Iterable[type[Event]] | None = None,
+        maxsize: int = 1000,
+    ) -> Subscription:
+        """Subscribe to what this node does from now on (see ``EventBus.subscribe``
+        for the filters and ``rdsd.events`` for the slow-consumer policy)::
+
+            async with node.events(job=jid, types=DestChanged) as sub:
+                async for event in sub: ...
+
+        Iteration ends when the node stops, after the events already buffered."""
+        return self.bus.subscribe(job=job, node=node, types=types, maxsize=maxsize)
+
     async def wait_for(
-        self, job: str, node: str, states: Collection[DestState | str], timeout: float
+        self,
+        job: str,
+        node: str,
+        states: DestState | Iterable[DestState | str],
+        timeout: float | None,
     ) -> DestState:
-        """Wait until ``node``'s state for ``job`` is one of ``states``. Woken
-        by each housekeeping pass, which every state change leads to."""
-        passes = self.housekeeping.passes
-        async with asyncio.timeout(timeout), passes:
-            while True:
+        """Wait until ``node``'s state for ``job`` is one of ``states``, as
+        this node's database records it, and return that state. Woken by the
+        change itself (no polling). Changes another process (the ``rdsd``
+        command line) writes are not events here; wait on the node whose
+        daemon makes the change, or attach the ``AsyncAdmin`` to this node.
+        Raises TimeoutError after ``timeout`` seconds and ``EventBusClosed``
+        if the node stops first."""
+        wanted = [DestState(states)] if isinstance(states, str) else [DestState(s) for s in states]
+
+        def current() -> DestState | None:
+            try:
                 dest = self.db.dest(job, node)
-                if dest is not None and dest.state in states:
-                    return dest.state
-                await passes.wait()
+            except sqlite3.ProgrammingError:
+                return None  # the node stopped and closed its database
+            return None if dest is None else dest.state
+
+        return await wait_for_state(self.bus, job, node, wanted, current, timeout)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -78,9 +79,8 @@ class Runner:
 
     def kick(self) -> None:
         """Start every due job of ours that is not already running here."""
-        for job, dest in self.db.open_work():
-            if dest.node == self.cfg.name and dest.state is DestState.WAITING:
-                self.spawn(job)
+        for job, _ in self.db.own_work(self.cfg.name, time.time(), waiting_only=True):
+            self.spawn(job)
 
     def spawn(self, job: Job) -> asyncio.Task[Dest | None]:
         task = self._running.get(job.id)
@@ -218,8 +218,8 @@ class Runner:
         ``download``) the download in this process?"""
         if self.store.in_use(package, besides=job, download=download):
             return True
-        for other, dest in self.db.open_work(now=float("inf")):
-            if other.package == package and other.id != job and dest.node == self.cfg.name:
+        for other, _ in self.db.own_work(self.cfg.name, float("inf"), waiting_only=False):
+            if other.package == package and other.id != job:
                 return True
         return self.db.offered(self.cfg.name, package, besides=job)
 
@@ -394,8 +394,8 @@ class Runner:
         """After a restart: a transfer that was running simply runs again;
         an install that was running is adopted (``run`` finds out what
         became of it, waiting for it if it still runs)."""
-        for job, dest in self.db.open_work(now=float("inf")):
-            if dest.node != self.cfg.name or dest.state is DestState.WAITING:
+        for job, dest in self.db.own_work(self.cfg.name, float("inf"), waiting_only=False):
+            if dest.state is DestState.WAITING:
                 continue
             if dest.state is DestState.INSTALLING:
                 self.spawn(job)

@@ -34,15 +34,16 @@ from protocol import (
 )
 
 from ..config import NodeConfig
-from ..domain import Dest, HelloPurpose, Job, Role
+from ..domain import DestState, HelloPurpose, JobHead, Role
 from ..errors import SecurityError, SessionClosed
+from ..events import ChildConnected, ChildDisconnected, EventBus
 from ..net.observe import TrafficObserver
 from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import JobDB
 from .handlers import ChildHandlers
-from .routing import Pushed, plan_cancels, plan_notices, route_cancels, route_work
+from .routing import Pushed, by_hop, made_below, plan_push
 
 log = structlog.get_logger("rdsd.downlinks")
 
@@ -53,9 +54,17 @@ class Child:
 
     session: Session
     purpose: HelloPurpose
-    pushed: set[Pushed] = field(default_factory=set)
+    pushed: Pushed = field(default_factory=dict)
     serving: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
     revoked_sent: list[str] | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Work for this child that may wait (on our own parent): it runs
+        beside the child's reader and ends with the session."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     @property
     def name(self) -> str:
@@ -93,8 +102,10 @@ class Downlinks:
         ctx: ssl.SSLContext,
         hooks: ParentHooks,
         observer: TrafficObserver | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self.cfg = cfg
+        self.bus = bus if bus is not None else EventBus(name=cfg.name)
         self.db = db
         self.store = store
         self.envelopes = envelopes
@@ -106,6 +117,9 @@ class Downlinks:
         self.handlers = ChildHandlers(self)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rev = 0  # the job revision routed so far
+        self._due_mark = time.time()  # execution times up to here were routed
+        self._envelopes: dict[str, bytes] = {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -181,7 +195,7 @@ class Downlinks:
             self.log.warning("child.refused", peer=peer.name, reason=str(exc))
             await session.fail(exc)
             return
-        await session.send(Welcome(node=self.cfg.name, role=self.cfg.role, time=time.time()))
+        session.send_nowait(Welcome(node=self.cfg.name, role=self.cfg.role, time=time.time()))
         child = Child(session, purpose)
         known = self.db.node(peer.name)
         if purpose is HelloPurpose.SESSION:
@@ -194,19 +208,35 @@ class Downlinks:
             self.db.upsert_node(peer.name, peer.role, via=peer.name)
             self.hooks.topology_changed()
         self.log.info("child.connected", peer=peer.name, role=peer.role, purpose=purpose)
+        self.bus.publish(
+            ChildConnected(source=self.cfg.name, child=peer.name, role=peer.role, purpose=purpose)
+        )
+        reason = "connection ended"
         try:
             if purpose is HelloPurpose.SESSION:
-                await self.dispatch(only=child)
+                self.push_revocations(only=child)
+                self.push_subtree(child)
             while True:
                 msg = await session.recv()
                 await self.handlers.handle(child, msg)
         except SessionClosed as exc:
-            self.log.info("child.disconnected", peer=peer.name, reason=str(exc))
+            reason = str(exc)
+            self.log.info("child.disconnected", peer=peer.name, reason=reason)
         except ProtocolError as exc:
             # A well-formed message this child may not send: say why, hang up.
+            reason = f"refused: {exc}"
             self.log.warning("child.refused", peer=peer.name, reason=str(exc))
             await session.fail(exc)
+        except asyncio.CancelledError:
+            reason = "shutting down"
+            raise
+        except Exception as exc:
+            reason = f"internal error: {exc!r}"
+            raise
         finally:
+            self.bus.publish(
+                ChildDisconnected(source=self.cfg.name, child=peer.name, reason=reason)
+            )
             for task in list(child.serving.values()):
                 task.cancel()
             if self.children.get(peer.name) is child:
@@ -240,65 +270,128 @@ class Downlinks:
         return row is not None and row.via == child
 
     # -- pushing jobs down ----------------------------------------------------------
+    #
+    # Work per event is what the event changed: a pass routes only the jobs
+    # whose revision moved since the last pass (``push_changes``), a child
+    # that connects gets its own subtree's open work (``push_subtree``), a
+    # relay's new routes get only the nodes that moved (``push_nodes``).
+    # Everything goes out with ``send_nowait``, so one slow child never holds
+    # up the others.
 
-    async def dispatch(self, only: Child | None = None) -> None:
-        """Push every due, unfinished destination to the session that leads
-        to it, once per session; close sessions of revoked nodes and tell
-        relays which nodes are revoked. One pass over the open work, whatever
-        the number of children."""
-        revoked = self.db.revoked()
-        via = self.db.routes()
-        live = self.children.keys()
-        work = route_work(self.db.open_work(), self.cfg.name, live, via)
-        cancels = route_cancels(self.db.cancelled(), live, via)
-        targets = [(only.name, only)] if only is not None else list(self.children.items())
-        for name, child in targets:
-            if name in revoked:
-                self.log.warning("child.revoked", peer=name)
-                child.session.abort("revoked")
+    def push_changes(self, now: float | None = None) -> None:
+        """Route what changed since the last pass: new jobs, retries, cancels,
+        jobs received from our parent, and jobs whose time has come."""
+        now = time.time() if now is None else now
+        jids, self._rev = self.db.changed_jobs(self._rev)
+        jids += self.db.became_due(self._due_mark, now)
+        self._due_mark = now
+        if not self.children:
+            return
+        for jid in dict.fromkeys(jids):
+            head = self.db.job_head(jid)
+            if head is None or (head.at is not None and head.at > now):
                 continue
-            with contextlib.suppress(SessionClosed):
-                if child.role is Role.RELAY and child.revoked_sent != revoked:
-                    child.revoked_sent = revoked
-                    await child.session.send(Revoked(nodes=revoked))
-                await self.send_notices(child, work.get(name, []), via, fresh_only=True)
-                todo, keys = plan_cancels(cancels.get(name, []), child.pushed)
-                child.pushed.update(keys)
-                for jid, nodes in todo.items():
-                    await child.session.send(JobCancel(job=jid, destinations=nodes))
+            for hop, items in by_hop(
+                self.cfg.name, self.db.job_routes(jid), self.children.keys()
+            ).items():
+                self._push(self.children[hop], head, items, fresh_only=True)
 
-    async def answer_query(self, child: Child, target: str) -> list[str]:
+    def push_subtree(self, child: Child) -> None:
+        """A child connected: everything open (and every cancel) for it and
+        the nodes behind it."""
+        self._push_rows(child, self.db.subtree_work(child.name, time.time()), fresh_only=True)
+
+    def push_nodes(self, child: Child, nodes: list[str]) -> None:
+        """Nodes newly routed through ``child``: their open work."""
+        if nodes:
+            self._push_rows(child, self.db.work_of(nodes, time.time()), fresh_only=True)
+
+    def answer_query(self, child: Child, target: str) -> list[str]:
         """Every open job for ``target``, sent to ``child`` even if sent before."""
-        items = [(j, d) for j, d in self.db.open_work() if d.node == target]
-        return await self.send_notices(child, items, self.db.routes(), fresh_only=False)
+        rows = [
+            r for r in self.db.work_of([target], time.time()) if r[2] is not DestState.CANCELLED
+        ]
+        return self._push_rows(child, rows, fresh_only=False)
 
-    async def send_notices(
+    def push_revocations(self, only: Child | None = None) -> None:
+        """Close sessions of revoked nodes; tell relays the whole list."""
+        revoked = self.db.revoked()
+        targets = [only] if only is not None else list(self.children.values())
+        for child in targets:
+            if child.name in revoked:
+                self.log.warning("child.revoked", peer=child.name)
+                child.session.abort("revoked")
+            elif child.role is Role.RELAY and child.revoked_sent != revoked:
+                child.revoked_sent = revoked
+                with contextlib.suppress(SessionClosed):
+                    child.session.send_nowait(Revoked(nodes=revoked))
+
+    def forget(self, child: Child, job: str, node: str) -> None:
+        """``node``'s destination of ``job`` is final: the child session it
+        went through need not remember it."""
+        child.pushed.pop((job, node), None)
+
+    def _push_rows(
+        self, child: Child, rows: list[tuple[str, str, DestState, int]], fresh_only: bool
+    ) -> list[str]:
+        per_job: dict[str, list[tuple[str, DestState, int]]] = {}
+        for jid, node, state, generation in rows:
+            per_job.setdefault(jid, []).append((node, state, generation))
+        told = []
+        for jid, items in per_job.items():
+            head = self.db.job_head(jid)
+            if head is not None and self._push(child, head, items, fresh_only):
+                told.append(jid)
+        return told
+
+    def _push(
         self,
         child: Child,
-        items: list[tuple[Job, Dest]],
-        via: dict[str, str | None],
+        head: JobHead,
+        items: list[tuple[str, DestState, int]],
         fresh_only: bool,
-    ) -> list[str]:
-        plans, keys = plan_notices(child.name, items, via, child.pushed, fresh_only)
-        child.pushed.update(keys)
-        for plan in plans:
-            job = plan.job
-            notice = JobNotice(
-                job=job.id,
-                type=job.type,
-                package=job.package,
-                destinations=plan.nodes,
-                at=job.at,
-                origin=job.origin,
-                generation=plan.generation,
-                manifest=job.manifest,
-            )
-            await child.session.send(notice)
-            self.log.info(
-                "job.sent",
-                job=job.id,
-                package=job.package,
-                to=child.name,
-                dests=plan.nodes if len(plan.nodes) <= 10 else f"{len(plan.nodes)} nodes",
-            )
-        return list(dict.fromkeys(plan.job.id for plan in plans))
+    ) -> bool:
+        """Send ``child`` what it must hear about one job; True if it was
+        sent a notice. A job made at the child, or behind it, is not sent
+        back down."""
+        origin = self.db.node(head.origin) if head.origin != self.cfg.name else None
+        if made_below(head.origin, child.name, origin.via if origin else None):
+            return False
+        push, marks = plan_push(head.id, items, child.pushed, fresh_only)
+        try:
+            for generation, nodes in push.notices:
+                child.session.send_nowait(
+                    JobNotice(
+                        job=head.id,
+                        type=head.type,
+                        package=head.package,
+                        destinations=nodes,
+                        at=head.at,
+                        origin=head.origin,
+                        generation=generation,
+                        manifest=self._envelope(head.id),
+                    )
+                )
+                self.log.info(
+                    "job.sent",
+                    job=head.id,
+                    package=head.package,
+                    to=child.name,
+                    dests=nodes if len(nodes) <= 10 else f"{len(nodes)} nodes",
+                )
+            if push.cancels:
+                child.session.send_nowait(JobCancel(job=head.id, destinations=push.cancels))
+        except SessionClosed:
+            return False
+        child.pushed.update(marks)
+        return bool(push.notices)
+
+    def _envelope(self, jid: str) -> bytes:
+        """A job's envelope, read once however many children hear of it."""
+        found = self._envelopes.get(jid)
+        if found is None:
+            found = self.db.envelope(jid) or b""
+            self._envelopes[jid] = found
+            while len(self._envelopes) > 64:
+                self._envelopes.pop(next(iter(self._envelopes)))
+        return found

@@ -36,9 +36,8 @@ from protocol import (
     Topology,
 )
 
-from ..domain import IncomingJob, JobType, Role
+from ..domain import DestState, IncomingJob, JobType, Role
 from ..errors import ManifestError, SessionClosed
-from ..net.session import Session
 from ..net.transfer import serve_fetch
 from ..state import Applied
 from .routing import judge_topology
@@ -95,12 +94,12 @@ class ChildHandlers:
                 peer=child.name,
                 reason="not from this child's subtree or malformed id",
             )
-            await session.send(ack)
+            session.send_nowait(ack)
             return
         row = p.db.node(msg.node)
         if row is not None and row.revoked:
             self.log.warning("report.refused", job=msg.job, dest=msg.node, reason="revoked")
-            await session.send(ack)
+            session.send_nowait(ack)
             return
         if p.db.job(msg.job) is None:
             # Not acknowledged: the child keeps it and sends it again on its
@@ -116,6 +115,8 @@ class ChildHandlers:
                 "report.not_recorded", job=msg.job, dest=msg.node, peer=child.name, reason=str(exc)
             )
             return
+        if outcome is Applied.APPLIED and DestState(msg.state).final:
+            p.forget(child, msg.job, msg.node)
         if outcome is Applied.APPLIED:
             self.log.info(
                 "report.applied",
@@ -135,7 +136,7 @@ class ChildHandlers:
                 state=msg.state,
                 reason="not a state change the destination lifecycle allows",
             )
-        await session.send(ack)
+        session.send_nowait(ack)
 
     async def on_announce(self, child: Child, msg: Message) -> None:
         """Record a job made at a relay so its status is known here too."""
@@ -154,12 +155,17 @@ class ChildHandlers:
         except (ManifestError, ValueError) as exc:
             refusal = str(exc)
         known = p.db.job(msg.job)
-        if refusal is None and known is not None and (
-            known.origin,
-            known.type,
-            known.package,
-            known.manifest,
-        ) != (msg.origin, msg.type, msg.package, msg.manifest):
+        if (
+            refusal is None
+            and known is not None
+            and (
+                known.origin,
+                known.type,
+                known.package,
+                known.manifest,
+            )
+            != (msg.origin, msg.type, msg.package, msg.manifest)
+        ):
             refusal = "a different job already has this id"
         elif refusal is None and (not inside or not p.in_subtree(child.name, msg.origin)):
             refusal = "no destination is behind the announcing relay"
@@ -167,7 +173,7 @@ class ChildHandlers:
             # Acknowledged so the relay stops sending it, but not recorded:
             # one bad announcement must not cut the relay's whole subtree off.
             self.log.warning("job.announce_refused", job=msg.job, peer=child.name, reason=refusal)
-            await child.session.send(ack)
+            child.session.send_nowait(ack)
             return
         p.db.receive_job(
             IncomingJob(
@@ -188,7 +194,7 @@ class ChildHandlers:
             origin=msg.origin,
             dests=msg.destinations,
         )
-        await child.session.send(ack)
+        child.session.send_nowait(ack)
         p.hooks.reports_changed()
 
     # -- what is below a relay -------------------------------------------------------
@@ -204,7 +210,7 @@ class ChildHandlers:
             self.log.warning("topology.claim_refused", node=name, peer=child.name, current=current)
         p.db.route_through(child.name, plan.moves, keep=plan.keep)
         p.hooks.topology_changed()
-        await p.dispatch()
+        p.push_nodes(child, [name for name, _ in plan.moves])
 
     async def on_holdings(self, child: Child, msg: Message) -> None:
         assert isinstance(msg, Holdings)
@@ -219,37 +225,52 @@ class ChildHandlers:
             raise ProtocolError(
                 f"{child.name} may not ask for {target}'s jobs", ErrorCode.UNAUTHORIZED
             )
-        if p.hooks.ask_parent is not None:
-            await p.hooks.ask_parent(target)
-        jobs = await p.answer_query(child, target)
-        await child.session.send(PendingDone(jobs=jobs, node=msg.node))
+        ask_parent = p.hooks.ask_parent
+
+        async def answer() -> None:
+            # A relay asks its own parent first, which may take a while: in a
+            # task of its own, so the child's other messages go on meanwhile.
+            if ask_parent is not None:
+                await ask_parent(target)
+            with contextlib.suppress(SessionClosed):
+                jobs = p.answer_query(child, target)
+                child.session.send_nowait(PendingDone(jobs=jobs, node=msg.node))
+
+        child.spawn(answer())
 
     # -- fetches ----------------------------------------------------------------------
 
     async def on_fetch(self, child: Child, msg: Message) -> None:
+        """Serve a fetch in a task of its own (a relay may first have to start
+        fetching the package from its parent), so the child's reader goes on."""
         assert isinstance(msg, Fetch)
         p, session, fetch = self.parent, child.session, msg
-        if not p.db.may_fetch(fetch.package, child.name):
-            reason = f"no job gives {child.name} {fetch.package}"
-            await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
-            return
-        held = p.store.has(fetch.package) or p.store.active(fetch.package) is not None
-        if not held and not await p.hooks.provide(fetch.package):
-            reason = f"{fetch.package} is not available here"
-            await session.send(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
-            return
 
         async def run() -> None:
             with contextlib.suppress(SessionClosed):
+                if not p.db.may_fetch(fetch.package, child.name):
+                    reason = f"no job gives {child.name} {fetch.package}"
+                    session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
+                    return
+                held = p.store.has(fetch.package) or p.store.active(fetch.package) is not None
+                if not held and not await p.hooks.provide(fetch.package):
+                    reason = f"{fetch.package} is not available here"
+                    session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
+                    return
                 await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer)
 
         def done(task: asyncio.Task[None]) -> None:
             child.serving.pop(fetch.fetch_id, None)
             # Cancelled before it ever ran, or crashed: tell the child it is over.
             failed = task.cancelled() or task.exception() is not None
+            if not task.cancelled() and task.exception() is not None:
+                self.log.error(
+                    "serve.crashed", peer=child.name, package=fetch.package,
+                    error=repr(task.exception()),
+                )  # fmt: skip
             if failed and fetch.fetch_id in session.conn.open_fetches:
-                fail = FetchFail(fetch_id=fetch.fetch_id, reason="cancelled")
-                p.spawn(_send_quietly(session, fail))
+                with contextlib.suppress(SessionClosed):
+                    session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason="cancelled"))
 
         task = asyncio.create_task(run())
         task.add_done_callback(done)
@@ -263,7 +284,7 @@ class ChildHandlers:
 
     async def on_ping(self, child: Child, msg: Message) -> None:
         assert isinstance(msg, Ping)
-        await child.session.send(Pong(nonce=msg.nonce))
+        child.session.send_nowait(Pong(nonce=msg.nonce))
 
     TABLE: dict[MessageType, Handler] = {
         MessageType.REPORT: on_report,
@@ -275,8 +296,3 @@ class ChildHandlers:
         MessageType.FETCH_CANCEL: on_fetch_cancel,
         MessageType.PING: on_ping,
     }
-
-
-async def _send_quietly(session: Session, msg: Message) -> None:
-    with contextlib.suppress(SessionClosed):
-        await session.send(msg)

@@ -11,25 +11,24 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..domain import Dest, Job
+from ..domain import DestState
 
 #: Destinations per JOB_NOTICE, so a job for any number of nodes fits a frame.
 NOTICE_BATCH = 1000
 
-#: ``(job, node, generation)`` of a notice already pushed over a session;
-#: generation -1 marks a cancel.
-Pushed = tuple[str, str, int]
+#: What a child session has been told, per ``(job, node)``: the generation of
+#: the last notice, or ``CANCEL_SENT``. An entry goes when the destination
+#: reaches a final state, so the map is bounded by open work.
+Pushed = dict[tuple[str, str], int]
+CANCEL_SENT = -1
 
 
-def route_name(
-    node: str, children: Collection[str], via: Mapping[str, str | None]
-) -> str | None:
+def route_name(node: str, children: Collection[str], via: str | None) -> str | None:
     """The connected child session that leads to ``node``, if any: the node
     itself when it is a connected child, else the child it is behind."""
     if node in children:
         return node
-    hop = via.get(node)
-    return hop if hop in children else None
+    return via if via in children else None
 
 
 def in_subtree(child: str, node: str, via_of_node: str | None) -> bool:
@@ -37,94 +36,70 @@ def in_subtree(child: str, node: str, via_of_node: str | None) -> bool:
     return node == child or via_of_node == child
 
 
-def made_below(job: Job, child: str, via: Mapping[str, str | None]) -> bool:
-    """Was ``job`` created at ``child`` or behind it? Then the child has it."""
-    return job.origin == child or via.get(job.origin) == child
+def made_below(origin: str, child: str, via_of_origin: str | None) -> bool:
+    """Was a job created at ``child`` or behind it? Then the child has it."""
+    return origin == child or via_of_origin == child
 
 
-def route_work(
-    work: Iterable[tuple[Job, Dest]],
+def by_hop(
     me: str,
+    rows: Iterable[tuple[str, DestState, int, str | None]],
     children: Collection[str],
-    via: Mapping[str, str | None],
-) -> dict[str, list[tuple[Job, Dest]]]:
-    """Open work grouped by the child session each destination is reached
-    through; destinations with no live route (and our own) are left out."""
-    out: dict[str, list[tuple[Job, Dest]]] = {}
-    for job, dest in work:
-        if dest.node == me:
+) -> dict[str, list[tuple[str, DestState, int]]]:
+    """A job's (node, state, generation, via) rows grouped by the connected
+    child each is reached through; rows with no live route, and our own, are
+    left out."""
+    out: dict[str, list[tuple[str, DestState, int]]] = {}
+    for node, state, generation, via in rows:
+        if node == me:
             continue
-        hop = route_name(dest.node, children, via)
+        hop = route_name(node, children, via)
         if hop is not None:
-            out.setdefault(hop, []).append((job, dest))
+            out.setdefault(hop, []).append((node, state, generation))
     return out
 
 
-def route_cancels(
-    cancelled: Iterable[tuple[str, list[str]]],
-    children: Collection[str],
-    via: Mapping[str, str | None],
-) -> dict[str, list[tuple[str, str]]]:
-    """Cancelled ``(job, node)`` pairs grouped by the child session they are
-    reached through."""
-    out: dict[str, list[tuple[str, str]]] = {}
-    for jid, nodes in cancelled:
-        for node in nodes:
-            hop = route_name(node, children, via)
-            if hop is not None:
-                out.setdefault(hop, []).append((jid, node))
-    return out
+@dataclass
+class JobPush:
+    """What one child must hear about one job: notices by generation (each
+    list at most NOTICE_BATCH long) and destinations to cancel."""
+
+    notices: list[tuple[int, list[str]]] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class NoticePlan:
-    """One JOB_NOTICE to send: a job, a generation and a batch of nodes."""
-
-    job: Job
-    generation: int
-    nodes: list[str]
-
-
-def plan_notices(
-    child: str,
-    items: Iterable[tuple[Job, Dest]],
-    via: Mapping[str, str | None],
-    pushed: Collection[Pushed],
+def plan_push(
+    job: str,
+    items: Iterable[tuple[str, DestState, int]],
+    pushed: Mapping[tuple[str, str], int],
     fresh_only: bool,
-) -> tuple[list[NoticePlan], list[Pushed]]:
-    """The notices ``child`` must get for ``items``, batched per job and
-    generation, and the keys to remember as pushed. With ``fresh_only``,
-    what was pushed over this session before is skipped."""
-    batches: dict[tuple[str, int], tuple[Job, list[str]]] = {}
-    keys: list[Pushed] = []
-    for job, dest in items:
-        if made_below(job, child, via):
+) -> tuple[JobPush, Pushed]:
+    """What a child must be told about ``job`` for ``items`` (node, state,
+    generation), and the marks to record. With ``fresh_only``, what this
+    session was already told is skipped; a cancel is told once per session."""
+    by_generation: dict[int, list[str]] = {}
+    cancels: list[str] = []
+    marks: Pushed = {}
+    for node, state, generation in items:
+        key = (job, node)
+        if state is DestState.CANCELLED:
+            if pushed.get(key) != CANCEL_SENT:
+                cancels.append(node)
+                marks[key] = CANCEL_SENT
             continue
-        key = (job.id, dest.node, dest.generation)
-        if fresh_only and key in pushed:
+        if fresh_only and pushed.get(key) == generation:
             continue
-        keys.append(key)
-        batches.setdefault((job.id, dest.generation), (job, []))[1].append(dest.node)
-    plans = [
-        NoticePlan(job, generation, nodes[i : i + NOTICE_BATCH])
-        for (_, generation), (job, nodes) in batches.items()
-        for i in range(0, len(nodes), NOTICE_BATCH)
-    ]
-    return plans, keys
-
-
-def plan_cancels(
-    cancelled: Iterable[tuple[str, str]], pushed: Collection[Pushed]
-) -> tuple[dict[str, list[str]], list[Pushed]]:
-    """JOB_CANCELs a child has not had on this session: job -> nodes."""
-    todo: dict[str, list[str]] = {}
-    keys: list[Pushed] = []
-    for jid, node in cancelled:
-        key = (jid, node, -1)
-        if key not in pushed:
-            keys.append(key)
-            todo.setdefault(jid, []).append(node)
-    return todo, keys
+        by_generation.setdefault(generation, []).append(node)
+        marks[key] = generation
+    push = JobPush(
+        notices=[
+            (generation, nodes[i : i + NOTICE_BATCH])
+            for generation, nodes in by_generation.items()
+            for i in range(0, len(nodes), NOTICE_BATCH)
+        ],
+        cancels=cancels,
+    )
+    return push, marks
 
 
 @dataclass

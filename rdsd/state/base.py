@@ -10,9 +10,12 @@ in one transaction.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..events import Event
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
@@ -38,26 +41,70 @@ CREATE TABLE IF NOT EXISTS installed(
     node TEXT NOT NULL, package TEXT NOT NULL, job TEXT NOT NULL, time REAL NOT NULL,
     PRIMARY KEY(node, package));
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS requests(id TEXT PRIMARY KEY, job TEXT NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
+CREATE INDEX IF NOT EXISTS dests_node ON dests(node, state);
 CREATE INDEX IF NOT EXISTS jobs_package ON jobs(package);
 CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
 """
 
+#: Columns added after the first release, for databases made before them.
+MIGRATIONS = (("jobs", "rev", "ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0"),)
+LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);"
+
 
 class Database:
     """Owns the connection. Calls are short and local; the event loop may
-    call them directly."""
+    call them directly.
+
+    ``listen`` attaches one event sink: after each commit that records a job
+    or changes a destination, it is called with the typed events (in commit
+    order, with no other database work in between), so a node can publish
+    what happened without this layer knowing about nodes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.source = ""
+        self._sink: Callable[[Event], None] | None = None
         self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        for table, column, ddl in MIGRATIONS:
+            columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(ddl)
+        self._db.executescript(LATE_INDEXES)
+        # Report sequence numbers start from the clock (microseconds) when a
+        # database is new, so a re-imaged node's reports are never taken for
+        # repeats of its old ones, which had lower numbers.
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta VALUES('seq', ?)", (int(time.time() * 1_000_000),)
+        )
 
     def close(self) -> None:
         self._db.close()
+
+    def listen(self, source: str, sink: Callable[[Event], None] | None) -> None:
+        """Call ``sink`` with each event this connection's commits produce;
+        ``source`` (the node's name) is their ``source``. None detaches.
+        The sink runs on the thread that made the change and must not raise
+        (``EventBus.publish`` never does)."""
+        self.source = source
+        self._sink = sink
+
+    @property
+    def listened(self) -> bool:
+        """Is anyone listening? Writers skip building events otherwise."""
+        return self._sink is not None
+
+    def _emit(self, events: Iterable[Event]) -> None:
+        """Hand committed changes to the sink, if any."""
+        sink = self._sink
+        if sink is not None:
+            for event in events:
+                sink(event)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

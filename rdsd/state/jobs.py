@@ -6,13 +6,21 @@ is enforced in this one place. A local change and the report that carries
 it upward commit in one transaction; a report from below is applied only if
 its ``seq`` is newer than the last one applied from the same origin, so
 repeats and reordering change nothing.
+
+Every write that records a job or moves a destination, including a move to
+the same state (a new detail) and a retry's reset to waiting, hands typed
+events (``JobReceived``, ``DestChanged`` with the state read inside the same
+transaction as ``old``) to the listener after its commit; see
+``Database.listen``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
+import sqlite3
 import time
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 from protocol import Report
@@ -25,17 +33,23 @@ from ..domain import (
     DestState,
     IncomingJob,
     Job,
+    JobHead,
     JobType,
     can_move,
 )
 from ..errors import IllegalTransition, JobError
+from ..events import DestChanged, Event, JobReceived
 from .inventory import InventoryMixin
 from .outbox import OutboxMixin
 
 _DEST_COLS = "job, node, state, detail, updated, attempts, generation"
 _JOB_COLS = "id, type, package, created, at, origin, manifest"
+_HEAD_COLS = "id, type, package, created, at, origin"
 _FINAL = tuple(sorted(FINAL_STATES))
 _NOT_FINAL = f"NOT IN ({','.join('?' * len(_FINAL))})"
+# Finished for good: final and not cancelled (a cancel must still travel down).
+_DONE = tuple(sorted(FINAL_STATES - {DestState.CANCELLED}))
+_NOT_DONE = f"NOT IN ({','.join('?' * len(_DONE))})"
 _RESTARTABLE = tuple(sorted(RESTARTABLE))
 
 
@@ -56,6 +70,10 @@ def _job(r: tuple[str, str, str, float, float | None, str, bytes]) -> Job:
     return Job(r[0], JobType(r[1]), r[2], r[3], r[4], r[5], r[6])
 
 
+def _head(r: tuple[str, str, str, float, float | None, str]) -> JobHead:
+    return JobHead(r[0], JobType(r[1]), r[2], r[3], r[4], r[5])
+
+
 def _dest(r: tuple[str, str, str, str, float, int, int]) -> Dest:
     return Dest(r[0], r[1], DestState(r[2]), r[3], r[4], r[5], r[6])
 
@@ -72,12 +90,38 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         at: float | None,
         origin: str,
         job_id: str | None = None,
+        request_id: str | None = None,
+        require: Callable[[], None] | None = None,
     ) -> str:
+        """Record a new job and return its id.
+
+        ``request_id`` is an idempotency key: if a job was already made with
+        it, that job's id is returned and nothing is written, so a command
+        repeated after a lost answer makes one job. The key is written in
+        the same transaction as the job, so a crash leaves both or neither;
+        reusing a key for another package or type is refused. ``require``
+        runs inside the transaction, holding the write lock, to re-check
+        what the job depends on (its package still being in the store)."""
         if not nodes:
             raise JobError("a job needs at least one destination")
         jid = job_id or new_job_id()
         now = time.time()
         with self._tx() as db:
+            if request_id is not None:
+                row = db.execute(
+                    "SELECT j.id, j.type, j.package FROM requests r JOIN jobs j ON j.id = r.job "
+                    "WHERE r.id=?",
+                    (request_id,),
+                ).fetchone()
+                if row is not None:
+                    if (row[1], row[2]) != (type_, package):
+                        raise JobError(
+                            f"request id {request_id!r} already made job {row[0]} "
+                            f"({row[1]} {row[2]}); use a new request id for another job"
+                        )
+                    return str(row[0])
+            if require is not None:
+                require()
             db.execute(
                 f"INSERT INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,0)",
                 (jid, type_, package, now, at, origin, envelope),
@@ -86,7 +130,83 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "INSERT INTO dests(job, node, state, updated) VALUES(?,?,?,?)",
                 [(jid, n, DestState.WAITING, now) for n in nodes],
             )
+            self._bump(db, jid)
+            if request_id is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO requests(id, job, created) VALUES(?,?,?)",
+                    (request_id, jid, now),
+                )
+        if self.listened:
+            self._emit(self._moved(jid, n, package, None, DestState.WAITING, "") for n in nodes)
         return jid
+
+    def _moved(
+        self,
+        jid: str,
+        node: str,
+        package: str | None,
+        old: DestState | None,
+        new: DestState,
+        detail: str,
+    ) -> DestChanged:
+        return DestChanged(
+            source=self.source,
+            job=jid,
+            node=node,
+            package=package,
+            old=old,
+            new=new,
+            detail=detail,
+        )
+
+    def package_users(self, package: str) -> list[str]:
+        """Jobs for ``package`` with a destination not yet final."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT DISTINCT j.id FROM jobs j JOIN dests d ON d.job = j.id "
+                f"WHERE j.package=? AND d.state {_NOT_FINAL} ORDER BY j.created, j.id",
+                (package, *_FINAL),
+            )
+        ]
+
+    def remove_unused_package(self, package: str, remove: Callable[[], None]) -> list[str]:
+        """Run ``remove`` (which deletes the package's files) unless an
+        unfinished job uses ``package``; return those jobs (empty when
+        removed). The check and the removal happen under the database's
+        write lock, so no job for the package can be made in between."""
+        with self._tx():
+            users = self.package_users(package)
+            if not users:
+                remove()
+        return users
+
+    def prune(self, finished_before: float, has_parent: bool) -> list[str]:
+        """Delete jobs whose every destination is final and whose last
+        change is older than ``finished_before``, with their destinations
+        and request ids; return their ids. On a node with a parent, a job
+        whose reports or announcement have not yet gone up is kept, so
+        pruning never loses what the parent still has to hear."""
+        with self._tx() as db:
+            jids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT j.id FROM jobs j JOIN dests d ON d.job = j.id "
+                    "WHERE j.announced = 1 OR ? = 0 "
+                    "GROUP BY j.id "
+                    f"HAVING SUM(d.state {_NOT_FINAL}) = 0 AND MAX(d.updated) < ? "
+                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job = j.id) "
+                    "ORDER BY j.created, j.id",
+                    (int(has_parent), *_FINAL, finished_before),
+                )
+            ]
+            for chunk in range(0, len(jids), 500):
+                part = jids[chunk : chunk + 500]
+                marks = ",".join("?" * len(part))
+                db.execute(f"DELETE FROM dests WHERE job IN ({marks})", part)
+                db.execute(f"DELETE FROM requests WHERE job IN ({marks})", part)
+                db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", part)
+        return jids
 
     def receive_job(self, job: IncomingJob, announced: bool = True) -> list[str]:
         """Record a job pushed by the parent (or, with ``announced`` false,
@@ -95,8 +215,9 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         only a newer ``generation`` (``job retry`` upstream) puts them back
         to waiting. Returns the destinations that are new or reset."""
         now = time.time()
+        events: list[Event] = []
         with self._tx() as db:
-            db.execute(
+            fresh = db.execute(
                 f"INSERT OR IGNORE INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,?)",
                 (
                     job.id,
@@ -108,15 +229,30 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                     job.envelope,
                     int(announced),
                 ),
-            )
+            ).rowcount
+            if fresh:
+                events.append(
+                    JobReceived(
+                        source=self.source,
+                        job=job.id,
+                        job_type=job.type,
+                        package=job.package,
+                        destinations=tuple(job.destinations),
+                    )
+                )
             new = []
             for n in job.destinations:
+                old: DestState | None = None
                 cur = db.execute(
                     "INSERT OR IGNORE INTO dests(job, node, state, updated, generation) "
                     "VALUES(?,?,?,?,?)",
                     (job.id, n, DestState.WAITING, now, job.generation),
                 )
                 if not cur.rowcount:
+                    row = db.execute(
+                        "SELECT state FROM dests WHERE job=? AND node=?", (job.id, n)
+                    ).fetchone()
+                    old = DestState(row[0])
                     cur = db.execute(
                         "UPDATE dests SET state=?, detail='retry', updated=?, attempts=0, "
                         "generation=? WHERE job=? AND node=? AND generation < ? "
@@ -133,6 +269,13 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                     )
                 if cur.rowcount:
                     new.append(n)
+                    detail = "" if old is None else "retry"
+                    events.append(
+                        self._moved(job.id, n, job.package, old, DestState.WAITING, detail)
+                    )
+            if fresh or new:
+                self._bump(db, job.id)
+        self._emit(events)
         return new
 
     def job(self, jid: str) -> Job | None:
@@ -183,19 +326,6 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         ).fetchone()
         return _dest(r) if r else None
 
-    def open_work(self, now: float | None = None) -> list[tuple[Job, Dest]]:
-        """Destinations not yet final whose execution time has come."""
-        now = time.time() if now is None else now
-        rows = self._db.execute(
-            f"SELECT {', '.join('j.' + c for c in _JOB_COLS.split(', '))}, "
-            "d.job, d.node, d.state, d.detail, d.updated, d.attempts, d.generation "
-            "FROM dests d JOIN jobs j ON j.id = d.job "
-            f"WHERE d.state {_NOT_FINAL} AND (j.at IS NULL OR j.at <= ?) "
-            "ORDER BY j.created, d.node",
-            (*_FINAL, now),
-        ).fetchall()
-        return [(_job(r[:7]), _dest(r[7:])) for r in rows]
-
     def next_due(self, now: float) -> float | None:
         """The earliest future execution time among open jobs, for the timer."""
         row = self._db.execute(
@@ -229,7 +359,113 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "generation = generation + 1 WHERE job=? AND state=?",
                 (DestState.WAITING, time.time(), jid, DestState.FAILED),
             )
+            if nodes:
+                self._bump(db, jid)
+            pkg = db.execute("SELECT package FROM jobs WHERE id=?", (jid,)).fetchone()
+        self._emit(
+            self._moved(
+                jid, n, pkg[0] if pkg else None, DestState.FAILED, DestState.WAITING, "retry"
+            )
+            for n in nodes
+        )
         return nodes
+
+    # -- what the parent half routes ---------------------------------------------
+    #
+    # Routing reads only what changed: each job-level change (a new job, a
+    # retry, a cancel, a job received from the parent) stamps the job with a
+    # new revision, and a pass asks for the jobs past the revision it saw
+    # last. A child that connects gets its own subtree's open work by index.
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection, jid: str) -> None:
+        db.execute("INSERT OR IGNORE INTO meta VALUES('rev', 0)")
+        db.execute("UPDATE meta SET value = value + 1 WHERE key='rev'")
+        db.execute(
+            "UPDATE jobs SET rev = (SELECT value FROM meta WHERE key='rev') WHERE id=?", (jid,)
+        )
+
+    def changed_jobs(self, since: int) -> tuple[list[str], int]:
+        """Ids of jobs changed after revision ``since``, and the newest revision."""
+        rows = self._db.execute(
+            "SELECT id, rev FROM jobs WHERE rev > ? ORDER BY rev", (since,)
+        ).fetchall()
+        return [r[0] for r in rows], (rows[-1][1] if rows else since)
+
+    def became_due(self, after: float, upto: float) -> list[str]:
+        """Jobs whose execution time falls in ``(after, upto]``."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM jobs WHERE at > ? AND at <= ? ORDER BY at", (after, upto)
+            )
+        ]
+
+    def job_head(self, jid: str) -> JobHead | None:
+        r = self._db.execute(f"SELECT {_HEAD_COLS} FROM jobs WHERE id=?", (jid,)).fetchone()
+        return _head(r) if r else None
+
+    def envelope(self, jid: str) -> bytes | None:
+        """The signed envelope a job carries."""
+        row = self._db.execute("SELECT manifest FROM jobs WHERE id=?", (jid,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def job_routes(self, jid: str) -> list[tuple[str, DestState, int, str | None]]:
+        """Destinations of ``jid`` that are open or cancelled, with the child
+        each is reached through: (node, state, generation, via)."""
+        return [
+            (r[0], DestState(r[1]), r[2], r[3])
+            for r in self._db.execute(
+                "SELECT d.node, d.state, d.generation, n.via FROM dests d "
+                "LEFT JOIN nodes n ON n.name = d.node "
+                f"WHERE d.job=? AND d.state {_NOT_DONE}",
+                (jid, *_DONE),
+            )
+        ]
+
+    def work_of(self, nodes: Iterable[str], now: float) -> list[tuple[str, str, DestState, int]]:
+        """Open or cancelled destinations of due jobs for ``nodes``:
+        (job, node, state, generation)."""
+        names = list(nodes)
+        out: list[tuple[str, str, DestState, int]] = []
+        for i in range(0, len(names), 500):
+            part = names[i : i + 500]
+            out += [
+                (r[0], r[1], DestState(r[2]), r[3])
+                for r in self._db.execute(
+                    "SELECT d.job, d.node, d.state, d.generation FROM dests d "
+                    "JOIN jobs j ON j.id = d.job "
+                    f"WHERE d.node IN ({','.join('?' * len(part))}) AND d.state {_NOT_DONE} "
+                    "AND (j.at IS NULL OR j.at <= ?) ORDER BY j.created, d.node",
+                    (*part, *_DONE, now),
+                )
+            ]
+        return out
+
+    def subtree_work(self, child: str, now: float) -> list[tuple[str, str, DestState, int]]:
+        """``work_of`` the child and every node reached through it."""
+        return self.work_of(
+            [
+                child,
+                *(r[0] for r in self._db.execute("SELECT name FROM nodes WHERE via=?", (child,))),
+            ],
+            now,
+        )
+
+    def own_work(self, me: str, now: float, waiting_only: bool) -> list[tuple[Job, Dest]]:
+        """This node's own unfinished destinations of due jobs, with their jobs."""
+        rows = self._db.execute(
+            f"SELECT {', '.join('j.' + c for c in _JOB_COLS.split(', '))}, "
+            "d.job, d.node, d.state, d.detail, d.updated, d.attempts, d.generation "
+            "FROM dests d JOIN jobs j ON j.id = d.job "
+            f"WHERE d.node = ? AND d.state {_NOT_FINAL} AND (j.at IS NULL OR j.at <= ?) "
+            "ORDER BY j.created",
+            (me, *_FINAL, now),
+        ).fetchall()
+        work = [(_job(r[:7]), _dest(r[7:])) for r in rows]
+        if waiting_only:
+            work = [(j, d) for j, d in work if d.state is DestState.WAITING]
+        return work
 
     # -- state changes and reports ---------------------------------------------
 
@@ -248,9 +484,12 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         IllegalTransition (and changes nothing) for a move the lifecycle
         does not allow, such as progress after a cancel."""
         now = time.time()
+        rep: Report | None = None
         with self._tx() as db:
             row = db.execute(
-                "SELECT state FROM dests WHERE job=? AND node=?", (jid, node)
+                "SELECT d.state, j.package FROM dests d JOIN jobs j ON j.id = d.job "
+                "WHERE d.job=? AND d.node=?",
+                (jid, node),
             ).fetchone()
             if row is not None and not can_move(DestState(row[0]), state):
                 raise IllegalTransition(f"{jid}/{node}: {row[0]} -> {state} is not allowed")
@@ -262,21 +501,26 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
             if state is DestState.INSTALLED and package:
                 self._record_installed(db, node, package, jid, now)
-            if not report:
-                return None
-            rep = Report(
-                report_id=f"{me}:{seq}",
-                job=jid,
-                node=node,
-                state=state,
-                seq=seq,
-                detail=detail,
-                package=package,
-                time=now,
-                origin=me,
+            if state is DestState.CANCELLED:
+                self._bump(db, jid)  # the cancel must travel down
+            if report:
+                rep = Report(
+                    report_id=f"{me}:{seq}",
+                    job=jid,
+                    node=node,
+                    state=state,
+                    seq=seq,
+                    detail=detail,
+                    package=package,
+                    time=now,
+                    origin=me,
+                )
+                self._enqueue(db, rep)
+        if row is not None:
+            self._emit(
+                (self._moved(jid, node, package or row[1], DestState(row[0]), state, detail),)
             )
-            self._enqueue(db, rep)
-            return rep
+        return rep
 
     def apply_report(self, rep: Report, forward: bool) -> Applied:
         """Apply a report from below; with ``forward`` queue it for our parent
@@ -294,7 +538,9 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             return Applied.ILLEGAL
         with self._tx() as db:
             row = db.execute(
-                "SELECT origin, seq, state FROM dests WHERE job=? AND node=?", (rep.job, rep.node)
+                "SELECT d.origin, d.seq, d.state, j.package FROM dests d "
+                "JOIN jobs j ON j.id = d.job WHERE d.job=? AND d.node=?",
+                (rep.job, rep.node),
             ).fetchone()
             if row is None:
                 return Applied.NO_DEST
@@ -317,4 +563,11 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
             if forward:
                 self._enqueue(db, rep)
-            return Applied.APPLIED
+        self._emit(
+            (
+                self._moved(
+                    rep.job, rep.node, rep.package or row[3], DestState(row[2]), new, rep.detail
+                ),
+            )
+        )
+        return Applied.APPLIED

@@ -107,6 +107,19 @@ class NodesMixin(Database):
         with self._tx() as db:
             db.executemany("INSERT OR IGNORE INTO groups VALUES(?,?)", [(name, m) for m in members])
 
+    def remove_group(self, name: str, members: list[str] | None = None) -> list[str]:
+        """Take ``members`` out of group ``name`` (all of them when None);
+        return the members removed. A group is its members: removing the
+        last one removes the group."""
+        with self._tx() as db:
+            current = [
+                r[0]
+                for r in db.execute("SELECT node FROM groups WHERE name=? ORDER BY node", (name,))
+            ]
+            gone = current if members is None else [m for m in current if m in set(members)]
+            db.executemany("DELETE FROM groups WHERE name=? AND node=?", [(name, m) for m in gone])
+        return gone
+
     def expand(self, destinations: Iterable[str]) -> list[str]:
         """Node names from names and ``group:NAME``; unknown groups refused."""
         out: list[str] = []

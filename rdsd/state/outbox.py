@@ -17,7 +17,6 @@ from .base import Database
 
 class OutboxMixin(Database):
     def _next_seq(self, db: sqlite3.Connection) -> int:
-        db.execute("INSERT OR IGNORE INTO meta VALUES('seq', 0)")
         db.execute("UPDATE meta SET value = value + 1 WHERE key='seq'")
         return int(db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
 
@@ -56,6 +55,32 @@ class OutboxMixin(Database):
             for r in self._db.execute(
                 "SELECT report_id, job, node, state, detail, seq, origin, package, time "
                 "FROM outbox ORDER BY id"
+            )
+        ]
+
+    def outbox_after(self, after: int, limit: int = 1000) -> list[tuple[int, Report]]:
+        """Unacknowledged reports queued after position ``after``, oldest
+        first, with their positions: a sender that remembers how far it got
+        on a session reads only what is new."""
+        return [
+            (
+                r[0],
+                Report(
+                    report_id=r[1],
+                    job=r[2],
+                    node=r[3],
+                    state=r[4],
+                    detail=r[5],
+                    seq=r[6],
+                    origin=r[7],
+                    package=r[8],
+                    time=r[9],
+                ),
+            )
+            for r in self._db.execute(
+                "SELECT id, report_id, job, node, state, detail, seq, origin, package, time "
+                "FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
             )
         ]
 

@@ -473,10 +473,15 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
         )
         t_routes = await until(
             "routes",
-            lambda: count_at_least(s.server.db, routed_sql, tuple(relay_names), len(sims)),
+            lambda: count_at_least(
+                s.server.db, routed_sql, tuple(relay_names), fleet.connected
+            ),
             120,
         )
-        table.add("server routes every client via its relay", f"{t_routes:.1f} s after")
+        table.add(
+            f"server routes all {fleet.connected:,} connected clients via their relays",
+            f"{t_routes:.1f} s after",
+        )
         await asyncio.sleep(5)
         rss_idle = {n: rss_mib(pid)[0] for n, pid in pids.items()}
         per_relay = len(sims) / len(s.relays)

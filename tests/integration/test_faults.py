@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import random
 import resource
@@ -96,11 +95,8 @@ def sha256_file(path: Path) -> str:
 
 
 def set_option(home: Path, **values: Any) -> None:
-    """Edit a home's node.json (chunk size, listen address) in place."""
-    path = HomePaths(home).config
-    raw = json.loads(path.read_text())
-    raw.update(values)
-    path.write_text(json.dumps(raw, indent=2))
+    """Change settings in a home's rdsd.toml (chunk size, listen address)."""
+    replace(NodeConfig.load(home), **values).save()
 
 
 def set_server_option(dep: Deployment, **values: Any) -> None:
@@ -352,7 +348,7 @@ def fix_port(home: Path) -> tuple[str, int]:
     """Give a relay or server a fixed port, so its children find it again
     after a restart."""
     address = ("127.0.0.1", free_port())
-    set_option(home, listen=f"{address[0]}:{address[1]}")
+    set_option(home, listen=address)
     return address
 
 

@@ -90,39 +90,57 @@ async def test_announcement_cannot_rewrite_a_server_job(
         assert admin.db.job(job) == before
 
 
-async def test_dispatch_is_one_pass_over_the_work(
+async def test_a_pass_routes_only_what_changed(
     deployment: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With many children, dispatch reads the routes once, not once per
-    child and destination (which made it quadratic)."""
+    """With many children connected, a pass routes each changed job once,
+    reaches each child once, and a pass with nothing changed routes nothing:
+    the work per event is what the event changed, not the size of the fleet."""
     with deployment.admin() as admin:
         src = make_payload_dir(deployment.root / "p", size=10)
         pid = admin.add_package(src, "tool", "1.0")
         names = [f"c{i:04d}" for i in range(300)]
         for n in names:
             admin.db.enroll(n, "client")
-        job = admin.create_job("install", pid, names)
     async with running(deployment.server) as (server,):
         downlinks = server.downlinks
         assert downlinks is not None
+        downlinks.push_changes()  # everything so far is routed
 
-        class Idle:  # a live-looking session that is never written to
+        class Idle:  # a live-looking session that records what it is sent
             closed = False
-            peer = type("Peer", (), {"role": Role.CLIENT, "name": ""})()
 
-        for n in names:  # every child connected and already told of the job
-            child = Child(Idle(), HelloPurpose.SESSION)  # type: ignore[arg-type]
-            child.pushed.add((job, n, 0))
-            downlinks.children[n] = child
-        lookups = {"node": 0, "routes": 0}
-        for name in lookups:
-            original = getattr(server.db, name)
+            def __init__(self, name: str) -> None:
+                self.peer = type("Peer", (), {"role": Role.CLIENT, "name": name})()
+                self.sent: list[object] = []
 
-            def counted(*a: object, _name: str = name, _orig: object = original) -> object:
-                lookups[_name] += 1
-                return _orig(*a)  # type: ignore[operator]
+            def send_nowait(self, msg: object) -> None:
+                self.sent.append(msg)
 
-            monkeypatch.setattr(server.db, name, counted)
-        await downlinks.dispatch()
-        downlinks.children.clear()
-    assert lookups == {"node": 0, "routes": 1}
+        sessions = {n: Idle(n) for n in names}
+        for n in names:
+            downlinks.children[n] = Child(sessions[n], HelloPurpose.SESSION)  # type: ignore[arg-type]
+        routed = []
+        original = server.db.job_routes
+
+        def counted(jid: str) -> object:
+            routed.append(jid)
+            return original(jid)
+
+        monkeypatch.setattr(server.db, "job_routes", counted)
+        try:
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, names)
+            downlinks.push_changes()
+            assert routed == [job]
+            assert all(len(sessions[n].sent) == 1 for n in names)
+            downlinks.push_changes()  # nothing changed
+            assert routed == [job]
+            assert all(len(sessions[n].sent) == 1 for n in names)
+            with deployment.admin() as admin:
+                admin.cancel(job)
+            downlinks.push_changes()
+            assert routed == [job, job]
+            assert all(len(sessions[n].sent) == 2 for n in names)  # one JOB_CANCEL each
+        finally:
+            downlinks.children.clear()

@@ -44,11 +44,6 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "sweep_interval": ('"10m"', 600.0),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
-    "download_rate": ('"20MB/s"', 20e6),
-    "upload_rate": ("1000000", 1e6),
-    "per_child_rate": ('"100Mbit/s"', 12.5e6),
-    "transfer_windows": ('["22:00-06:00", "12:00-13:00"]', ((1320, 360), (720, 780))),
-    "install_windows": ('["01:00-05:00"]', ((60, 300),)),
 }
 BY_NAME = {s.name: s for s in SCHEMA}
 
@@ -102,7 +97,7 @@ def test_defaults() -> None:
     assert table["listen"] is None and table["parent"] is None
     assert table["chunk_size"] == 1024 * 1024
     assert table["log_level"] == "info" and table["log_format"] == "console"
-    assert table["download_rate"] == 0.0 and table["transfer_windows"] == ()
+    assert table["retry_limit"] == 5 and table["install_timeout"] == 600.0
 
 
 # -- reading ---------------------------------------------------------------
@@ -118,7 +113,7 @@ def test_every_key_is_honoured(tmp_path: Path, setting: Any) -> None:
 
 def test_only_present_keys_are_returned(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, "")) == {}
-    assert load_settings(write(tmp_path, "[node]\n[limits]\n")) == {}
+    assert load_settings(write(tmp_path, "[node]\n[log]\n")) == {}
     path = write(tmp_path, '[log]\nlevel = "warning"\n')
     assert load_settings(path) == {"log_level": "warning"}
 
@@ -131,10 +126,6 @@ def test_only_present_keys_are_returned(tmp_path: Path) -> None:
         ('[timeouts]\nidle = "1.5h"', "idle_timeout", 5400.0),
         ("[transfer]\nchunk_size = 65536", "chunk_size", 65536),
         ('[transfer]\nchunk_size = "16MiB"', "chunk_size", 16 * 1024 * 1024),
-        ("[limits]\nupload_rate = 0", "upload_rate", 0.0),
-        ('[limits]\nupload_rate = "unlimited"', "upload_rate", 0.0),
-        ("[limits]\nupload_rate = 1500.5", "upload_rate", 1500.5),
-        ("[windows]\ninstall = []", "install_windows", ()),
         ('[node]\nrole = "server"', "role", Role.SERVER),
         ("node.name = 'dotted'", "name", "dotted"),
     ],
@@ -156,7 +147,9 @@ def test_value_spellings(tmp_path: Path, text: str, name: str, value: Any) -> No
             ["unknown key 'idle_timeout' in [timeouts]", "allowed: handshake, idle"],
         ),
         ("role = 'relay'\n", ["'role' is outside any section; put it under [node]"]),
-        ("install = 5\n", ["put it under [timeouts] or [windows]"]),
+        ("install = 5\n", ["'install' is outside any section; put it under [timeouts]"]),
+        ("[limits]\nupload_rate = 0\n", ["unknown section [limits]"]),
+        ("[windows]\ninstall = []\n", ["unknown section [windows]"]),
         ("colour = 5\n", ["'colour' is outside any section; sections are [node]"]),
         ("[[node]]\nrole = 'relay'\n", ["[node] must be a table, not an array"]),
         # wrong types
@@ -170,9 +163,6 @@ def test_value_spellings(tmp_path: Path, text: str, name: str, value: Any) -> No
         ("[timeouts]\nidle = 10:00:00\n", ["timeouts.idle must be seconds", "not a date or time"]),
         ("[node]\nlisten = 7700\n", ['node.listen must be "HOST:PORT"', "not an integer"]),
         ("[node]\nrole = {a = 1}\n", ["node.role must be server, relay or client", "not a table"]),
-        ("[windows]\ninstall = '01:00-02:00'\n", ["windows.install must be a list of"]),
-        ("[windows]\ninstall = [1]\n", ["windows.install must be a list of", "not an array"]),
-        ("[limits]\nupload_rate = false\n", ["limits.upload_rate must be bytes per second"]),
         # bad values
         ("[timeouts]\nidle = '99999999d'\n", ["timeouts.idle '99999999d' is out of range"]),
         ("[timeouts]\nidle = 0\n", ["timeouts.idle 0 must be more than zero"]),
@@ -190,9 +180,6 @@ def test_value_spellings(tmp_path: Path, text: str, name: str, value: Any) -> No
         ("[node]\nparent = 'server'\n", ["node.parent 'server' has no port"]),
         ("[log]\nlevel = 'verbose'\n", ["log.level 'verbose' is not allowed", "debug, info"]),
         ("[log]\nformat = 'xml'\n", ["log.format 'xml' is not allowed: use console or json"]),
-        ("[limits]\nupload_rate = '20MB'\n", ["limits.upload_rate '20MB' needs '/s'"]),
-        ("[limits]\nupload_rate = -1\n", ["limits.upload_rate -1 must not be negative"]),
-        ("[windows]\ntransfer = ['06:00-06:00']\n", ["windows.transfer '06:00-06:00' starts"]),
         # syntax
         ("[node]\nrole = \n", ["not valid TOML", "line 2"]),
         ("[node]\nrole = 'a'\nrole = 'b'\n", ["not valid TOML", "line 3"]),
@@ -241,7 +228,7 @@ def non_defaults() -> dict[str, Any]:
         {},
         non_defaults(),
         defaults() | {"role": Role.CLIENT, "name": "c1", "parent": ("10.0.0.1", 7700)},
-        defaults() | {"ping_interval": 0.30000000000000004, "upload_rate": 1234.5},
+        defaults() | {"ping_interval": 0.30000000000000004, "progress_interval": 1234.5},
         defaults() | {"chunk_size": 1000 * 1000, "install_timeout": 5400.0},
     ],
     ids=["defaults", "empty", "non-defaults", "client", "odd-floats", "exact-units"],
@@ -278,8 +265,6 @@ def test_render_defaults_are_commented_out() -> None:
     assert '# chunk_size = "1MiB"' in text
     assert '# idle = "1m"' in text
     assert '# listen = "0.0.0.0:7700"' in text
-    assert '# download_rate = "unlimited"' in text
-    assert "# transfer = []" in text
 
 
 def test_render_refuses_what_would_not_load() -> None:

@@ -96,3 +96,33 @@ def test_newer_generation_restarts_a_final_destination_but_not_a_cancelled_one(
     c1, c2 = db.dest("j1", "c1"), db.dest("j1", "c2")
     assert c1 is not None and c1.state is S.WAITING and c1.generation == 1
     assert c2 is not None and c2.state is S.CANCELLED
+
+
+def test_a_reimaged_node_reports_past_its_old_sequence(tmp_path: Path) -> None:
+    """Sequence numbers start from the clock, so a node whose home was made
+    anew (re-imaged) reports with numbers above everything it sent before:
+    its parent applies them instead of dropping them as repeats."""
+    old = JobDB(tmp_path / "old.db")
+    old.create_job(JobType.INSTALL, "tool-1.0", ["c1"], b"env", None, origin="hq", job_id="j1")
+    for _ in range(1000):
+        old.change("j1", "c1", S.TRANSFERRING, "", "c1", report=False)
+    old_seq = old._next_seq(old._db)
+    fresh = JobDB(tmp_path / "new.db")
+    assert fresh._next_seq(fresh._db) > old_seq
+
+
+def test_a_database_from_before_job_revisions_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute(
+            "CREATE TABLE jobs(id TEXT PRIMARY KEY, type TEXT NOT NULL, package TEXT NOT NULL, "
+            "created REAL NOT NULL, at REAL, origin TEXT NOT NULL, manifest BLOB NOT NULL, "
+            "announced INTEGER NOT NULL DEFAULT 1)"
+        )
+        raw.execute("INSERT INTO jobs VALUES('j0','install','tool-1.0',0,NULL,'hq',x'00',1)")
+    db = JobDB(path)
+    assert db.changed_jobs(0) == ([], 0)  # the old job carries revision 0
+    db.create_job(JobType.INSTALL, "tool-1.0", ["c1"], b"env", None, origin="hq", job_id="j1")
+    assert db.changed_jobs(0)[0] == ["j1"]
