@@ -87,6 +87,13 @@ def can_move(old: DestState, new: DestState) -> bool:
 RESTARTABLE = frozenset(s for s in DestState if can_move(s, S.WAITING))
 
 
+#: How far ahead of this node's clock a child's timestamp (a REPORT's
+#: ``time``) may be before it is cut back to this node's clock plus this.
+#: Each node enforces time with its own clock: a relay expires its cache by
+#: its clock, a parent records ``last_seen``/``updated`` bounded by its own.
+CLOCK_SKEW = 300.0
+
+
 #: The role a destination must have for each job type.
 TARGET_ROLE: dict[JobType, Role] = {
     JobType.INSTALL: Role.CLIENT,

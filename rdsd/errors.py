@@ -60,6 +60,11 @@ class DiskFull(StoreError):
     """ENOSPC/EFBIG/EDQUOT while writing: the download is dropped, the store intact."""
 
 
+class ExpiredPackage(StoreError):
+    """The package's keep time is over by this node's clock: it is neither
+    served nor stored again."""
+
+
 class TransferFailed(RdsdError):
     """One attempt to receive a package failed; ``retryable`` says whether
     trying again may help (a cut link) or not (refused, disk full)."""

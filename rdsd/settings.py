@@ -376,7 +376,7 @@ SCHEMA: tuple[Setting, ...] = (
         "sweep_interval",
         _duration(0.1, _DAY),
         60.0,
-        "How often packages whose keep time is over are deleted from the store.",
+        "The longest the expiry timer sleeps; packages go at their expiry, by a timer.",
     ),
     Setting(
         "log",

@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from ..config import NodeConfig
-from ..errors import DiskFull, StoreError, TransferFailed
+from ..errors import DiskFull, ExpiredPackage, StoreError, TransferFailed
 from ..events import EventBus, PackageStored, TransferProgress
 from ..net.transfer import receive
 from ..packages.manifest import Manifest
@@ -59,15 +59,28 @@ class Fetcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Set once a download of the package is open for readers to follow.
         self._begun: dict[str, asyncio.Event] = {}
+        # Fetches dropped because nobody wants the package any more.
+        self._dropped: set[str] = set()
 
     def start(self, manifest: Manifest, envelope: bytes) -> asyncio.Task[None]:
         task = self._tasks.get(manifest.id)
         if task is None or task.done():
             self._begun[manifest.id] = asyncio.Event()
-            task = asyncio.create_task(self._obtain(manifest, envelope))
+            self._dropped.discard(manifest.id)
+            task = asyncio.create_task(
+                self._obtain(manifest, envelope), name=f"fetch-{manifest.id}"
+            )
             self._tasks[manifest.id] = task
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         return task
+
+    def drop(self, package: str) -> None:
+        """Nobody here wants ``package`` any more (its job was cancelled):
+        stop fetching it and remove what was received."""
+        task = self._tasks.get(package)
+        if task is not None and not task.done():
+            self._dropped.add(package)
+            task.cancel()
 
     async def get(self, manifest: Manifest, envelope: bytes) -> None:
         if self.store.has(manifest.id):
@@ -88,6 +101,15 @@ class Fetcher:
         return self.store.has(manifest.id) or self.store.active(manifest.id) is not None
 
     async def _obtain(self, manifest: Manifest, envelope: bytes) -> None:
+        try:
+            await self._attempts(manifest, envelope)
+        finally:
+            if manifest.id in self._dropped:
+                # Wherever the cancel landed (even while the partial file was
+                # being opened), nothing of a dropped fetch stays.
+                self.store.discard_partial(manifest.id)
+
+    async def _attempts(self, manifest: Manifest, envelope: bytes) -> None:
         cfg = self.cfg
         bound = log.bind(node=cfg.name, package=manifest.id)
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
@@ -101,7 +123,7 @@ class Fetcher:
             resume = self.link.resumes
             try:
                 dl = await self.store.begin_download(envelope, manifest, resume=resume)
-            except DiskFull as exc:
+            except (DiskFull, ExpiredPackage) as exc:
                 raise TransferFailed(str(exc), retryable=False) from None
             except StoreError as exc:
                 # Another process (the daemon, or rdsft) is fetching it: wait.
@@ -125,17 +147,22 @@ class Fetcher:
                 progress.finished()
                 return
             except TransferFailed as exc:
-                dl.fail(str(exc), keep_partial=resume and exc.retryable)
+                final = not exc.retryable or attempt >= cfg.retry_limit
+                # The last failure leaves nothing behind; earlier ones keep
+                # the verified prefix for the next attempt to resume from.
+                dl.fail(str(exc), keep_partial=resume and not final)
                 bound.warning(
                     "fetch.failed",
                     attempt=attempt,
                     reason=str(exc),
-                    resume_from=dl.verified if resume else 0,
+                    resume_from=dl.verified if resume and not final else 0,
                 )
-                if not exc.retryable or attempt >= cfg.retry_limit:
+                if final:
                     raise
             except BaseException:
-                dl.fail("interrupted", keep_partial=resume)
+                # Stopping keeps the prefix for the next start; a dropped
+                # fetch (its job cancelled) leaves nothing.
+                dl.fail("interrupted", keep_partial=resume and manifest.id not in self._dropped)
                 raise
             await backoff.wait()
 

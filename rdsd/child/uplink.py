@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -46,6 +47,10 @@ from ..net.transfer import FetchRouter
 from ..util.backoff import Backoff
 
 log = structlog.get_logger("rdsd.uplink")
+# A session that lasted this long (seconds) got well past its handshake: the
+# parent works, and the backoff starts over. One that a crashing parent
+# drops at once ends far sooner.
+STABLE_SESSION = 2.0
 
 
 def software() -> str:
@@ -98,6 +103,10 @@ class Uplink:
         # What went up on the current session and awaits its ack there.
         self.sent: set[str] = set()
         self.reports_upto = 0  # outbox position sent on the current session
+        # Loop time of the last send or acknowledgement: what waits longer
+        # than ``idle_timeout`` for its ack (the parent could not record it)
+        # is sent again on the same session (``ack_overdue``).
+        self._progress_at = 0.0
         self._ping = 0
         self.log = log.bind(node=cfg.name)
 
@@ -142,8 +151,13 @@ class Uplink:
         return session
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with backoff; until cancelled or closing."""
+        """Connect, serve, reconnect with backoff; until cancelled or closing.
+        A reconnect after a short-lived session waits through the backoff
+        (with jitter), which starts over only after a session that lasted: a
+        parent that drops or crashes each session at once is not hammered,
+        and a link lost after a long session comes back at once."""
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        loop = asyncio.get_running_loop()
         while not self.closing:
             try:
                 session = await self.connect_once()
@@ -159,13 +173,17 @@ class Uplink:
                 )
                 await backoff.wait()
                 continue
-            backoff.reset()
+            began = loop.time()
             try:
                 await self.serve(session)
             except Exception:
                 # A bug in handling one message must not end the link for good.
                 self.log.exception("uplink.crashed")
-                await asyncio.sleep(self.cfg.reconnect_min)
+            if loop.time() - began >= STABLE_SESSION:
+                backoff.reset()  # it lasted: connect again at once
+                continue
+            self.log.info("uplink.reconnecting", retry_in=round(backoff.current, 2))
+            await backoff.wait()
 
     async def serve(self, session: Session) -> None:
         """Read until the session ends, dispatching every message."""
@@ -174,7 +192,13 @@ class Uplink:
             await self.handler.on_connected(self)
             while True:
                 msg = await session.recv()
-                await self._dispatch(msg)
+                try:
+                    await self._dispatch(msg)
+                except sqlite3.Error as exc:
+                    # Our database cannot take it now (a full disk): the link
+                    # stays; what was not recorded comes again (a report's ack
+                    # is asked for again, a job on the next query or session).
+                    self.log.warning("uplink.not_recorded", message=msg.TYPE.name, reason=str(exc))
         except SessionClosed as exc:
             self.last_error = str(exc)
             if self.closing:
@@ -213,6 +237,7 @@ class Uplink:
 
     async def _on_report_ack(self, msg: Message) -> None:
         assert isinstance(msg, ReportAck)
+        self.acked()
         self.handler.on_report_ack(msg.report_id)
 
     async def _on_pending_done(self, msg: Message) -> None:
@@ -285,7 +310,8 @@ class Uplink:
 
     def send_up(self, messages: list[tuple[str, Message]]) -> None:
         """Queue each ``(ack id, message)`` not yet sent on this session; the
-        rest are in flight and will be sent again only on a new session."""
+        rest are in flight and will be sent again on a new session, or on
+        this one after ``resend``."""
         session = self.session
         if session is None or session.closed:
             return
@@ -294,6 +320,7 @@ class Uplink:
                 if key not in self.sent:
                     self.sent.add(key)
                     session.send_nowait(msg)
+                    self.acked()
 
     def send_reports(self, rows: list[tuple[int, Report]]) -> bool:
         """Queue outbox rows (position, report) past what this session has
@@ -307,6 +334,25 @@ class Uplink:
                 if position > self.reports_upto:
                     session.send_nowait(report)
                     self.reports_upto = position
+                    self.acked()
         except SessionClosed:
             return False
         return True
+
+    def acked(self) -> None:
+        """Something went up or was acknowledged: the link is making progress."""
+        self._progress_at = asyncio.get_running_loop().time()
+
+    def ack_overdue(self) -> bool:
+        """Has what was sent on this session waited ``idle_timeout`` without
+        any acknowledgement (the parent could not record it)?"""
+        if self.session is None or (self.reports_upto == 0 and not self.sent):
+            return False
+        return asyncio.get_running_loop().time() - self._progress_at >= self.cfg.idle_timeout
+
+    def resend(self) -> None:
+        """Send everything unacknowledged again on this session (a repeat
+        changes nothing upstream)."""
+        self.reports_upto = 0
+        self.sent.clear()
+        self.acked()

@@ -20,7 +20,14 @@ import structlog
 
 from protocol import Chunk, Fetch, FetchCancel, FetchEnd, FetchFail, Message
 
-from ..errors import CorruptChunk, DiskFull, SessionClosed, StoreError, TransferFailed
+from ..errors import (
+    CorruptChunk,
+    DiskFull,
+    ExpiredPackage,
+    SessionClosed,
+    StoreError,
+    TransferFailed,
+)
 from ..packages.download import Download
 from ..packages.manifest import Manifest
 from ..packages.store import Store
@@ -156,7 +163,11 @@ async def receive(
                     last = now
                     progress(dl.verified, m.size)
             elif isinstance(msg, FetchFail):
-                raise TransferFailed(f"{session.peer.name} refused: {msg.reason}")
+                # An expired package stays expired: asking again cannot help.
+                raise TransferFailed(
+                    f"{session.peer.name} refused: {msg.reason}",
+                    retryable="expired" not in msg.reason,
+                )
             elif isinstance(msg, FetchEnd):
                 break
         await _store_step(dl.finish())
@@ -172,12 +183,15 @@ async def _store_step(step: Awaitable[None]) -> None:
         await step
     except CorruptChunk as exc:
         raise TransferFailed(str(exc)) from None
-    except DiskFull as exc:
+    except (DiskFull, ExpiredPackage) as exc:
         raise TransferFailed(str(exc), retryable=False) from None
     except StoreError as exc:
         raise TransferFailed(str(exc)) from None
     except OSError as exc:
-        raise TransferFailed(f"cannot store {exc.filename or ''}: {exc}", retryable=False) from None
+        where = f" {exc.filename}" if exc.filename else ""
+        raise TransferFailed(
+            f"cannot store{where}: {exc.strerror or exc}", retryable=False
+        ) from None
 
 
 async def _cancel(session: Session, fid: int) -> None:

@@ -94,6 +94,14 @@ class Housekeeper:
         due = self._due is not None and self._due <= now
         changed_elsewhere = version != self._version  # an admin command committed
         if not (woken or due or changed_elsewhere):
+            if node.uplink is not None and node.uplink.ack_overdue():
+                # Sent and not acknowledged for an idle timeout (the parent
+                # could not record it): send it again on this session.
+                if db.outbox_after(0) or db.unannounced():
+                    node.uplink.resend()
+                    await self.flush_outbox()
+                else:
+                    node.uplink.acked()
             return
         self._version = version
         self._due = db.next_due(now)
@@ -114,12 +122,41 @@ class Housekeeper:
     # -- expiry ------------------------------------------------------------------
 
     async def sweeper(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.sweep_interval)
-            try:
-                self.sweep()
-            except Exception:
-                self.log.exception("node.sweep_failed")
+        """Delete each package when its keep time is over: a timer set from
+        the earliest expiry in the store, re-armed whenever the store
+        changes (a package stored, re-kept, deleted, or no longer used).
+        ``sweep_interval`` only bounds how long it sleeps."""
+        store = self.node.store
+        changed = asyncio.Event()
+        store.watchers.append(changed.set)
+        try:
+            while True:
+                changed.clear()
+                try:
+                    self.sweep()
+                    delay = self._next_expiry(time.time())
+                except Exception:
+                    self.log.exception("node.sweep_failed")
+                    delay = self.cfg.sweep_interval
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await changed.wait()
+        finally:
+            store.watchers.remove(changed.set)
+
+    def _next_expiry(self, now: float) -> float:
+        """Seconds until the next package this sweep could delete expires; one
+        in use past its expiry waits for the store to say it is free."""
+        store = self.node.store
+        soonest = min(
+            (
+                m.expires
+                for m in store.manifests()
+                if not (store.expired(m, now) and store.in_use(m.id))
+            ),
+            default=now + self.cfg.sweep_interval,
+        )
+        return min(max(soonest - now, 0.0), self.cfg.sweep_interval)
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Delete packages whose keep time is over, except one being served
@@ -129,7 +166,7 @@ class Housekeeper:
         now = time.time() if now is None else now
         gone = []
         for m in store.manifests():
-            if m.expires <= now and not store.in_use(m.id):
+            if store.expired(m, now) and not store.in_use(m.id):
                 store.delete(m.id)
                 gone.append(m.id)
                 self.log.info("package.expired", package=m.id)

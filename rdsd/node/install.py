@@ -1,31 +1,178 @@
-"""Running a package's install command, after verification only.
+"""Running a package's install command as an action with a durable record.
 
 The command is an argument list (no shell unless the package's command calls
 one), runs in the freshly extracted package directory with the RDSD_*
-variables set, and is killed with its whole process group if it outlives the
-timeout. Its output goes to a log file beside the extraction, and the last
-line of it becomes the failure detail an operator sees in ``job status``.
+variables set. It does not run as the daemon's child directly: a small
+supervisor (``supervise.py``, in a session of its own) runs it, waits for it
+and writes its exit status atomically next to its log, so the outcome is on
+disk even when the daemon dies (kill -9) while the command runs.
+
+Per job, in the node's ``work/`` directory:
+
+- ``JOB.run`` — the record, written before the supervisor starts (intent:
+  job, node, package, generation, paths) and again once it runs (its pid
+  and its start time from ``/proc/PID/stat``, so a reused pid is never
+  mistaken for it);
+- ``JOB.run.lock`` — locked before the supervisor starts and inherited by
+  it: the kernel holds the lock exactly as long as the supervisor lives, so
+  a lock that cannot be taken means a run of this job is still going, and a
+  new run never starts beside it;
+- ``JOB-PACKAGE.exit`` — the outcome, written by the supervisor;
+- ``JOB-PACKAGE.log`` — the command's output (the last ``KEEP_LOGS`` are kept).
+
+``settle`` finds out what became of an earlier run: still running → wait for
+it (a pidfd, not a sleep loop) and take its result; finished → its real exit
+status; never started → ``None``, and the caller runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
-from dataclasses import dataclass
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from ..errors import PackingError
 from ..packages.manifest import Manifest
 from ..packages.packing import safe_extract
+from ..util.fsutil import atomic_write, try_lock
+
+log = structlog.get_logger("rdsd.install")
+SUPERVISOR = Path(__file__).with_name("supervise.py")
+KEEP_LOGS = 50  # install logs kept per node, newest first
+STOP_GRACE = 10.0  # seconds a stopped supervisor has to record the outcome
+INTERRUPTED = "interrupted: the node stopped during the install"
+LOST = "interrupted: the install's supervisor ended without recording a result"
 
 
 @dataclass(frozen=True)
 class InstallResult:
     ok: bool
     detail: str
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the node knows about one run of one job's install command."""
+
+    job: str
+    node: str
+    package: str
+    generation: int
+    target: str
+    log: str
+    exit: str
+    pid: int | None = None
+    start_time: int | None = None
+
+    @staticmethod
+    def path(workdir: Path, job: str) -> Path:
+        return workdir / f"{job}.run"
+
+    @classmethod
+    def load(cls, workdir: Path, job: str) -> RunRecord | None:
+        try:
+            raw = json.loads(cls.path(workdir, job).read_bytes())
+            return cls(**raw)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            log.warning("install.record_unreadable", job=job, reason=str(exc))
+            return None
+
+    def save(self, workdir: Path) -> None:
+        atomic_write(self.path(workdir, self.job), json.dumps(asdict(self)).encode())
+
+
+def lock_path(workdir: Path, job: str) -> Path:
+    return workdir / f"{job}.run.lock"
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of
+    ``/proc/PID/stat``), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19])
+
+
+async def wait_exit(pid: int, start_time: int | None) -> None:
+    """Wait for process ``pid`` to end, woken by its pidfd becoming readable.
+    Returns at once if the process is gone or the pid now names another one."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        # Checked after the pidfd pins the process: no reuse can slip in.
+        if start_time is not None and proc_start_time(pid) != start_time:
+            return
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+def signal_process(pid: int, start_time: int | None, sig: int) -> None:
+    """Send ``sig`` to ``pid`` only if it is still the process that started
+    at ``start_time`` (through a pidfd: no reuse can slip in between)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if start_time is None or proc_start_time(pid) == start_time:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
+
+
+def read_outcome(path: Path) -> InstallResult | None:
+    """The supervisor's exit file as a result, or None if it is not there."""
+    try:
+        raw: dict[str, Any] = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return InstallResult(False, f"unreadable install outcome in {path}")
+    log_path = path.with_suffix(".log")
+    if "error" in raw:
+        return InstallResult(False, str(raw["error"]))
+    if "timeout" in raw:
+        return InstallResult(False, f"install command timed out after {float(raw['timeout']):.0f}s")
+    if "stopped" in raw:
+        return InstallResult(False, INTERRUPTED)
+    code = int(raw.get("code", -1))
+    if code != 0:
+        tail = _last_line(log_path)
+        return InstallResult(
+            False, f"install command exited with {code}" + (f": {tail}" if tail else "")
+        )
+    return InstallResult(True, "")
 
 
 def _last_line(log_path: Path) -> str:
@@ -38,6 +185,115 @@ def _last_line(log_path: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
+@dataclass(frozen=True)
+class Settled:
+    """What an earlier run of a job came to (``result``), and for which
+    generation of the destination it ran."""
+
+    generation: int
+    result: InstallResult
+
+
+async def settle(
+    workdir: Path, job: str, stopping: Callable[[], bool] = lambda: False
+) -> Settled | None:
+    """Find out what became of the last run of ``job``'s install command,
+    waiting for it if it still runs. None: it never started. Cancelled while
+    waiting because the node stops (``stopping()``), it stops the run as it
+    would one it started itself."""
+    rec = RunRecord.load(workdir, job)
+    if rec is None:
+        return None
+    exit_path = Path(rec.exit)
+    if (done := read_outcome(exit_path)) is not None:
+        return Settled(rec.generation, done)
+    fd = os.open(lock_path(workdir, job), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if try_lock(fd):
+            # No supervisor holds the run lock: it ended, or never started.
+            if (done := read_outcome(exit_path)) is not None:
+                return Settled(rec.generation, done)
+            if rec.pid is None:
+                return None
+            return Settled(rec.generation, InstallResult(False, LOST))
+        log.info("install.adopted", job=job, package=rec.package, pid=rec.pid)
+        if rec.pid is not None and proc_start_time(rec.pid) == rec.start_time:
+            try:
+                await wait_exit(rec.pid, rec.start_time)
+            except asyncio.CancelledError:
+                if stopping():
+                    signal_process(rec.pid, rec.start_time, signal.SIGTERM)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(STOP_GRACE):
+                            await asyncio.shield(wait_exit(rec.pid, rec.start_time))
+                raise
+        else:
+            # Started but its pid not yet recorded: the lock ends with it.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: try_lock(fd, wait=True))
+    finally:
+        os.close(fd)
+    done = read_outcome(exit_path)
+    return Settled(rec.generation, done if done is not None else InstallResult(False, LOST))
+
+
+def _start_supervisor(
+    command: tuple[str, ...],
+    target: Path,
+    log_path: Path,
+    exit_path: Path,
+    timeout: float,
+    lock_fd: int,
+    env: dict[str, str],
+) -> subprocess.Popen[bytes]:
+    """Start ``supervise.py`` in a session of its own (it must outlive the
+    daemon), holding the run lock through the inherited ``lock_fd``."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-I",  # isolated: the standard library only, nothing from the environment
+            str(SUPERVISOR),
+            "--cwd",
+            str(target),
+            "--log",
+            str(log_path),
+            "--exit",
+            str(exit_path),
+            "--timeout",
+            str(timeout),
+            "--lock-fd",
+            str(lock_fd),
+            "--",
+            *command,
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(lock_fd,),
+        start_new_session=True,
+    )
+
+
+def forget(workdir: Path, job: str) -> None:
+    """The outcome is recorded in the job database: drop the run's traces
+    but its log (and keep only the newest ``KEEP_LOGS`` logs)."""
+    rec = RunRecord.load(workdir, job)
+    if rec is not None:
+        if Path(rec.exit).exists():  # the command ran: its directory has done its work
+            shutil.rmtree(rec.target, ignore_errors=True)
+        Path(rec.exit).unlink(missing_ok=True)
+    RunRecord.path(workdir, job).unlink(missing_ok=True)
+    lock_path(workdir, job).unlink(missing_ok=True)
+    logs = []
+    for path in workdir.glob("*.log"):
+        with contextlib.suppress(FileNotFoundError):  # another process pruned it
+            logs.append((path.stat().st_mtime, path))
+    logs.sort(reverse=True)
+    for _, old in logs[KEEP_LOGS:]:
+        old.unlink(missing_ok=True)
+
+
 async def install(
     archive: Path,
     manifest: Manifest,
@@ -45,11 +301,15 @@ async def install(
     node: str,
     job: str,
     timeout: float,
+    generation: int = 0,
 ) -> InstallResult:
-    """Extract ``archive`` and run the install command; never raises for a
-    failure of the package itself, only reports it."""
+    """Extract ``archive`` and run the install command under a supervisor;
+    never raises for a failure of the package itself, only reports it. If
+    cancelled, the command is stopped and its outcome recorded on disk
+    before the cancellation goes on (``read_outcome`` tells the caller)."""
     target = workdir / f"{job}-{manifest.id}"
     log_path = workdir / f"{job}-{manifest.id}.log"
+    exit_path = workdir / f"{job}-{manifest.id}.exit"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -72,34 +332,38 @@ async def install(
         RDSD_JOB=job,
         RDSD_PACKAGE_DIR=str(target),
     )
-    with log_path.open("wb") as out:
+    exit_path.unlink(missing_ok=True)
+    log_path.write_bytes(b"")
+    rec = RunRecord(job, node, manifest.id, generation, str(target), str(log_path), str(exit_path))
+    rec.save(workdir)  # intent: from here a restart looks for this run
+    lock_fd = os.open(lock_path(workdir, job), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not try_lock(lock_fd):
+            return InstallResult(False, "an earlier run of this install is still going")
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *manifest.install,
-                cwd=target,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
+            proc = _start_supervisor(
+                manifest.install, target, log_path, exit_path, timeout, lock_fd, env
             )
         except OSError as exc:
-            return InstallResult(False, f"install command could not start: {exc}")
-        try:
-            async with asyncio.timeout(timeout):
-                code = await proc.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            return InstallResult(False, f"install command timed out after {timeout:.0f}s")
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
-    if code != 0:
-        tail = _last_line(log_path)
-        return InstallResult(
-            False, f"install command exited with {code}" + (f": {tail}" if tail else "")
-        )
-    return InstallResult(True, "")
+            return InstallResult(False, f"install supervisor could not start: {exc}")
+    finally:
+        os.close(lock_fd)  # the supervisor holds the lock from here on
+    rec = RunRecord(**{**asdict(rec), "pid": proc.pid, "start_time": proc_start_time(proc.pid)})
+    rec.save(workdir)
+    log.info("install.started", node=node, job=job, package=manifest.id, pid=proc.pid)
+    try:
+        await wait_exit(proc.pid, None)
+    except asyncio.CancelledError:
+        # Stopped with the node or cancelled: the supervisor kills the command
+        # and records that (or the real status, had it just ended).
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_GRACE):
+                await asyncio.shield(wait_exit(proc.pid, None))
+        raise
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0)  # reap it
+    done = read_outcome(exit_path)
+    return done if done is not None else InstallResult(False, LOST)

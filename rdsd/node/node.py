@@ -71,6 +71,7 @@ class Node:
         self.fetcher: Fetcher | None = None
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -95,6 +96,13 @@ class Node:
 
     async def start(self) -> None:
         cfg, paths, parts = self.cfg, self.cfg.paths, self.parts
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            # What asyncio would print raw on stderr (a task's exception
+            # nobody retrieved, an SSL shutdown that timed out) becomes one
+            # structured event. An embedder's own handler is left alone.
+            loop.set_exception_handler(self._loop_error)
+            self._loop = loop
         self.store.prepare()
         paths.work.mkdir(exist_ok=True)
         if parts.child_half:
@@ -151,7 +159,20 @@ class Node:
         # After the last thing that could publish: subscribers get what is
         # buffered, then their iteration ends.
         self.bus.close()
+        if self._loop is not None:
+            self._loop.set_exception_handler(None)
+            self._loop = None
         self.log.info("node.stopped")
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        task = context.get("task") or context.get("future")
+        self.log.warning(
+            "node.background_error",
+            message=context.get("message", ""),
+            error=repr(exc) if exc is not None else None,
+            task=task.get_name() if isinstance(task, asyncio.Task) else None,
+        )
 
     def wake(self) -> None:
         """Something changed: run the housekeeping pass soon."""

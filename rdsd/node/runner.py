@@ -4,14 +4,24 @@ The daemon and ``rdsft`` share this code and may run at the same time, so
 each job is claimed with an exclusive file lock (released by the kernel if
 the process dies) and its state is re-read after the lock is taken: a job is
 done once, by whoever got there first.
+
+Jobs of one package on one node share the package: one fetch, a lease on
+the store entry for as long as a job works with it, installs one at a time
+in the order they came, and the archive deleted only when no job on the node
+needs it any more. An install is an action with a durable record
+(``install.py``): after a crash the node adopts a run still going or reports
+the real outcome of one that ended, and never starts a second run beside it.
+A state that cannot be recorded (a full disk under the database) is tried
+again with backoff until it is, so no destination is left ``transferring``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -24,8 +34,9 @@ from ..packages.download import in_thread
 from ..packages.manifest import Envelopes, Manifest
 from ..packages.store import Store
 from ..state import JobDB
+from ..util.backoff import Backoff
 from ..util.fsutil import file_lock
-from .install import install
+from .install import INTERRUPTED, InstallResult, forget, install, read_outcome, settle
 
 log = structlog.get_logger("rdsd.runner")
 
@@ -61,6 +72,10 @@ class Runner:
         self.fetcher = fetcher
         self.changed = changed
         self._running: dict[str, asyncio.Task[Dest | None]] = {}
+        # One install of a package at a time on this node, in arrival order.
+        # (lock, how many hold or wait for it): forgotten when nobody does.
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._stopping = False
 
     def kick(self) -> None:
         """Start every due job of ours that is not already running here."""
@@ -70,7 +85,7 @@ class Runner:
     def spawn(self, job: Job) -> asyncio.Task[Dest | None]:
         task = self._running.get(job.id)
         if task is None or task.done():
-            task = asyncio.create_task(self.run(job))
+            task = asyncio.create_task(self.run(job), name=f"job-{job.id}")
             self._running[job.id] = task
         return task
 
@@ -78,8 +93,15 @@ class Runner:
         task = self._running.get(jid)
         if task is not None:
             task.cancel()
+        job = self.db.job(jid)
+        if job is not None and not self.needed(job.package, jid, download=False):
+            self.fetcher.drop(job.package)
 
     async def stop(self) -> None:
+        """The node stops: a running install is stopped too (its supervisor
+        kills the command and records that) and reported ``failed:
+        interrupted``, unless it ended by itself first."""
+        self._stopping = True
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
@@ -108,6 +130,27 @@ class Runner:
         )
         self.changed()
 
+    async def _record(self, job: Job, state: DestState, detail: str = "") -> None:
+        """``_set`` that does not give up when the database cannot be written
+        (a full disk): the change is tried again with backoff until it is
+        recorded, so the outcome reaches the parent once space returns."""
+        backoff = Backoff(self.cfg.reconnect_min, min(self.cfg.reconnect_max, 5.0))
+        while True:
+            try:
+                self._set(job, state, detail)
+                return
+            except sqlite3.OperationalError as exc:
+                log.warning(
+                    "state.write_failed",
+                    node=self.cfg.name,
+                    job=job.id,
+                    package=job.package,
+                    state=state,
+                    reason=str(exc),
+                    retry_in=round(backoff.current, 2),
+                )
+                await backoff.wait()
+
     async def run(self, job: Job, wait_lock: bool = False) -> Dest | None:
         with job_lock(self.cfg.paths.locks, job.id, wait=wait_lock) as mine:
             if not mine:
@@ -116,37 +159,100 @@ class Runner:
             if dest is None or dest.final:
                 return dest
             try:
-                await self._do(job)
+                if dest.state is DestState.INSTALLING and await self._adopt(job):
+                    return self.db.dest(job.id, self.cfg.name)
+                with self.store.lease(job.package, job.id):
+                    await self._do(job)
             except Superseded:
                 pass
             except Exception as exc:
                 log.exception("job.crashed", node=self.cfg.name, job=job.id)
                 with contextlib.suppress(Superseded):
-                    self._set(job, DestState.FAILED, f"internal error: {exc!r}")
+                    await self._record(job, DestState.FAILED, f"internal error: {exc!r}")
             return self.db.dest(job.id, self.cfg.name)
+
+    async def _adopt(self, job: Job) -> bool:
+        """The destination says ``installing`` but nothing here runs it (the
+        node restarted): take the real outcome of the run that was going,
+        waiting for it if it still runs. False if it never started. It
+        takes its package's turn like any install: none starts beside it."""
+        async with self._turn(job.package):
+            with self.store.lease(job.package, job.id):
+                return await self._adopted(job)
+
+    async def _adopted(self, job: Job) -> bool:
+        dest = self.db.dest(job.id, self.cfg.name)
+        try:
+            done = await settle(self.cfg.paths.work, job.id, lambda: self._stopping)
+        except asyncio.CancelledError:
+            if self._stopping:
+                self._after_stop(job, job.package)
+            raise
+        if done is None or dest is None or done.generation != dest.generation:
+            return False
+        log.info(
+            "install.settled",
+            node=self.cfg.name,
+            job=job.id,
+            package=job.package,
+            ok=done.result.ok,
+            detail=done.result.detail,
+        )
+        await self._outcome(job, done.result)
+        return True
+
+    async def _outcome(self, job: Job, result: InstallResult) -> None:
+        """Record an install's outcome, then drop its traces (but the log)
+        and the package if no other job here needs it."""
+        if result.ok:
+            await self._record(job, DestState.INSTALLED, result.detail)
+        else:
+            await self._record(job, DestState.FAILED, result.detail)
+        forget(self.cfg.paths.work, job.id)
+        if result.ok:
+            self.release(job.package, job.id)
+
+    def needed(self, package: str, job: str, download: bool = True) -> bool:
+        """Does anything but ``job`` need ``package`` here: another job of
+        this node (open, or offered), or a reader, lease or (with
+        ``download``) the download in this process?"""
+        if self.store.in_use(package, besides=job, download=download):
+            return True
+        for other, _ in self.db.own_work(self.cfg.name, float("inf"), waiting_only=False):
+            if other.package == package and other.id != job:
+                return True
+        return self.db.offered(self.cfg.name, package, besides=job)
+
+    def release(self, package: str, job: str) -> None:
+        """``job`` is done with ``package``: delete it unless still needed."""
+        if not self.needed(package, job):
+            self.store.delete(package)
 
     async def _do(self, job: Job) -> None:
         try:
             manifest = self.envelopes.open(job.manifest)
         except ManifestError as exc:
-            self._set(job, DestState.FAILED, str(exc))
+            await self._record(job, DestState.FAILED, str(exc))
             return
         role = self.cfg.role
         if job.type is JobType.TRANSFER and role is not Role.RELAY:
-            self._set(job, DestState.FAILED, "transfer jobs deliver to relays only")
+            await self._record(job, DestState.FAILED, "transfer jobs deliver to relays only")
             return
         if job.type is not JobType.TRANSFER and role is not Role.CLIENT:
-            self._set(job, DestState.FAILED, f"{job.type} jobs deliver to clients only")
+            await self._record(job, DestState.FAILED, f"{job.type} jobs deliver to clients only")
             return
         if job.type is JobType.TRANSFER:
             self._refresh_keep(manifest, job.manifest)
         if not self.store.has(manifest.id):
-            self._set(job, DestState.TRANSFERRING)
+            before = self.db.dest(job.id, self.cfg.name)
+            if before is None or before.state is not DestState.INSTALLING:
+                await self._record(job, DestState.TRANSFERRING)
             watcher = asyncio.create_task(self._report_progress(job, manifest))
+            watcher.add_done_callback(_log_failure(job))
             try:
                 await self.fetcher.get(manifest, job.manifest)
             except TransferFailed as exc:
-                self._set(job, DestState.FAILED, str(exc))
+                await self._record(job, DestState.FAILED, str(exc))
                 return
             finally:
                 watcher.cancel()
@@ -154,9 +260,9 @@ class Runner:
         if current is None or current.state is DestState.CANCELLED:
             return  # cancelled while it was transferring
         if job.type is JobType.TRANSFER:
-            self._set(job, DestState.STORED, f"kept until {iso(manifest.expires)}")
-        elif job.type is JobType.OFFER:
-            self._set(job, DestState.OFFERED)
+            await self._record(job, DestState.STORED, f"kept until {iso(manifest.expires)}")
+        elif job.type is JobType.OFFER and current.state is not DestState.INSTALLING:
+            await self._record(job, DestState.OFFERED)
         else:
             await self.install(job, manifest)
 
@@ -198,42 +304,105 @@ class Runner:
         else:
             self.store.delete(manifest.id)
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, package: str) -> AsyncIterator[None]:
+        """Installs of one package on this node run one at a time, in order
+        (an asyncio lock wakes its waiters first come, first served)."""
+        lock, users = self._turns.get(package, (asyncio.Lock(), 0))
+        self._turns[package] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[package]
+            if users == 1:
+                del self._turns[package]
+            else:
+                self._turns[package] = (lock, users - 1)
+
     async def install(self, job: Job, manifest: Manifest) -> None:
+        async with self._turn(manifest.id):
+            with self.store.lease(manifest.id, job.id):
+                await self._install(job, manifest)
+
+    async def _install(self, job: Job, manifest: Manifest) -> None:
+        work = self.cfg.paths.work
+        dest = self.db.dest(job.id, self.cfg.name)
+        generation = dest.generation if dest is not None else 0
+        # An earlier run of this job may still be going (the node restarted,
+        # or this is a retry): never start beside it; if it ran for this very
+        # attempt, its outcome is the answer.
+        done = await settle(work, job.id)
+        if done is not None and done.generation == generation:
+            await self._outcome(job, done.result)
+            return
         try:
             await in_thread(self.store.verify, manifest.id)
         except StoreError as exc:
             self.store.delete(manifest.id)
-            self._set(job, DestState.FAILED, f"not installed: {exc}")
+            await self._record(job, DestState.FAILED, f"not installed: {exc}")
             return
-        self._set(job, DestState.INSTALLING)
-        result = await install(
-            self.store.data_path(manifest.id),
-            manifest,
-            self.cfg.paths.work,
-            self.cfg.name,
-            job.id,
-            self.cfg.install_timeout,
-        )
-        if result.ok:
-            self._set(job, DestState.INSTALLED, result.detail)
-            self.store.delete(manifest.id)
-        else:
-            self._set(job, DestState.FAILED, result.detail)
+        await self._record(job, DestState.INSTALLING)
+        try:
+            result = await install(
+                self.store.data_path(manifest.id),
+                manifest,
+                work,
+                self.cfg.name,
+                job.id,
+                self.cfg.install_timeout,
+                generation,
+            )
+        except asyncio.CancelledError:
+            self._after_stop(job, manifest.id)
+            raise
+        await self._outcome(job, result)
+
+    def _after_stop(self, job: Job, package: str) -> None:
+        """The install was cancelled (the node stops, or the job was
+        cancelled) and its supervisor has stopped it. Say what happened: a
+        command that ended by itself first keeps its real result; one the
+        node stopped is ``failed: interrupted`` (a cancelled destination
+        stays cancelled). Whatever is not recorded now is found on disk at
+        the next start."""
+        work = self.cfg.paths.work
+        result = read_outcome(work / f"{job.id}-{package}.exit")
+        if result is None:
+            return  # still running (it did not stop in time): adopted at the next start
+        dest = self.db.dest(job.id, self.cfg.name)
+        if dest is None:
+            return
+        if result.detail == INTERRUPTED and not self._stopping:
+            if dest.state is DestState.CANCELLED:
+                forget(work, job.id)
+            return
+        with contextlib.suppress(Superseded, sqlite3.Error):
+            state = DestState.INSTALLED if result.ok else DestState.FAILED
+            self._set(job, state, result.detail)
+            forget(work, job.id)
+            log.info(
+                "install.stopped",
+                node=self.cfg.name,
+                job=job.id,
+                package=job.package,
+                state=state,
+                detail=result.detail,
+            )
 
     def recover(self) -> None:
-        """After a crash: an install that was running did not finish, so say
-        so; a transfer that was running simply runs again."""
+        """After a restart: a transfer that was running simply runs again;
+        an install that was running is adopted (``run`` finds out what
+        became of it, waiting for it if it still runs)."""
         for job, dest in self.db.own_work(self.cfg.name, float("inf"), waiting_only=False):
             if dest.state is DestState.WAITING:
+                continue
+            if dest.state is DestState.INSTALLING:
+                self.spawn(job)
                 continue
             with job_lock(self.cfg.paths.locks, job.id) as mine:
                 if not mine:  # rdsft is doing it right now
                     continue
-                if dest.state is DestState.INSTALLING:
-                    self._set(
-                        job, DestState.FAILED, "interrupted: the node stopped during the install"
-                    )
-                elif dest.state is DestState.TRANSFERRING:
+                if dest.state is DestState.TRANSFERRING:
                     self.db.change(
                         job.id,
                         dest.node,
@@ -242,3 +411,13 @@ class Runner:
                         self.cfg.name,
                         report=False,
                     )
+
+
+def _log_failure(job: Job) -> Callable[[asyncio.Task[None]], None]:
+    """A background task's failure becomes one structured event."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("job.progress_failed", job=job.id, package=job.package, reason=repr(exc))
+
+    return done

@@ -19,11 +19,12 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from ..errors import CorruptChunk, DiskFull, StoreError
+from ..errors import CorruptChunk, DiskFull, ExpiredPackage, StoreError
 from ..util.fsutil import atomic_write, commit_file, try_lock
 from .manifest import Manifest
 
@@ -44,6 +45,14 @@ def _quiet(fut: asyncio.Future[None]) -> None:
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run blocking disk work in the default executor."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _store_error(path: Path, exc: OSError) -> StoreError:
+    """An OSError while storing, as an error that names the file."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return DiskFull(f"disk full: cannot store {path}: {reason}")
+    return StoreError(f"cannot store {path}: {reason}")
 
 
 class Download:
@@ -192,16 +201,28 @@ class Download:
         if self._hash.digest() != m.sha256:
             self.fail("whole-file digest mismatch", keep_partial=False)
             raise CorruptChunk(m.id, 0, "whole file")
+        if self.store.expired(m):
+            self.fail("expired", keep_partial=False)
+            raise ExpiredPackage(f"{m.id} expired while it was received: not stored")
         await in_thread(os.fsync, self._fd)
         store = self.store
-        commit_file(self.path, store.data_path(m.id))
-        atomic_write(store.envelope_path(m.id), self.envelope)
+        data, env = store.data_path(m.id), store.envelope_path(m.id)
+        with store.committing():
+            commit_file(self.path, data)
+            try:
+                atomic_write(env, self.envelope)
+            except OSError as exc:
+                # Back to partial/ (the bytes are good): never an archive
+                # without its envelope in the store.
+                os.replace(data, self.path)
+                raise _store_error(env, exc) from exc
         with contextlib.suppress(FileNotFoundError):
             (store.partial_dir / f"{m.id}.env").unlink()
         self._close()
         self.done = True
         store.forget(self)
         self._notify()
+        store.notify()
         log.info("package.stored", store=str(store.root), package=m.id, size=m.size)
 
     def fail(self, reason: str, keep_partial: bool) -> None:

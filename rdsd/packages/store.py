@@ -3,9 +3,18 @@ downloads. One format everywhere.
 
 A complete package is two files, ``ID.pkg`` (the archive) and ``ID.env``
 (the signed manifest envelope). The envelope is written last and deleted
-first, so a package whose envelope exists is complete and verified; anything
-else found at start-up is debris from a crash and is removed. Downloads in
-progress live in ``partial/`` (see ``download.py``).
+first, so a package whose envelope exists is complete and verified. Both are
+written under the store lock (``.lock``, an flock any process writing the
+store takes), and clean-up takes the same lock, so an archive without its
+envelope found under it is debris from a crash or a failed commit and goes
+at once, while one another live process is committing is left alone.
+Downloads in progress live in ``partial/`` (see ``download.py``).
+
+Who uses a package: readers (serving children), the download filling it,
+and leases that jobs of this node hold while they fetch, extract and
+install it. Expiry and the end of an install delete a package only when
+nothing uses it. Expiry is by this node's clock: an expired package is
+never served (checked at every chunk) nor stored again.
 """
 
 from __future__ import annotations
@@ -16,20 +25,19 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import structlog
 
 from protocol import is_package_id
 
-from ..errors import CorruptChunk, ManifestError, StoreError
-from ..util.fsutil import atomic_write, fsync_dir
+from ..errors import CorruptChunk, ExpiredPackage, ManifestError, StoreError
+from ..util.fsutil import atomic_write, file_lock, fsync_dir
 from .download import Download
 from .manifest import Envelopes, Manifest
 
 READ_AHEAD = 2  # chunks read and checked ahead of the one being sent
-DEBRIS_AGE = 600.0  # seconds an archive may sit without its envelope before it is debris
 log = structlog.get_logger("rdsd.store")
 
 
@@ -58,6 +66,10 @@ class Store:
         self.envelopes = envelopes
         self._downloads: dict[str, Download] = {}
         self._readers: dict[str, int] = {}
+        self._leases: dict[str, list[str]] = {}
+        # Called when the set of packages or their expiry may have changed,
+        # or a package stopped being used (the expiry timer re-arms).
+        self.watchers: list[Callable[[], None]] = []
 
     def verify(self, package: str) -> None:
         """Re-check a complete package against its manifest (before it is
@@ -74,24 +86,44 @@ class Store:
             if f.read(1):
                 raise CorruptChunk(package, m.size, "trailing bytes at rest")
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    @contextlib.contextmanager
+    def committing(self, wait: bool = True) -> Iterator[bool]:
+        """Hold the store lock (all processes) for a commit or a clean-up;
+        yields whether it was taken (always, with ``wait``). Held for a
+        rename and a small write only, so waiting is short."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.lock_path, wait=wait) as mine:
+            yield mine
+
     def prepare(self) -> None:
         """Create the layout and remove debris a crash may have left. Other
         processes (the daemon, an admin command, rdsft) may be writing this
         store right now, so only files that cannot be theirs go: temporary
-        files of dead processes, and archives left without an envelope for
-        longer than any commit takes."""
+        files of dead processes, and archives without an envelope while no
+        process is committing (the store lock is free)."""
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        now = time.time()
         for path in self.root.iterdir():
-            if path.name.startswith(".") and ".tmp-" in path.name:
-                if not _pid_alive(path.name.rsplit("-", 1)[-1]):
-                    path.unlink(missing_ok=True)
-            elif path.suffix == ".pkg" and not path.with_suffix(".env").exists():
-                with contextlib.suppress(FileNotFoundError):
-                    if now - path.stat().st_mtime > DEBRIS_AGE:
-                        log.warning("store.debris_removed", file=str(path))
-                        path.unlink()
+            dead = not _pid_alive(path.name.rsplit("-", 1)[-1])
+            if path.name.startswith(".") and ".tmp-" in path.name and dead:
+                path.unlink(missing_ok=True)
+        with self.committing(wait=False) as mine:
+            if mine:
+                for path in self.root.glob("*.pkg"):
+                    self._drop_debris(path.name[: -len(".pkg")])
         fsync_dir(self.root)
+
+    def _drop_debris(self, package: str) -> None:
+        """Under the store lock: an archive without its envelope is debris."""
+        if not is_package_id(package) or package in self._downloads:
+            return
+        path = self.data_path(package)
+        if path.exists() and not self.envelope_path(package).exists():
+            log.warning("store.debris_removed", store=str(self.root), file=str(path))
+            path.unlink(missing_ok=True)
 
     # -- paths and lookups ---------------------------------------------------
 
@@ -142,14 +174,45 @@ class Store:
                 out.append(m)
         return out
 
-    def in_use(self, package: str) -> bool:
-        return self._readers.get(package, 0) > 0 or package in self._downloads
+    def in_use(self, package: str, besides: str | None = None, download: bool = True) -> bool:
+        """Is ``package`` read, downloaded (unless ``download`` is false) or
+        leased (by a holder other than ``besides``) in this process?"""
+        holders = self._leases.get(package, [])
+        return (
+            self._readers.get(package, 0) > 0
+            or (download and package in self._downloads)
+            or any(h != besides for h in holders)
+        )
+
+    @contextlib.contextmanager
+    def lease(self, package: str, holder: str) -> Iterator[None]:
+        """``holder`` (a job) uses ``package``: expiry and other jobs' clean-up
+        leave it alone until the block ends."""
+        self._leases.setdefault(package, []).append(holder)
+        try:
+            yield
+        finally:
+            holders = self._leases[package]
+            holders.remove(holder)
+            if not holders:
+                del self._leases[package]
+            self.notify()
+
+    def notify(self) -> None:
+        for watcher in self.watchers:
+            watcher()
+
+    @staticmethod
+    def expired(m: Manifest, now: float | None = None) -> bool:
+        """By this node's clock, the node that enforces the expiry."""
+        return m.expires <= (time.time() if now is None else now)
 
     # -- writing -------------------------------------------------------------
 
     def replace_envelope(self, package: str, envelope: bytes) -> None:
         """Swap in a re-signed manifest (new keep duration) for the same bytes."""
         atomic_write(self.envelope_path(package), envelope)
+        self.notify()
 
     def delete(self, package: str) -> None:
         """Envelope first: from that moment the package no longer counts."""
@@ -157,6 +220,7 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         fsync_dir(self.root)
+        self.notify()
 
     def quarantine(self, package: str, offset: int) -> None:
         """A complete package turned out to hold a bad chunk at ``offset``:
@@ -173,6 +237,14 @@ class Store:
         fsync_dir(self.root)
         log.error("store.quarantined", store=str(self.root), package=package, offset=offset)
 
+    def discard_partial(self, package: str) -> None:
+        """Remove what a download of ``package`` left in ``partial/`` (none
+        is running)."""
+        if package in self._downloads:
+            return
+        for path in (self.partial_dir / f"{package}.part", self.partial_dir / f"{package}.env"):
+            path.unlink(missing_ok=True)
+
     def active(self, package: str) -> Download | None:
         return self._downloads.get(package)
 
@@ -182,6 +254,12 @@ class Store:
         current = self._downloads.get(manifest.id)
         if current is not None:
             return current
+        if self.expired(manifest):
+            raise ExpiredPackage(f"{manifest.id} expired at {_iso(manifest.expires)}")
+        with self.committing():
+            # An archive a failed commit left without its envelope goes now,
+            # not at some later start.
+            self._drop_debris(manifest.id)
         dl = Download(self, manifest, envelope)
         self._downloads[manifest.id] = dl
         try:
@@ -213,6 +291,8 @@ class Store:
             m, dl, path = found, None, self.data_path(package)
         if offset % m.chunk_size or offset > m.size:
             raise StoreError(f"{package}: offset {offset} is not a chunk boundary")
+        if self.expired(m):
+            raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
         fd = os.open(path, os.O_RDONLY)
         self._readers[package] = self._readers.get(package, 0) + 1
         loop = asyncio.get_running_loop()
@@ -239,6 +319,8 @@ class Store:
                         raise StoreError(f"{package}: upstream fetch failed: {dl.error}")
                     continue
                 data = await ahead.popleft()
+                if self.expired(m):
+                    raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
                 yield pos, data
                 pos += len(data)
         finally:
@@ -247,6 +329,8 @@ class Store:
                     await fut
             os.close(fd)
             self._readers[package] -= 1
+            if self.expired(m):  # the expiry timer spared it for this reader
+                self.notify()
 
     @staticmethod
     def _read_chunk(fd: int, m: Manifest, index: int, pos: int) -> bytes:
@@ -255,3 +339,7 @@ class Store:
         if len(data) != length or hashlib.sha256(data).digest() != m.chunks[index]:
             raise CorruptChunk(m.id, pos, "at rest")
         return data
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

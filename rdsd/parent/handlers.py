@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -61,8 +62,16 @@ class ChildHandlers:
 
     async def handle(self, child: Child, msg: Message) -> None:
         handler = self.TABLE.get(msg.TYPE)
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             await handler(self, child, msg)
+        except sqlite3.Error as exc:
+            # Our database cannot take it now (a full disk): the child's
+            # session goes on; what it sent is not acknowledged and comes again.
+            self.log.warning(
+                "child.not_recorded", peer=child.name, message=msg.TYPE.name, reason=str(exc)
+            )
 
     # -- reports ------------------------------------------------------------------
 
@@ -98,7 +107,15 @@ class ChildHandlers:
             # next session, by when the job's announcement has arrived.
             self.log.warning("report.unknown_job", job=msg.job, dest=msg.node)
             return
-        outcome = p.db.apply_report(msg, forward=p.hooks.forward_reports)
+        try:
+            outcome = p.db.apply_report(msg, forward=p.hooks.forward_reports)
+        except sqlite3.Error as exc:
+            # Our own database cannot take it (a full disk): not acknowledged,
+            # so the child keeps it and sends it again; the session goes on.
+            self.log.warning(
+                "report.not_recorded", job=msg.job, dest=msg.node, peer=child.name, reason=str(exc)
+            )
+            return
         if outcome is Applied.APPLIED and DestState(msg.state).final:
             p.forget(child, msg.job, msg.node)
         if outcome is Applied.APPLIED:

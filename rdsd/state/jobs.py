@@ -16,6 +16,7 @@ transaction as ``old``) to the listener after its commit; see
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import sqlite3
 import time
@@ -26,6 +27,7 @@ from typing import Any
 from protocol import Report
 
 from ..domain import (
+    CLOCK_SKEW,
     FINAL_STATES,
     RESTARTABLE,
     Dest,
@@ -392,6 +394,16 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
+    def offered(self, node: str, package: str, besides: str = "") -> bool:
+        """Does a job other than ``besides`` offer ``package`` to ``node``
+        (so the package must stay in the node's store)?"""
+        row = self._db.execute(
+            "SELECT 1 FROM dests d JOIN jobs j ON j.id = d.job "
+            "WHERE d.node=? AND j.package=? AND d.state=? AND j.id != ? LIMIT 1",
+            (node, package, DestState.OFFERED, besides),
+        ).fetchone()
+        return row is not None
+
     def reset_failed(self, jid: str) -> list[str]:
         """Put failed destinations back to waiting (``job retry``)."""
         with self._tx() as db:
@@ -572,8 +584,14 @@ class JobsMixin(OutboxMixin, InventoryMixin):
 
     def apply_report(self, rep: Report, forward: bool) -> Applied:
         """Apply a report from below; with ``forward`` queue it for our parent
-        in the same transaction."""
+        in the same transaction. Its time is bounded by this node's clock
+        plus ``CLOCK_SKEW``: a child whose clock runs ahead cannot put its
+        future into ``updated`` or ``last_seen``."""
         origin = rep.origin or rep.node
+        now = time.time()
+        at = min(rep.time or now, now + CLOCK_SKEW)
+        if at != rep.time:
+            rep = dataclasses.replace(rep, time=at)
         try:
             new = DestState(rep.state)
         except ValueError:
@@ -593,16 +611,16 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             db.execute(
                 "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
                 "WHERE job=? AND node=?",
-                (new, rep.detail, rep.time or time.time(), origin, rep.seq, rep.job, rep.node),
+                (new, rep.detail, at, origin, rep.seq, rep.job, rep.node),
             )
             if new is DestState.INSTALLED and rep.package:
-                self._record_installed(db, rep.node, rep.package, rep.job, rep.time)
-            _record_progress(db, rep.job, rep.node, new, rep.detail, rep.time or time.time())
+                self._record_installed(db, rep.node, rep.package, rep.job, at)
+            _record_progress(db, rep.job, rep.node, new, rep.detail, at)
             # A node behind a relay is never seen directly: its reports are
             # how we hear from it.
             db.execute(
                 "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE name=?",
-                (rep.time or time.time(), rep.node),
+                (at, rep.node),
             )
             if forward:
                 self._enqueue(db, rep)

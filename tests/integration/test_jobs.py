@@ -310,6 +310,13 @@ async def test_package_expires_from_relay_and_is_sent_again(
             lambda: pid not in holds(admin, "relay1"), 3, what="server to learn it is gone"
         )
 
+        # Expired is expired: neither served nor stored again ...
+        refused = admin.create_job("transfer", pid, ["relay1"])
+        assert await wait_state(admin, refused, "relay1", {"stored", "failed"}, 10) == "failed"
+        assert "expired" in states_detail(admin, refused, "relay1")
+        assert not t.relay.store.has(pid)
+        # ... until it is kept longer: then it is sent again.
+        admin.keep_package(pid, 3600)
         link = server_link(t.server)
         before = sent(t.server, "relay1")
         await transfer(admin, pid)
@@ -773,6 +780,12 @@ async def test_cancel_during_transfer_stops_it(
             assert states(admin, job) == {"client1": "cancelled"}
             assert state_of(client.db, job, "client1") == "cancelled"
             assert not (install_out / "client1").exists(), "a cancelled job was installed"
+            # Nobody wants the package any more: its fetch is dropped, nothing kept.
+            await wait_until(
+                lambda: not client.store.has(pid) and not list(client.store.partial_dir.iterdir()),
+                5,
+                what="the cancelled download's files to go",
+            )
     finally:
         gate.set()
 
@@ -847,6 +860,12 @@ async def test_nodes_json_shows_installed_and_holdings(
         assert json.loads(out) == [{"package": pid, "size": m.size, "expires": expires}]
 
 
+def m_expires(admin: Admin, pid: str) -> float:
+    m = admin.store.manifest(pid)
+    assert m is not None
+    return m.expires
+
+
 async def test_expired_offer_is_reported_as_such(
     deployment: Deployment, tmp_path: Path, install_out: Path
 ) -> None:
@@ -859,8 +878,9 @@ async def test_expired_offer_is_reported_as_such(
             with deployment.admin() as admin:
                 job = admin.create_job("offer", pid, ["client1"])
                 assert await wait_state(admin, job, "client1", {"offered", "failed"}) == "offered"
-                await asyncio.sleep(2.2)
-                assert client.housekeeping.sweep() == [pid]
+                # The expiry timer deletes it as it expires, not at a later sweep.
+                await wait_until(lambda: not client.store.has(pid), 5, what="offer to expire")
+                assert time.time() >= m_expires(admin, pid)
                 assert await wait_state(admin, job, "client1", {"failed"}, 10) == "failed"
                 detail = admin.job_status(job)["destinations"][0]["detail"]
                 assert "expired" in detail
