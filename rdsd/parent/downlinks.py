@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -30,6 +31,8 @@ from protocol import (
     JobNotice,
     Message,
     ProtocolError,
+    Report,
+    ReportAck,
     Revoked,
     Side,
     Welcome,
@@ -43,7 +46,7 @@ from ..net.observe import TrafficObserver
 from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
-from ..state import JobDB
+from ..state import Applied, JobDB
 from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, made_below, plan_push
 
@@ -160,6 +163,7 @@ class Downlinks:
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
+        self._reports: list[tuple[Child, Report]] = []  # to apply in one commit
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
         self._envelopes: dict[str, bytes] = {}
@@ -433,6 +437,54 @@ class Downlinks:
                 child.revoked_sent = revoked
                 with contextlib.suppress(SessionClosed):
                     child.session.send_nowait(Revoked(nodes=revoked))
+
+    # -- reports from below, applied together ------------------------------------------
+
+    def queue_report(self, child: Child, report: Report) -> None:
+        """Apply ``report`` with the others that arrive in this turn of the
+        event loop: one transaction, one fsync for all of them, and each is
+        acknowledged after that commit. Thousands of children reporting at
+        once cost the loop a commit per turn, not one per report."""
+        self._reports.append((child, report))
+        if len(self._reports) == 1:
+            asyncio.get_running_loop().call_soon(self._apply_reports)
+
+    def _apply_reports(self) -> None:
+        batch, self._reports = self._reports, []
+        try:
+            outcomes = self.db.apply_reports([r for _, r in batch], self.hooks.forward_reports)
+        except sqlite3.Error as exc:
+            # Our own database cannot take them (a full disk): none is
+            # acknowledged, so the children keep them and send them again.
+            self.log.warning("report.not_recorded", reports=len(batch), reason=str(exc))
+            return
+        applied = False
+        for (child, rep), outcome in zip(batch, outcomes, strict=True):
+            if outcome is Applied.APPLIED:
+                applied = True
+                if DestState(rep.state).final:
+                    self.forget(child, rep.job, rep.node)
+                self.log.info(
+                    "report.applied",
+                    job=rep.job,
+                    dest=rep.node,
+                    state=rep.state,
+                    detail=rep.detail,
+                    package=rep.package,
+                )
+            elif outcome is Applied.ILLEGAL:
+                self.log.warning(
+                    "report.refused",
+                    job=rep.job,
+                    dest=rep.node,
+                    peer=child.name,
+                    state=rep.state,
+                    reason="not a state change the destination lifecycle allows",
+                )
+            with contextlib.suppress(SessionClosed):
+                child.session.send_nowait(ReportAck(report_id=rep.report_id))
+        if applied:
+            self.hooks.reports_changed()
 
     def forget(self, child: Child, job: str, node: str) -> None:
         """``node``'s destination of ``job`` is final: the child session it

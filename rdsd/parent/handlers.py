@@ -37,10 +37,9 @@ from protocol import (
     Topology,
 )
 
-from ..domain import DestState, IncomingJob, JobType, Role
+from ..domain import IncomingJob, JobType, Role
 from ..errors import ManifestError, SessionClosed
 from ..net.transfer import serve_fetch
-from ..state import Applied
 from .routing import judge_topology
 
 if TYPE_CHECKING:
@@ -102,42 +101,12 @@ class ChildHandlers:
             self.log.warning("report.refused", job=msg.job, dest=msg.node, reason="revoked")
             session.send_nowait(ack)
             return
-        if p.db.job(msg.job) is None:
+        if p.db.job_head(msg.job) is None:
             # Not acknowledged: the child keeps it and sends it again on its
             # next session, by when the job's announcement has arrived.
             self.log.warning("report.unknown_job", job=msg.job, dest=msg.node)
             return
-        try:
-            outcome = p.db.apply_report(msg, forward=p.hooks.forward_reports)
-        except sqlite3.Error as exc:
-            # Our own database cannot take it (a full disk): not acknowledged,
-            # so the child keeps it and sends it again; the session goes on.
-            self.log.warning(
-                "report.not_recorded", job=msg.job, dest=msg.node, peer=child.name, reason=str(exc)
-            )
-            return
-        if outcome is Applied.APPLIED and DestState(msg.state).final:
-            p.forget(child, msg.job, msg.node)
-        if outcome is Applied.APPLIED:
-            self.log.info(
-                "report.applied",
-                job=msg.job,
-                dest=msg.node,
-                state=msg.state,
-                detail=msg.detail,
-                package=msg.package,
-            )
-            p.hooks.reports_changed()
-        elif outcome is Applied.ILLEGAL:
-            self.log.warning(
-                "report.refused",
-                job=msg.job,
-                dest=msg.node,
-                peer=child.name,
-                state=msg.state,
-                reason="not a state change the destination lifecycle allows",
-            )
-        session.send_nowait(ack)
+        p.queue_report(child, msg)
 
     async def on_announce(self, child: Child, msg: Message) -> None:
         """Record a job made at a relay so its status is known here too."""

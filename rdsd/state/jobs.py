@@ -20,7 +20,7 @@ import dataclasses
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -583,10 +583,29 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         return rep
 
     def apply_report(self, rep: Report, forward: bool) -> Applied:
-        """Apply a report from below; with ``forward`` queue it for our parent
-        in the same transaction. Its time is bounded by this node's clock
-        plus ``CLOCK_SKEW``: a child whose clock runs ahead cannot put its
-        future into ``updated`` or ``last_seen``."""
+        """Apply one report from below; see ``apply_reports``."""
+        return self.apply_reports([rep], forward)[0]
+
+    def apply_reports(self, reps: Sequence[Report], forward: bool) -> list[Applied]:
+        """Apply reports from below in one transaction (one commit, one
+        fsync, however many arrived together); with ``forward`` queue them
+        for our parent in the same transaction. Each report's time is bounded
+        by this node's clock plus ``CLOCK_SKEW``: a child whose clock runs
+        ahead cannot put its future into ``updated`` or ``last_seen``."""
+        outcomes: list[Applied] = []
+        events: list[Event] = []
+        with self._tx() as db:
+            for rep in reps:
+                outcome, event = self._apply_one(db, rep, forward)
+                outcomes.append(outcome)
+                if event is not None:
+                    events.append(event)
+        self._emit(events)
+        return outcomes
+
+    def _apply_one(
+        self, db: sqlite3.Connection, rep: Report, forward: bool
+    ) -> tuple[Applied, Event | None]:
         origin = rep.origin or rep.node
         now = time.time()
         at = min(rep.time or now, now + CLOCK_SKEW)
@@ -595,44 +614,38 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         try:
             new = DestState(rep.state)
         except ValueError:
-            return Applied.ILLEGAL
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT d.origin, d.seq, d.state, j.package FROM dests d "
-                "JOIN jobs j ON j.id = d.job WHERE d.job=? AND d.node=?",
-                (rep.job, rep.node),
-            ).fetchone()
-            if row is None:
-                return Applied.NO_DEST
-            if row[0] == origin and rep.seq <= row[1]:
-                return Applied.REPEAT
-            if not can_move(DestState(row[2]), new):
-                return Applied.ILLEGAL
-            db.execute(
-                "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
-                "WHERE job=? AND node=?",
-                (new, rep.detail, at, origin, rep.seq, rep.job, rep.node),
-            )
-            if new is DestState.INSTALLED and rep.package:
-                self._record_installed(db, rep.node, rep.package, rep.job, at)
-            _record_progress(db, rep.job, rep.node, new, rep.detail, at)
-            # A node behind a relay is never seen directly: its reports are
-            # how we hear from it.
-            db.execute(
-                "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE name=?",
-                (at, rep.node),
-            )
-            if forward:
-                self._enqueue(db, rep)
-        self._emit(
-            (
-                self._moved(
-                    rep.job, rep.node, rep.package or row[3], DestState(row[2]), new, rep.detail
-                ),
-            )
+            return Applied.ILLEGAL, None
+        row = db.execute(
+            "SELECT d.origin, d.seq, d.state, j.package FROM dests d "
+            "JOIN jobs j ON j.id = d.job WHERE d.job=? AND d.node=?",
+            (rep.job, rep.node),
+        ).fetchone()
+        if row is None:
+            return Applied.NO_DEST, None
+        if row[0] == origin and rep.seq <= row[1]:
+            return Applied.REPEAT, None
+        if not can_move(DestState(row[2]), new):
+            return Applied.ILLEGAL, None
+        db.execute(
+            "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
+            "WHERE job=? AND node=?",
+            (new, rep.detail, at, origin, rep.seq, rep.job, rep.node),
         )
-        return Applied.APPLIED
-
+        if new is DestState.INSTALLED and rep.package:
+            self._record_installed(db, rep.node, rep.package, rep.job, at)
+        _record_progress(db, rep.job, rep.node, new, rep.detail, at)
+        # A node behind a relay is never seen directly: its reports are
+        # how we hear from it.
+        db.execute(
+            "UPDATE nodes SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE name=?",
+            (at, rep.node),
+        )
+        if forward:
+            self._enqueue(db, rep)
+        event = self._moved(
+            rep.job, rep.node, rep.package or row[3], DestState(row[2]), new, rep.detail
+        )
+        return Applied.APPLIED, event
 
 def _record_progress(
     db: sqlite3.Connection, jid: str, node: str, state: DestState, detail: str, when: float

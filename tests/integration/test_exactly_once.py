@@ -19,7 +19,7 @@ import sqlite3
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -468,16 +468,16 @@ async def test_a_report_the_parent_cannot_record_keeps_the_session(
             idle_timeout=1.5,
             ping_interval=0.5,
         )
-        refused: list[str] = []
-        real = server.db.apply_report
+        refused: list[list[str]] = []  # each refused commit: the reports in it
+        real = server.db.apply_reports
 
-        def full_disk(rep: Report, forward: bool) -> Applied:
+        def full_disk(reps: Sequence[Report], forward: bool) -> list[Applied]:
             if len(refused) < 3:
-                refused.append(rep.report_id)
+                refused.append([r.report_id for r in reps])
                 raise sqlite3.OperationalError("database or disk is full")
-            return real(rep, forward)
+            return real(reps, forward)
 
-        monkeypatch.setattr(server.db, "apply_report", full_disk)
+        monkeypatch.setattr(server.db, "apply_reports", full_disk)
         async with running(cfg) as (client,):
             await wait_child(server, "client1")
             assert server.downlinks is not None and client.uplink is not None

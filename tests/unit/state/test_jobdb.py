@@ -126,3 +126,29 @@ def test_a_database_from_before_job_revisions_is_migrated(tmp_path: Path) -> Non
     assert db.changed_jobs(0) == ([], 0)  # the old job carries revision 0
     db.create_job(JobType.INSTALL, "tool-1.0", ["c1"], b"env", None, origin="hq", job_id="j1")
     assert db.changed_jobs(0)[0] == ["j1"]
+
+
+def test_reports_that_arrive_together_commit_together(db: JobDB) -> None:
+    """One transaction for a batch: each report is judged on its own (a
+    repeat or an illegal move in the batch changes nothing), in order, so
+    two changes of one destination in one batch both apply."""
+    batch = [
+        report(1, "transferring"),
+        report(2, "installing"),
+        report(2, "installing"),  # a repeat within the batch
+        report(3, "transferring"),  # illegal after installing
+        report(4, "installed"),
+        report(1, "failed", node="c2"),
+    ]
+    assert db.apply_reports(batch, forward=True) == [
+        Applied.APPLIED,
+        Applied.APPLIED,
+        Applied.REPEAT,
+        Applied.ILLEGAL,
+        Applied.APPLIED,
+        Applied.APPLIED,
+    ]
+    c1, c2 = db.dest("j1", "c1"), db.dest("j1", "c2")
+    assert c1 is not None and c1.state is S.INSTALLED
+    assert c2 is not None and c2.state is S.FAILED
+    assert [r.report_id for r in db.outbox()] == ["c1:1", "c1:2", "c1:4", "c2:1"]
