@@ -10,17 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Message, MessageType, Topology
+from protocol import Fetch, Message, MessageType, Topology
 from rdsd.domain import HelloPurpose, IncomingJob, JobType, Role
 from rdsd.errors import AdminError
 from rdsd.parent.downlinks import Child
 from rdsd.parent.handlers import ChildHandlers
 from tests.helpers import (
     Deployment,
+    RawChild,
+    children,
     enroll_node,
     make_payload_dir,
     routed,
     running,
+    wait_child,
     wait_routed,
     wait_state,
     wait_until,
@@ -184,3 +187,38 @@ async def test_a_relay_tells_its_parent_only_what_changed_below_it(
                 await wait_until(lambda: not routed(admin, "c0", "relay1"), 10, what="c0 gone")
                 assert heard[-1].removed == ["c0"] and not heard[-1].reset
                 assert all(routed(admin, n, "relay1") for n in names[1:])
+
+
+async def test_a_stalled_child_does_not_delay_another_childs_notice(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A child that reads nothing (its session full with a fetch it asked
+    for) does not hold up the notice of a job for it and a healthy child:
+    the healthy one has it within a second."""
+    big = make_payload_dir(tmp_path / "big", size=8 * 1024 * 1024)
+    with deployment.admin() as admin:
+        p_big = admin.add_package(big, "big", "1.0")
+        p_small = admin.add_package(make_payload_dir(tmp_path / "s", size=100), "small", "1.0")
+    async with running(deployment.server) as (server,):
+        stalled_cfg = deployment.add_node("stalled", Role.CLIENT, server.address)
+        healthy_cfg = deployment.add_node("healthy", Role.CLIENT, server.address)
+        raw = await RawChild.connect(server.address, stalled_cfg.home)
+        try:
+            await raw.handshake("stalled", purpose="session")
+            with deployment.admin() as admin:
+                admin.create_job("install", p_big, ["stalled"])
+            await raw.send(Fetch(fetch_id=1, package=p_big))  # and never read again
+            await wait_child(server, "stalled")
+            transport = children(server)["stalled"].session._writer.transport
+            await wait_until(
+                lambda: transport.get_write_buffer_size() >= 2 * 1024 * 1024, 10, what="full"
+            )
+            async with running(healthy_cfg) as (healthy,):
+                await wait_child(server, "healthy")
+                with deployment.admin() as admin:
+                    began = time.monotonic()
+                    job = admin.create_job("install", p_small, ["stalled", "healthy"])
+                await wait_until(lambda: healthy.db.job(job) is not None, 5, what="the notice")
+                assert time.monotonic() - began < 1.0
+        finally:
+            await raw.close()
