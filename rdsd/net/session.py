@@ -43,6 +43,11 @@ WRITE_BUFFER = 2 * 1024 * 1024
 # stalled peer, which is then dropped: chunks in flight (WRITE_BUFFER) plus
 # a generous margin of notices, acknowledgements and the like.
 CONTROL_BACKLOG = 8 * 1024 * 1024
+# Large frames (chunks) go to the transport in slices of this size: the TLS
+# layer keeps a buffer as large as the largest single write on each
+# connection (measured under uvloop: 1 MiB writes left about 1 MiB per
+# connection after the transfer, 64 KiB slices about 64 KiB).
+WRITE_SLICE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,11 @@ class Session:
         self._close_started = False
         self.close_reason = ""
         self._observer = observer
+        # Data frames take turns; control frames sent while a sliced frame
+        # is half written wait in _held and follow it, so frames never mix.
+        self._sending = asyncio.Lock()
+        self._partial = False
+        self._held: list[bytes | memoryview] = []
         addr = writer.get_extra_info("peername")
         self.log = structlog.get_logger("rdsd.session").bind(
             peer=peer.name,
@@ -105,21 +115,48 @@ class Session:
         buffers = self.conn.send(msg)
         if self._observer is not None:
             self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
-        self._writer.writelines(buffers)
-        if transport.get_write_buffer_size() > CONTROL_BACKLOG:
+        if self._partial:
+            self._held.extend(buffers)
+        else:
+            self._writer.writelines(buffers)
+        held = sum(len(b) for b in self._held)
+        if transport.get_write_buffer_size() + held > CONTROL_BACKLOG:
             self.abort(f"peer left {CONTROL_BACKLOG // (1024 * 1024)} MiB unread")
             raise SessionClosed(self.close_reason)
 
     async def send(self, msg: Message) -> None:
         """Frame and write ``msg``; waits while the peer is slow to read (how
         package data is paced to what the peer takes)."""
-        if self.closed:
-            raise SessionClosed(self.close_reason or "session closed")
-        buffers = self.conn.send(msg)
-        if self._observer is not None:
-            self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
+        async with self._sending:
+            if self.closed:
+                raise SessionClosed(self.close_reason or "session closed")
+            buffers = self.conn.send(msg)
+            if self._observer is not None:
+                self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
+            try:
+                if sum(len(b) for b in buffers) <= WRITE_SLICE:
+                    self._writer.writelines(buffers)
+                    await self._drain()
+                else:
+                    await self._write_sliced(buffers)
+            finally:
+                self._partial = False
+                held, self._held = self._held, []
+                if held and not self.closed:
+                    self._writer.writelines(held)
+
+    async def _write_sliced(self, buffers: list[bytes | memoryview]) -> None:
+        self._partial = True
+        for buf in buffers:
+            view = memoryview(buf)
+            for start in range(0, len(view), WRITE_SLICE):
+                self._writer.write(view[start : start + WRITE_SLICE])
+                await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait until the transport takes more; a peer that reads nothing
+        for the idle timeout is dropped."""
         try:
-            self._writer.writelines(buffers)
             async with asyncio.timeout(self.idle_timeout):
                 await self._writer.drain()
         except TimeoutError:
@@ -168,13 +205,13 @@ class Session:
     async def fail(self, exc: ProtocolError) -> None:
         """Tell the peer why we hang up, then hang up."""
         self.log.warning("session.error", reason=str(exc), code=int(exc.code))
-        if not self.closed:
+        if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
                 self._writer.writelines(self.conn.send_error(exc))
         await self.close(str(exc))
 
     async def goodbye(self, reason: str = "") -> None:
-        if not self.closed:
+        if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
                 self._writer.writelines(self.conn.send(Goodbye(reason=reason)))
         await self.close(reason or "goodbye")

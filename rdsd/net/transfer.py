@@ -36,6 +36,9 @@ from .session import Session
 
 log = structlog.get_logger("rdsd.transfer")
 QUEUE_DEPTH = 8
+#: How long a fetch may wait for its first chunk while its session lives:
+#: the parent may be serving as many children as it serves at once.
+FIRST_CHUNK_WAIT = 300.0
 
 
 async def serve_fetch(
@@ -127,7 +130,12 @@ async def receive(
     progress_every: float = 5.0,
 ) -> None:
     """One attempt to complete ``dl`` from ``session``, from its verified
-    offset. Raises TransferFailed; CorruptChunk counts as retryable."""
+    offset. Raises TransferFailed; CorruptChunk counts as retryable.
+
+    Once data flows, ``timeout`` without any ends the attempt. The first
+    chunk may take up to FIRST_CHUNK_WAIT: a parent serving many children
+    serves a bounded number at once and the rest wait their turn. A lost
+    session ends the wait at once either way."""
     m: Manifest = dl.manifest
     fid, q = router.open()
     start = dl.verified
@@ -139,15 +147,17 @@ async def receive(
             await session.send(Fetch(fetch_id=fid, package=m.id, offset=start))
         except SessionClosed as exc:
             raise TransferFailed(f"link lost: {exc}") from None
+        limit = max(timeout, FIRST_CHUNK_WAIT)
         while True:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(limit):
                     msg = await q.get()
             except TimeoutError:
                 await _store_step(dl.flush())
                 raise TransferFailed(
-                    f"no data from {session.peer.name} for {timeout:.0f}s"
+                    f"no data from {session.peer.name} for {limit:.0f}s"
                 ) from None
+            limit = timeout
             if msg is None:
                 # Keep every chunk already received: the resume starts after them.
                 await _store_step(dl.flush())

@@ -55,6 +55,10 @@ log = structlog.get_logger("rdsd.downlinks")
 #: listen backlog (the kernel caps it at net.core.somaxconn).
 MAX_HANDSHAKES = 128
 LISTEN_BACKLOG = 4096
+#: Fetches served at once; the rest wait their turn (first come, first
+#: served). Each serve holds up to two chunks read ahead and a transport
+#: buffer, so this bounds what fan-out to many children costs in memory.
+MAX_SERVES = 64
 
 # Failed TLS handshakes are logged at most once per this many seconds per
 # peer host, and at most HANDSHAKE_LOG_BURST lines per interval in all: a
@@ -163,6 +167,7 @@ class Downlinks:
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
+        self.serve_slots = asyncio.Semaphore(MAX_SERVES)
         self._reports: list[tuple[Child, Report]] = []  # to apply in one commit
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed

@@ -267,7 +267,11 @@ class ChildHandlers:
                     reason = f"{fetch.package} is not available here"
                     session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
                     return
-                await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer)
+                # A bounded number of serves at once: each holds a chunk or
+                # two and a transport buffer, and a relay with a thousand
+                # children fetching together must not hold a thousand.
+                async with p.serve_slots:
+                    await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer)
 
         def done(task: asyncio.Task[None]) -> None:
             child.serving.pop(fetch.fetch_id, None)

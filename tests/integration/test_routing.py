@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,3 +223,42 @@ async def test_a_stalled_child_does_not_delay_another_childs_notice(
                 assert time.monotonic() - began < 1.0
         finally:
             await raw.close()
+
+
+async def test_fetches_beyond_the_serve_slots_wait_their_turn(
+    deployment: Deployment, tmp_path: Path, install_out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent serves a bounded number of fetches at once (what fan-out to
+    many children costs in memory); the others wait for their first chunk
+    and are served in turn, and every child installs."""
+    import rdsd.parent.handlers as handlers_mod
+
+    src = make_payload_dir(tmp_path / "p", size=3 * 1024 * 1024)
+    with deployment.admin() as admin:
+        pid = admin.add_package(src, "tool", "1.0", install="sh install.sh")
+    running_now = peak = 0
+    original = handlers_mod.serve_fetch
+
+    async def counted(*args: Any, **kwargs: Any) -> None:
+        nonlocal running_now, peak
+        running_now += 1
+        peak = max(peak, running_now)
+        try:
+            await original(*args, **kwargs)
+        finally:
+            running_now -= 1
+
+    monkeypatch.setattr(handlers_mod, "serve_fetch", counted)
+    async with running(deployment.server) as (server,):
+        assert server.downlinks is not None
+        server.downlinks.serve_slots = asyncio.Semaphore(1)
+        names = ["c1", "c2", "c3"]
+        cfgs = [deployment.add_node(n, Role.CLIENT, server.address) for n in names]
+        async with running(*cfgs):
+            with deployment.admin() as admin:
+                for n in names:
+                    await wait_routed(admin, n, n)
+                job = admin.create_job("install", pid, names)
+                for n in names:
+                    assert await wait_state(admin, job, n, DONE, 30) == "installed"
+    assert peak == 1

@@ -25,12 +25,15 @@ import pytest
 
 from protocol import (
     MAGIC,
+    Chunk,
     ConnectionClosed,
     Error,
     ErrorCode,
     Fetch,
+    FetchEnd,
     FetchFail,
     Hello,
+    JobNotice,
     Message,
     Ping,
     Pong,
@@ -544,3 +547,46 @@ async def test_revoked_name_cannot_be_enrolled_again(deployment: Deployment) -> 
     with deployment.admin() as admin:
         row = admin.db.node("laptop")
         assert row is not None and row.revoked
+
+
+async def test_control_messages_never_split_a_sliced_chunk(deployment: Deployment) -> None:
+    """Chunks leave in slices (the TLS layer keeps a buffer the size of the
+    largest write); PONGs and other control messages sent meanwhile follow
+    the frame in progress instead of landing inside it. The child's decoder
+    refuses any malformed frame, so a clean stream of chunks and PONGs is
+    the proof."""
+    src = deployment.root / "src-sliced"
+    src.mkdir()
+    (src / "payload.bin").write_bytes(os.urandom(16 * 1024 * 1024))
+    with deployment.admin() as admin:
+        pid = admin.add_package(src, "sliced", "1.0")
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        with deployment.admin() as admin:
+            admin.create_job("install", pid, ["client1"])
+        raw = await RawChild.connect(server.address, cfg.home)
+        try:
+            await raw.handshake("client1", purpose="session")
+            await raw.send(Fetch(fetch_id=1, package=pid))
+            # Read nothing for a while: the kernel's buffers and then the
+            # session's fill, and the sender pauses inside a chunk frame.
+            await asyncio.sleep(1.0)
+            for nonce in range(1, 21):
+                await raw.send(Ping(nonce=nonce))
+            await asyncio.sleep(0.2)
+            got, pongs, done = 0, set(), False
+            while not (done and len(pongs) == 20):
+                msg = await raw.recv(20)
+                if isinstance(msg, Chunk):
+                    got += len(msg.data)
+                elif isinstance(msg, Pong):
+                    pongs.add(msg.nonce)
+                elif isinstance(msg, FetchEnd):
+                    done = True
+                    assert msg.size == got
+                elif not isinstance(msg, (JobNotice, Ping)):
+                    raise AssertionError(f"unexpected {msg!r}")
+            assert pongs == set(range(1, 21))
+            assert got == (deployment.server.paths.store / f"{pid}.pkg").stat().st_size
+        finally:
+            await raw.close()
