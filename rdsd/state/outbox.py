@@ -40,28 +40,12 @@ class OutboxMixin(Database):
 
     def outbox(self) -> list[Report]:
         """Every report not yet acknowledged, oldest first."""
-        return [
-            Report(
-                report_id=r[0],
-                job=r[1],
-                node=r[2],
-                state=r[3],
-                detail=r[4],
-                seq=r[5],
-                origin=r[6],
-                package=r[7],
-                time=r[8],
-            )
-            for r in self._db.execute(
-                "SELECT report_id, job, node, state, detail, seq, origin, package, time "
-                "FROM outbox ORDER BY id"
-            )
-        ]
+        return [report for _, report in self.outbox_after(0, -1)]
 
     def outbox_after(self, after: int, limit: int = 1000) -> list[tuple[int, Report]]:
-        """Unacknowledged reports queued after position ``after``, oldest
-        first, with their positions: a sender that remembers how far it got
-        on a session reads only what is new."""
+        """Unacknowledged reports queued after position ``after`` (at most
+        ``limit``; -1 for all), oldest first, with their positions: a sender
+        that remembers how far it got on a session reads only what is new."""
         return [
             (
                 r[0],
