@@ -71,6 +71,7 @@ class Node:
         self.fetcher: Fetcher | None = None
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._acks: list[str] = []  # acknowledged, to be written together
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -155,6 +156,8 @@ class Node:
             await group.__aexit__(None, None, None)
         if self.downlinks is not None:
             await self.downlinks.stop()
+        if self._acks:
+            self._write_acks()  # acknowledged before the database closes
         self.db.close()
         # After the last thing that could publish: subscribers get what is
         # buffered, then their iteration ends.
@@ -269,10 +272,24 @@ class Node:
         self.wake()
 
     def on_report_ack(self, report_id: str) -> None:
+        """Acknowledgements that arrive in one turn of the event loop are
+        written together: one transaction, not one fsync per report."""
         if report_id.startswith("job:"):
             self.db.mark_announced(report_id[4:])
-        else:
-            self.db.ack(report_id)
+            return
+        self._acks.append(report_id)
+        if len(self._acks) == 1:
+            asyncio.get_running_loop().call_soon(self._write_acks)
+
+    def _write_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if not acks:
+            return
+        try:
+            self.db.ack_many(acks)
+        except sqlite3.Error as exc:
+            # Not forgotten: they go up again and are acknowledged again.
+            self.log.warning("outbox.ack_not_recorded", reports=len(acks), reason=str(exc))
 
     # -- for embedders ------------------------------------------------------------------
 

@@ -70,3 +70,8 @@ class OutboxMixin(Database):
 
     def ack(self, report_id: str) -> None:
         self._db.execute("DELETE FROM outbox WHERE report_id=?", (report_id,))
+
+    def ack_many(self, report_ids: list[str]) -> None:
+        """Forget acknowledged reports in one transaction (one fsync)."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM outbox WHERE report_id=?", [(r,) for r in report_ids])

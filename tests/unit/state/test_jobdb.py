@@ -152,3 +152,11 @@ def test_reports_that_arrive_together_commit_together(db: JobDB) -> None:
     assert c1 is not None and c1.state is S.INSTALLED
     assert c2 is not None and c2.state is S.FAILED
     assert [r.report_id for r in db.outbox()] == ["c1:1", "c1:2", "c1:4", "c2:1"]
+
+
+def test_acknowledgements_are_forgotten_together(db: JobDB) -> None:
+    for state in (S.TRANSFERRING, S.INSTALLING, S.INSTALLED):
+        db.change("j1", "c1", state, "", "c1", report=True, package="tool-1.0")
+    queued = [r.report_id for r in db.outbox()]
+    db.ack_many([*queued[:2], "unknown:1"])  # an unknown id is ignored
+    assert [r.report_id for r in db.outbox()] == queued[2:]
