@@ -169,7 +169,12 @@ async def test_sigterm_stops_the_install_and_says_so(
             await wait_child(server, "client1")
             with deployment.admin() as admin:
                 job = admin.create_job("install", pid, ["client1"])
-                await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
+                # Started: its event logged and its marker made (the script
+                # logs before it makes the marker, so wait for both).
+                marker = out / "running-client1"
+                await wait_until(
+                    lambda: bool(lines(events)) and marker.exists(), 15, what="the install to start"
+                )
                 await client.stop()
                 assert client.proc is not None and client.proc.returncode == 0
                 assert no_process_runs(cfg.home), "the install stops with the node"
@@ -179,7 +184,7 @@ async def test_sigterm_stops_the_install_and_says_so(
                 assert mine.detail == "interrupted: the node stopped during the install"
                 assert not lines(effects)
                 # The killed command could not take its marker down; nothing runs now.
-                (out / "running-client1").rmdir()
+                marker.rmdir()
                 await client.start()
                 assert await wait_state(admin, job, "client1", {"failed"}, 10) == "failed"
                 code, _, err = await cli("job", "retry", job, "--home", str(deployment.server.home))
