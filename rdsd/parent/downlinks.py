@@ -48,7 +48,7 @@ from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
 from .handlers import ChildHandlers
-from .routing import Pushed, by_hop, made_below, plan_push
+from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
 
 log = structlog.get_logger("rdsd.downlinks")
 #: Connections between accept and WELCOME at once; the rest wait in the
@@ -381,10 +381,11 @@ class Downlinks:
         return purpose
 
     def in_subtree(self, child: str, node: str) -> bool:
+        """``routing.in_subtree``, with the route read only when needed."""
         if node == child:
             return True
         row = self.db.node(node)
-        return row is not None and row.via == child
+        return in_subtree(child, node, row.via if row is not None else None)
 
     # -- pushing jobs down ----------------------------------------------------------
     #

@@ -362,15 +362,6 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         """Destinations of ``jid`` that have not reached a final state."""
         return [d.node for d in self.dests(jid) if not d.final]
 
-    def cancelled(self) -> list[tuple[str, list[str]]]:
-        """Cancelled destinations by job, to tell children that missed it."""
-        out: dict[str, list[str]] = {}
-        for jid, node in self._db.execute(
-            "SELECT job, node FROM dests WHERE state=? ORDER BY job, node", (DestState.CANCELLED,)
-        ):
-            out.setdefault(jid, []).append(node)
-        return list(out.items())
-
     def dests(self, jid: str) -> list[Dest]:
         return [
             _dest(r)
