@@ -198,11 +198,12 @@ class ChildHandlers:
         assert isinstance(msg, Presence)
         _relay_only(child, "has nodes below it")
         p = self.parent
-        routes = p.db.routes()
+        # Only the names in the message are looked up, as for TOPOLOGY.
+        known = p.db.node_index_of(msg.online)
         accepted = {
             name: (parent, msg.software.get(name, ""))
             for name, parent in msg.online.items()
-            if name != child.name and routes.get(name) == child.name
+            if name != child.name and name in known and known[name][1] == child.name
         }
         refused = len(msg.online) - len(accepted)
         if refused:
