@@ -61,10 +61,6 @@ class NodesMixin(Database):
         ).fetchone()
         return row is not None
 
-    def routes(self) -> dict[str, str | None]:
-        """Every known node and the child it is reached through."""
-        return dict(self._db.execute("SELECT name, via FROM nodes"))
-
     def node_index(self) -> dict[str, tuple[str, str | None, bool]]:
         """Every known node: name to (role, via, revoked), in one query."""
         return {
