@@ -260,6 +260,12 @@ class Admin:
         if job_type is JobType.TRANSFER and self.cfg.role is Role.RELAY:
             raise AdminError("a transfer job cannot be created on a relay; create it on the server")
         envelope = self._envelope(package)
+        manifest = self.store.manifest(package)
+        if manifest is not None and manifest.expires <= time.time():
+            raise AdminError(
+                f"package {package} expired at {iso(manifest.expires)}; "
+                f"extend it with rdsd package keep {package} DURATION"
+            )
         groups = self.db.groups()
         missing = [d[6:] for d in to if d.startswith("group:") and d[6:] not in groups]
         if missing:

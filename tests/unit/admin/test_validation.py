@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from rdsd.admin import Admin, enroll, init_node, init_server
 from rdsd.config import NodeConfig
 from rdsd.domain import Role
 from rdsd.errors import AdminError, ConfigError, UserError
+from rdsd.packages.manifest import seal
 from rdsd.util.parse import DAY, split_package_id
 from tests.helpers import snapshot
 
@@ -492,3 +493,20 @@ def test_re_enroll_same_role_and_force(ctx: Ctx) -> None:
     assert out.read_bytes() != first
     node = ctx.admin.db.node("client1")
     assert node is not None and node.role == Role.RELAY
+
+
+def test_a_job_for_an_expired_package_is_refused(ctx: Ctx) -> None:
+    """A package past its keep time would be evicted from relays while the
+    job still needs it: creating a job for it is refused, naming the fix."""
+    m = ctx.admin.store.manifest("spare-1.0")
+    assert m is not None
+    aged = replace(m, added=m.added - 2 * DAY, keep=DAY)
+    ctx.admin.store.replace_envelope("spare-1.0", seal(aged, ctx.admin._signer()))
+    before = snapshot(ctx.root)
+    with pytest.raises(AdminError) as info:
+        ctx.admin.create_job("install", "spare-1.0", ["client1"])
+    assert "package spare-1.0 expired at" in str(info.value)
+    assert "rdsd package keep spare-1.0" in str(info.value)
+    assert snapshot(ctx.root) == before
+    ctx.admin.keep_package("spare-1.0", 30 * DAY)
+    assert ctx.admin.create_job("install", "spare-1.0", ["client1"])
