@@ -292,6 +292,17 @@ def peer_identity(der: bytes | None) -> tuple[str, str, int]:
     return name, role, cert.serial_number
 
 
+def certificate_identity(pem: bytes) -> tuple[str, str, int]:
+    """``(name, role, serial)`` of one of our own PEM certificates, so a node
+    can check at start that its configuration and its certificate agree."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise SecurityError(f"certificate cannot be parsed: {exc}") from exc
+    name, role = _identity(cert)
+    return name, role, cert.serial_number
+
+
 def _tls_context(protocol: int, ca_pem: Path, cert_pem: Path, key_pem: Path) -> ssl.SSLContext:
     """Shared TLS 1.3 mutual-auth settings for both directions.
 

@@ -30,13 +30,13 @@ from ..child.intake import JobIntake
 from ..child.uplink import Uplink
 from ..config import NodeConfig
 from ..domain import DestState
-from ..errors import IllegalTransition, ManifestError, SessionClosed
+from ..errors import ConfigError, IllegalTransition, ManifestError, SecurityError, SessionClosed
 from ..events import Event, EventBus, Subscription, wait_for_state
 from ..net.observe import TrafficObserver
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..parent.downlinks import Downlinks, ParentHooks
-from ..security import Verifier, client_context, server_context
+from ..security import Verifier, certificate_identity, client_context, server_context
 from ..state import JobDB
 from .housekeeping import Housekeeper
 from .roles import ROLE_PARTS
@@ -95,6 +95,27 @@ class Node:
     ) -> None:
         await self.stop()
 
+    def _check_identity(self) -> None:
+        """The name and role in the configuration are the ones the
+        certificate proves. A node whose file says ``relay`` but holds a
+        client's certificate would start, then be refused by its parent on
+        every connect; saying so at start names the fix instead."""
+        cert = self.cfg.paths.cert
+        try:
+            pem = cert.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read this node's certificate {cert}: {exc}") from None
+        try:
+            name, role, _ = certificate_identity(pem)
+        except SecurityError as exc:
+            raise ConfigError(f"{cert}: {exc}") from None
+        if (name, role) != (self.cfg.name, self.cfg.role.value):
+            raise ConfigError(
+                f"{self.cfg.paths.config} says {self.cfg.name} ({self.cfg.role.value}) but "
+                f"the certificate {cert} is for {name} ({role}); "
+                "set node.name and node.role to match it, or install this node's bundle"
+            )
+
     async def start(self) -> None:
         cfg, paths, parts = self.cfg, self.cfg.paths, self.parts
         loop = asyncio.get_running_loop()
@@ -104,6 +125,7 @@ class Node:
             # structured event. An embedder's own handler is left alone.
             loop.set_exception_handler(self._loop_error)
             self._loop = loop
+        self._check_identity()
         self.store.prepare()
         paths.work.mkdir(exist_ok=True)
         if parts.child_half:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,14 @@ from rdsd import (
     HelloPurpose,
     JobReceived,
     JobType,
+    Node,
     PackageStored,
     Role,
     Subscription,
     TransferProgress,
     UserError,
 )
+from rdsd.errors import ConfigError
 from tests.helpers import Deployment, enroll_node, rdsd_cmd, running
 
 REPO = Path(__file__).resolve().parents[2]
@@ -402,3 +405,23 @@ def test_progress_example_prints_a_live_progress_bar() -> None:
         "ws-001: installing -> installed",
         "done: ws-001 installed",
     ]
+
+
+async def test_a_node_whose_configuration_and_certificate_disagree_refuses_to_start(
+    deployment: Deployment,
+) -> None:
+    """A home whose rdsd.toml names another node than its certificate would be
+    refused by its parent on every connect; it is refused at start instead,
+    naming both identities."""
+    server = deployment.server
+    async with running(server) as (srv,):
+        cfg = deployment.add_node("client1", Role.CLIENT, srv.address)
+        wrong = replace(cfg, name="client2")
+        with pytest.raises(ConfigError) as info:
+            async with Node(wrong):
+                pass
+        message = str(info.value)
+        assert "says client2 (client)" in message
+        assert "is for client1 (client)" in message
+        async with running(cfg) as (client,):
+            assert client.uplink is not None
