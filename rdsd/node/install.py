@@ -98,6 +98,27 @@ def lock_path(workdir: Path, job: str) -> Path:
     return workdir / f"{job}.run.lock"
 
 
+def package_lock_path(workdir: Path, package: str) -> Path:
+    return workdir / f"{package}.install.lock"
+
+
+async def _take_package_lock(fd: int, node: str, job: str, package: str) -> None:
+    """Wait until no other process installs ``package`` on this node.
+
+    The daemon and ``rdsft install`` are separate processes with a runner
+    each; the runner orders installs of one package within its process, this
+    lock orders them across processes. The supervisor inherits it, so it is
+    held exactly as long as the install command may run, across a daemon
+    restart too. Waiting happens in a thread (``flock`` blocks); if this
+    coroutine is cancelled meanwhile, the caller closes ``fd`` and the lock,
+    once the thread gets it, goes with the last reference."""
+    if try_lock(fd):
+        return
+    log.info("install.waiting_for_package", node=node, job=job, package=package)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: try_lock(fd, wait=True))
+
+
 def proc_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of
     ``/proc/PID/stat``), or None if there is no such process."""
@@ -243,11 +264,12 @@ def _start_supervisor(
     log_path: Path,
     exit_path: Path,
     timeout: float,
-    lock_fd: int,
+    lock_fds: tuple[int, ...],
     env: dict[str, str],
 ) -> subprocess.Popen[bytes]:
     """Start ``supervise.py`` in a session of its own (it must outlive the
-    daemon), holding the run lock through the inherited ``lock_fd``."""
+    daemon), holding the run and package locks through the inherited
+    ``lock_fds``."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -261,8 +283,7 @@ def _start_supervisor(
             str(exit_path),
             "--timeout",
             str(timeout),
-            "--lock-fd",
-            str(lock_fd),
+            *(arg for fd in lock_fds for arg in ("--lock-fd", str(fd))),
             "--",
             *command,
         ],
@@ -270,7 +291,7 @@ def _start_supervisor(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        pass_fds=(lock_fd,),
+        pass_fds=lock_fds,
         start_new_session=True,
     )
 
@@ -307,6 +328,26 @@ async def install(
     never raises for a failure of the package itself, only reports it. If
     cancelled, the command is stopped and its outcome recorded on disk
     before the cancellation goes on (``read_outcome`` tells the caller)."""
+    package_fd = os.open(package_lock_path(workdir, manifest.id), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await _take_package_lock(package_fd, node, job, manifest.id)
+        return await _install_locked(
+            archive, manifest, workdir, node, job, timeout, generation, package_fd
+        )
+    finally:
+        os.close(package_fd)  # a supervisor that was started holds it from here on
+
+
+async def _install_locked(
+    archive: Path,
+    manifest: Manifest,
+    workdir: Path,
+    node: str,
+    job: str,
+    timeout: float,
+    generation: int,
+    package_fd: int,
+) -> InstallResult:
     target = workdir / f"{job}-{manifest.id}"
     log_path = workdir / f"{job}-{manifest.id}.log"
     exit_path = workdir / f"{job}-{manifest.id}.exit"
@@ -342,7 +383,7 @@ async def install(
             return InstallResult(False, "an earlier run of this install is still going")
         try:
             proc = _start_supervisor(
-                manifest.install, target, log_path, exit_path, timeout, lock_fd, env
+                manifest.install, target, log_path, exit_path, timeout, (lock_fd, package_fd), env
             )
         except OSError as exc:
             return InstallResult(False, f"install supervisor could not start: {exc}")

@@ -2,11 +2,11 @@
 
 The daemon starts this file as a script (``python supervise.py ...``, in a
 session of its own, without importing rdsd, so it starts fast and depends on
-nothing but the standard library). It holds the job's run lock, which the
-daemon took before starting it and handed over as an inherited descriptor,
-for as long as it lives; it runs the install command in a process group of
-its own, waits for it and writes the outcome atomically to the exit file
-next to the log. So whatever happens to the daemon (kill -9 included), the
+nothing but the standard library). It holds the job's run lock and the
+package's install lock, which the daemon took before starting it and handed
+over as inherited descriptors, for as long as it lives; it runs the install command in a process
+group of its own, waits for it and writes the outcome atomically to the
+exit file next to the log. So whatever happens to the daemon (kill -9 included), the
 command's real exit status is on disk when it ends, and a daemon that starts
 again finds either a live supervisor to wait for or the outcome.
 
@@ -95,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", required=True, type=Path)
     p.add_argument("--exit", required=True, type=Path)
     p.add_argument("--timeout", required=True, type=float)
-    p.add_argument("--lock-fd", type=int, default=-1)
+    p.add_argument("--lock-fd", type=int, action="append", default=[])
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    # The run lock stays held through this descriptor until this process ends;
-    # the install command must not inherit it (it could outlive us).
-    if args.lock_fd >= 0:
-        os.set_inheritable(args.lock_fd, False)
+    # The locks (the job's run lock, the package's install lock) stay held
+    # through these descriptors until this process ends; the install command
+    # must not inherit them (it could outlive us).
+    for fd in args.lock_fd:
+        os.set_inheritable(fd, False)
     outcome = supervise(command, args.cwd, args.log, args.exit, args.timeout)
     write_outcome(args.exit, outcome)
     return 0

@@ -268,6 +268,52 @@ async def test_rdsft_adopts_an_install_a_killed_daemon_left_running(
     assert lines(out / "effects-client1.txt") == [job]
 
 
+async def test_an_offer_installed_by_rdsft_waits_for_the_daemons_install_of_its_package(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The daemon and ``rdsft install`` are two processes with a runner each:
+    while the daemon runs one job's install of a package, ``rdsft install``
+    of an offer of the same package waits for it, then runs; the two install
+    commands never overlap."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = add_package(deployment, "effect", 64 * KiB, script=EFFECT_SCRIPT)
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        env = {"RDSD_TEST_OUT": str(out), "RDSD_TEST_BEFORE": "2"}
+        client = Daemon(cfg.home, env=env)
+        events = out / "events-client1.txt"
+        async with daemons(client):
+            await client.start()
+            await wait_child(server, "client1")
+            with deployment.admin() as admin:
+                offer = admin.create_job("offer", pid, ["client1"])
+                await wait_until(
+                    lambda: dest_of(admin, offer, "client1")["state"] == "offered",
+                    15,
+                    what="the offer to arrive",
+                )
+                job = admin.create_job("install", pid, ["client1"])
+                await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
+                proc = await asyncio.create_subprocess_exec(
+                    *rdsft_cmd(),
+                    "install",
+                    pid,
+                    "--home",
+                    str(cfg.home),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env={**os.environ, **env},
+                )
+                async with asyncio.timeout(30):
+                    stdout, stderr = await proc.communicate()
+                assert proc.returncode == 0, stderr.decode()
+                assert "installed" in stdout.decode(), stdout.decode()
+                await wait_state(admin, job, "client1", {"installed"})
+    assert lines(events) == [f"start {job}", f"end {job}", f"start {offer}", f"end {offer}"]
+    assert not lines(out / "overlap-client1.txt")
+
+
 async def test_a_background_failure_is_one_structured_event(deployment: Deployment) -> None:
     """What asyncio would print raw on stderr (an exception nobody retrieved,
     an SSL shutdown that timed out) is logged as one event of the node."""
@@ -525,18 +571,19 @@ async def test_package_is_refused_one_second_after_expiry(deployment: Deployment
         assert m is not None
         # Something still uses it, so the expiry timer must spare it: the
         # check at serving time is what refuses it.
-        with relay.store.lease(pid, "a job"):
+        with relay.store.lease(pid, "a job"), deployment.admin() as admin:
+            # Created while the package is fresh (a job for an expired package
+            # is refused); the client comes only after the expiry.
+            job = admin.create_job("install", pid, ["client1"])
             await asyncio.sleep(max(0.0, m.expires + 1 - time.time()))
             assert relay.store.has(pid)
             with pytest.raises(ExpiredPackage):
                 async for _ in relay.store.chunks(pid, 0):
                     pass
             async with running(ccfg) as (_client,):
-                with deployment.admin() as admin:
-                    job = admin.create_job("install", pid, ["client1"])
-                    assert await wait_state(admin, job, "client1", DONE, 15) == "failed"
-                    detail = dest_of(admin, job, "client1")["detail"]
-                    assert "expired" in detail, detail
+                assert await wait_state(admin, job, "client1", DONE, 15) == "failed"
+                detail = dest_of(admin, job, "client1")["detail"]
+                assert "expired" in detail, detail
         # Free again: the timer deletes it at once.
         await wait_until(lambda: not relay.store.has(pid), 2, what="the expired package to go")
 
