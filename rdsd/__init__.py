@@ -11,44 +11,104 @@ cannot be done as asked). Everything else is internal layering; see
 ``docs/DESIGN.md`` for the map.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from .admin import Admin, AsyncAdmin, enroll, init_node, init_server
-from .config import HomePaths, NodeConfig
-from .domain import DestState, HelloPurpose, JobType, Role
-from .errors import (
-    AdminError,
-    ConfigError,
-    CorruptChunk,
-    DiskFull,
-    IllegalTransition,
-    JobError,
-    ManifestError,
-    PackingError,
-    PeerError,
-    RdsdError,
-    SecurityError,
-    SessionClosed,
-    StoreError,
-    TransferFailed,
-    UserError,
-)
-from .events import (
-    ChildConnected,
-    ChildDisconnected,
-    DestChanged,
-    Event,
-    EventBus,
-    EventBusClosed,
-    EventsDropped,
-    JobReceived,
-    PackageExpired,
-    PackageStored,
-    Subscription,
-    TransferProgress,
-)
-from .net.observe import TrafficObserver
-from .node import Node
+if TYPE_CHECKING:
+    from .admin import Admin, AsyncAdmin, enroll, init_node, init_server
+    from .config import HomePaths, NodeConfig
+    from .domain import DestState, HelloPurpose, JobType, Role
+    from .errors import (
+        AdminError,
+        ConfigError,
+        CorruptChunk,
+        DiskFull,
+        IllegalTransition,
+        JobError,
+        ManifestError,
+        PackingError,
+        PeerError,
+        RdsdError,
+        SecurityError,
+        SessionClosed,
+        StoreError,
+        TransferFailed,
+        UserError,
+    )
+    from .events import (
+        ChildConnected,
+        ChildDisconnected,
+        DestChanged,
+        Event,
+        EventBus,
+        EventBusClosed,
+        EventsDropped,
+        JobReceived,
+        PackageExpired,
+        PackageStored,
+        Subscription,
+        TransferProgress,
+    )
+    from .net.observe import TrafficObserver
+    from .node import Node
+
+
+#: Where each exported name lives; imported on first use, so that the
+#: command line (which imports this package first) does not pay for the
+#: whole daemon to print a listing.
+_EXPORTS: dict[str, str] = {
+    "Admin": ".admin",
+    "AdminError": ".errors",
+    "AsyncAdmin": ".admin",
+    "ChildConnected": ".events",
+    "ChildDisconnected": ".events",
+    "ConfigError": ".errors",
+    "CorruptChunk": ".errors",
+    "DestChanged": ".events",
+    "DestState": ".domain",
+    "DiskFull": ".errors",
+    "Event": ".events",
+    "EventBus": ".events",
+    "EventBusClosed": ".events",
+    "EventsDropped": ".events",
+    "HelloPurpose": ".domain",
+    "HomePaths": ".config",
+    "IllegalTransition": ".errors",
+    "JobError": ".errors",
+    "JobReceived": ".events",
+    "JobType": ".domain",
+    "ManifestError": ".errors",
+    "Node": ".node",
+    "NodeConfig": ".config",
+    "PackageExpired": ".events",
+    "PackageStored": ".events",
+    "PackingError": ".errors",
+    "PeerError": ".errors",
+    "RdsdError": ".errors",
+    "Role": ".domain",
+    "SecurityError": ".errors",
+    "SessionClosed": ".errors",
+    "StoreError": ".errors",
+    "Subscription": ".events",
+    "TrafficObserver": ".net.observe",
+    "TransferFailed": ".errors",
+    "TransferProgress": ".events",
+    "UserError": ".errors",
+    "enroll": ".admin",
+    "init_node": ".admin",
+    "init_server": ".admin",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 try:
     __version__ = version("rdsd")
