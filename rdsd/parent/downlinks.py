@@ -48,7 +48,7 @@ from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
-from ..validate import Invalid, check_time
+from ..validate import Invalid, check_time, clean_text
 from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
 
@@ -536,17 +536,17 @@ class Downlinks:
                     job=rep.job,
                     dest=rep.node,
                     state=rep.state,
-                    detail=rep.detail,
+                    detail=clean_text(rep.detail),
                     package=rep.package,
                 )
             elif outcome is Applied.ILLEGAL:
-                self.log.warning(
+                self.handlers.refused(
                     "report.refused",
+                    child,
+                    "not a state change the destination lifecycle allows",
                     job=rep.job,
                     dest=rep.node,
-                    peer=child.name,
                     state=rep.state,
-                    reason="not a state change the destination lifecycle allows",
                 )
             with contextlib.suppress(SessionClosed):
                 child.session.send_nowait(ReportAck(report_id=rep.report_id))

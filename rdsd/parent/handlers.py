@@ -288,8 +288,13 @@ class ChildHandlers:
         for name, claim in decoded.items():
             row = known.get(name)
             try:
-                if server and (row is None or row.pubkey is None):
+                if server and row is None:
                     raise ClaimError(f"{name} was never enrolled here")
+                if server and row is not None and row.pubkey is None:
+                    raise ClaimError(
+                        f"no certificate is recorded for {name} (enrolled by an earlier "
+                        "version: enrol it again, or let it connect here directly once)"
+                    )
                 if (
                     row is not None
                     and row.role in (Role.RELAY, Role.CLIENT)
