@@ -15,6 +15,7 @@ from .connection import (
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import MAGIC, MAX_HEADER, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
+    MAX_CLAIM,
     MAX_PRESENCE_BATCH,
     MAX_SOFTWARE,
     MAX_TOPOLOGY_BATCH,
@@ -51,6 +52,7 @@ from .messages import (
 
 __all__ = [
     "MAGIC",
+    "MAX_CLAIM",
     "MAX_HEADER",
     "MAX_PAYLOAD",
     "MAX_PRESENCE_BATCH",

@@ -18,6 +18,7 @@ from enum import Enum
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import MAGIC, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
+    MAX_CLAIM,
     MAX_PRESENCE_BATCH,
     MAX_SOFTWARE,
     MAX_TOPOLOGY_BATCH,
@@ -179,11 +180,14 @@ class Connection:
         msg = self._decoder.next_message()
         if msg is None:
             return self._eof_or_need()
-        if msg.TYPE is T.HELLO and isinstance(msg, Hello) and msg.proto != PROTOCOL_VERSION:
-            raise RemoteProtocolError(
-                f"protocol version {msg.proto} not supported (want {PROTOCOL_VERSION})",
-                ErrorCode.UNSUPPORTED_VERSION,
-            )
+        if msg.TYPE is T.HELLO and isinstance(msg, Hello):
+            if msg.proto != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"protocol version {msg.proto} not supported (want {PROTOCOL_VERSION})",
+                    ErrorCode.UNSUPPORTED_VERSION,
+                )
+            if len(msg.attach) > MAX_CLAIM:
+                raise RemoteProtocolError(f"HELLO attach claim longer than {MAX_CLAIM} bytes")
         if self.state is State.CLOSED:
             raise RemoteProtocolError(f"{msg.TYPE.name} after the connection was closed")
         self.state = self._advance(self.peer_side, msg, RemoteProtocolError)
@@ -256,6 +260,8 @@ def _check_topology(
         raise err("TOPOLOGY with reset replaces the subtree: it removes nothing by name")
     if set(msg.nodes) & set(msg.removed):
         raise err("TOPOLOGY both adds and removes a node")
+    if any(len(claim) > MAX_CLAIM for claim in msg.nodes.values()):
+        raise err(f"TOPOLOGY carries a claim longer than {MAX_CLAIM} bytes")
 
 
 def _check_presence(
@@ -271,3 +277,5 @@ def _check_presence(
         raise err(f"PRESENCE software longer than {MAX_SOFTWARE} characters")
     if set(msg.online) & set(msg.offline):
         raise err("PRESENCE puts a node both online and offline")
+    if any(len(claim) > MAX_CLAIM for claim in msg.online.values()):
+        raise err(f"PRESENCE carries a claim longer than {MAX_CLAIM} bytes")

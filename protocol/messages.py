@@ -21,11 +21,15 @@ from typing import Annotated, Any, ClassVar, Union
 
 from .errors import ErrorCode, RemoteProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
-#: Names per TOPOLOGY message (added and removed together): about 0.4 MiB
-#: of header with 64-character names, well inside the header cap.
-MAX_TOPOLOGY_BATCH = 5000
+#: Names per TOPOLOGY message (added and removed together): with
+#: 64-character names and attach claims of the largest allowed size, about
+#: 0.9 MiB of header, inside the header cap.
+MAX_TOPOLOGY_BATCH = 2000
+#: The largest signed claim (an attach claim in HELLO, TOPOLOGY or
+#: PRESENCE) a receiver takes; real ones are under 300 bytes.
+MAX_CLAIM = 400
 
 # At most this many names (online plus offline) in one PRESENCE message; a
 # larger change goes as several messages.
@@ -121,6 +125,10 @@ class Hello(Message):
     purpose: str = "session"
     proto: int = PROTOCOL_VERSION
     software: str = ""
+    #: The child's signed attach claim naming this parent (version 3): how a
+    #: node proves where it is to every node above, through relays that can
+    #: forward the claim but not forge it. Refused when missing or bad.
+    attach: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +253,9 @@ class FetchCancel(Message):
 class Report(Message):
     """A destination's state change. ``seq`` grows at ``origin``, the node
     that made the change (the destination itself unless said otherwise), so a
-    repeated or reordered report changes nothing upstream. Relays forward
-    reports unchanged."""
+    repeated or reordered report changes nothing upstream. ``sig`` is the
+    origin's signature over every other field (version 3), so relays forward
+    reports unchanged and cannot forge one."""
 
     TYPE: ClassVar[MessageType] = MessageType.REPORT
     report_id: str
@@ -258,6 +267,7 @@ class Report(Message):
     package: PackageId | None = None
     time: float = 0.0
     origin: Name | None = None
+    sig: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +278,8 @@ class ReportAck(Message):
 
 @dataclass(frozen=True, slots=True)
 class Topology(Message):
-    """The subtree below a relay, node name to role.
+    """The subtree below a relay: each node's own signed attach claim (which
+    carries its role and its parent), forwarded unchanged (version 3).
 
     With ``reset`` (the default) ``nodes`` replaces everything the parent
     routed through this relay; without it, ``nodes`` are added (or their
@@ -278,7 +289,7 @@ class Topology(Message):
     and ``removed`` together), so a subtree of any size fits."""
 
     TYPE: ClassVar[MessageType] = MessageType.TOPOLOGY
-    nodes: dict[Name, str]
+    nodes: dict[Name, bytes]
     removed: list[Name] = field(default_factory=list)
     reset: bool = True
 
@@ -296,8 +307,9 @@ class Holdings(Message):
 class Presence(Message):
     """Which nodes below a relay are connected now (protocol version 2).
 
-    ``online`` maps each node that came online to the relay or node it is
-    directly connected to; ``software`` gives, for nodes in ``online``, what
+    ``online`` maps each node that came online to its own signed attach
+    claim, which names the relay or node it is directly connected to
+    (version 3: a bare parent name before); ``software`` gives, for nodes in ``online``, what
     they said in HELLO.software; ``offline`` lists nodes that went away. With
     ``reset`` the parent first forgets every node it knew online through this
     relay: a relay sends its whole connected subtree that way on each new
@@ -305,7 +317,7 @@ class Presence(Message):
     message."""
 
     TYPE: ClassVar[MessageType] = MessageType.PRESENCE
-    online: dict[Name, Name] = field(default_factory=dict)
+    online: dict[Name, bytes] = field(default_factory=dict)
     offline: list[Name] = field(default_factory=list)
     software: dict[Name, str] = field(default_factory=dict)
     reset: bool = False

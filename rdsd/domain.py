@@ -65,10 +65,12 @@ _ANY_OUTCOME = frozenset({S.INSTALLING, S.STORED, S.OFFERED, S.INSTALLED, S.FAIL
 #: reachable from every final state but ``CANCELLED`` because a retry (a
 #: newer generation) starts a destination over. A cancelled destination
 #: still takes a real outcome reported from below (the node did finish
-#: before it heard of the cancel), so status tells the truth.
+#: before it heard of the cancel), so status tells the truth. ``installed``
+#: comes only after ``installing`` (or an offer, a failure or a cancel that
+#: the node's real outcome overtakes): a node cannot skip the install.
 DEST_TRANSITIONS: dict[DestState, frozenset[DestState]] = {
-    S.WAITING: _PROGRESS | _ANY_OUTCOME,
-    S.TRANSFERRING: _PROGRESS | _ANY_OUTCOME,
+    S.WAITING: _PROGRESS | (_ANY_OUTCOME - {S.INSTALLED}),
+    S.TRANSFERRING: _PROGRESS | (_ANY_OUTCOME - {S.INSTALLED}),
     S.INSTALLING: frozenset({S.INSTALLING, S.INSTALLED, S.FAILED, S.CANCELLED}),
     S.OFFERED: frozenset({S.OFFERED, S.WAITING, S.INSTALLING, S.INSTALLED, S.FAILED, S.CANCELLED}),
     S.STORED: frozenset({S.STORED, S.WAITING, S.FAILED, S.CANCELLED}),
@@ -178,6 +180,24 @@ class NodeRow:
     via: str | None
     last_seen: float | None
     revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NodeClaim:
+    """What a parent knows of a node for judging claims about it: its role,
+    the child session it is routed through, whether it is revoked, the
+    public key of the certificate issued to it (the server only; None for a
+    node never enrolled here), and the newest attach claim accepted for it
+    (raw, counter, the parent it names)."""
+
+    name: str
+    role: str
+    via: str | None
+    revoked: bool
+    pubkey: bytes | None
+    claim: bytes | None
+    counter: int | None
+    parent: str | None
 
 
 class JobFilter(StrEnum):

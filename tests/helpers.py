@@ -14,16 +14,28 @@ import sqlite3
 import ssl
 import stat
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol import NEED_DATA, Connection, ConnectionClosed, Hello, Message, Side, Welcome
+from protocol import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    Hello,
+    Message,
+    Report,
+    Side,
+    Welcome,
+)
 from rdsd.admin import Admin, enroll, init_node
+from rdsd.claims import ClaimSigner
 from rdsd.config import HomePaths, NodeConfig
 from rdsd.domain import Role
+from rdsd.net.session import Session
 from rdsd.node import Node
 from rdsd.security import client_context
 
@@ -202,12 +214,24 @@ def is_executable(path: Path) -> bool:
 
 class RawChild:
     """A hand-driven child: TLS with some node's identity, then whatever
-    bytes or messages the test decides, decoded as a real child would."""
+    bytes or messages the test decides, decoded as a real child would. It
+    holds that node's key, so it can sign claims as the node (``attach``,
+    ``sign``) or leave them unsigned."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        signer: ClaimSigner | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.conn = Connection(Side.CHILD)
+        self.signer = signer
+        self.parent = ""
+        self.counter = time.time_ns() // 1000
+        with contextlib.suppress(Exception):
+            self.parent = Session.identify(writer).name
 
     @classmethod
     async def connect(
@@ -219,7 +243,30 @@ class RawChild:
         ctx = client_context(trust.ca_cert, ident.cert, ident.key)
         async with asyncio.timeout(5):
             reader, writer = await asyncio.open_connection(*address, ssl=ctx)
-        return cls(reader, writer)
+        return cls(reader, writer, ClaimSigner.from_file(ident.key))
+
+    def attach(
+        self,
+        node: str,
+        role: str = "client",
+        parent: str | None = None,
+        counter: int | None = None,
+        at: float | None = None,
+    ) -> bytes:
+        """An attach claim signed with this connection's key (by default:
+        ``node`` under the parent it is connected to, counted now)."""
+        assert self.signer is not None
+        if counter is None:
+            self.counter += 1
+            counter = self.counter
+        return self.signer.attach(
+            node, role, parent or self.parent, counter, time.time() if at is None else at
+        )
+
+    def sign(self, report: Report) -> Report:
+        """``report`` signed with this connection's key."""
+        assert self.signer is not None
+        return self.signer.report(report)
 
     async def send(self, msg: Message) -> None:
         self.writer.writelines(self.conn.send(msg))
@@ -242,8 +289,13 @@ class RawChild:
                     data = b""
                 self.conn.receive_data(data)
 
-    async def handshake(self, node: str, role: str = "client", purpose: str = "query") -> None:
-        await self.send(Hello(node=node, role=role, purpose=purpose))
+    async def handshake(
+        self, node: str, role: str = "client", purpose: str = "query", attach: bytes | None = None
+    ) -> None:
+        """HELLO (with this node's attach claim unless ``attach`` says
+        otherwise) and the parent's WELCOME."""
+        claim = self.attach(node, role) if attach is None and self.signer is not None else attach
+        await self.send(Hello(node=node, role=role, purpose=purpose, attach=claim or b""))
         welcome = await self.recv()
         assert isinstance(welcome, Welcome), welcome
 

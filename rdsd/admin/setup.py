@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from ..claims import public_key_der
 from ..config import HomePaths, NodeConfig
 from ..domain import Role
 from ..errors import AdminError, ConfigError
@@ -93,7 +94,7 @@ def enroll(server_home: Path, name: str, role: str, out: Path, force: bool = Fal
             raise AdminError(f"--out {out} already exists; add --force to overwrite it")
         if not out.parent.is_dir():
             raise AdminError(f"--out {out}: directory {out.parent} does not exist")
-        cert, key, _ = issue_certificate(
+        cert, key, serial = issue_certificate(
             paths.ca_cert.read_bytes(), paths.ca_key.read_bytes(), name, want
         )
         write_bundle(
@@ -108,7 +109,9 @@ def enroll(server_home: Path, name: str, role: str, out: Path, force: bool = Fal
             ),
         )
         try:
-            admin.db.enroll(name, want)
+            # The allow-list: this serial and key are the node from now on
+            # (a re-issued bundle's predecessor is refused).
+            admin.db.enroll(name, want, serial, public_key_der(cert))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 out.unlink()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import sqlite3
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
@@ -38,11 +39,12 @@ from protocol import (
     Revoked,
 )
 
+from ..claims import ClaimSigner
 from ..config import NodeConfig
 from ..domain import HelloPurpose, Role
 from ..errors import SessionClosed
 from ..net.observe import TrafficObserver
-from ..net.session import Session, open_child_session
+from ..net.session import Peer, Session, open_child_session
 from ..net.transfer import FetchRouter
 from ..util.backoff import Backoff
 
@@ -82,9 +84,15 @@ class Uplink:
         handler: UplinkHandler,
         purpose: HelloPurpose = HelloPurpose.SESSION,
         observer: TrafficObserver | None = None,
+        counter: Callable[[], int] | None = None,
     ) -> None:
         assert cfg.parent is not None
         self.cfg = cfg
+        # This node's own claims (where it is attached, the reports it makes)
+        # are signed with its certificate's key; ``counter`` numbers attach
+        # claims (the job database keeps it, so it only grows).
+        self.signer = ClaimSigner.from_file(cfg.paths.key)
+        self._counter = counter or (lambda: time.time_ns() // 1000)
         self.ctx = ctx
         self.handler = handler
         self.purpose = purpose
@@ -121,11 +129,23 @@ class Uplink:
         hop (below the server, and between relays) resumes."""
         return self.parent_role is not Role.RELAY or self.cfg.role is Role.RELAY
 
+    def hello(self, parent: Peer) -> Hello:
+        """HELLO with this node's attach claim naming ``parent`` (from its
+        certificate), signed now with a fresh counter."""
+        claim = self.signer.attach(
+            self.cfg.name, self.cfg.role, parent.name, self._counter(), time.time()
+        )
+        return Hello(
+            node=self.cfg.name,
+            role=self.cfg.role,
+            purpose=self.purpose,
+            software=software(),
+            attach=claim,
+        )
+
     async def connect_once(self) -> Session:
         host, port = self.cfg.parent  # type: ignore[misc]
-        hello = Hello(
-            node=self.cfg.name, role=self.cfg.role, purpose=self.purpose, software=software()
-        )
+        hello = self.hello
         session, welcome = await open_child_session(
             host,
             port,
@@ -332,6 +352,10 @@ class Uplink:
         try:
             for position, report in rows:
                 if position > self.reports_upto:
+                    if not report.sig and (report.origin or report.node) == self.cfg.name:
+                        # Our own change: signed as it leaves (relays forward
+                        # other nodes' reports with their origin's signature).
+                        report = self.signer.report(report)
                     session.send_nowait(report)
                     self.reports_upto = position
                     self.acked()

@@ -28,7 +28,6 @@ from ..util.logs import configure
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
-
 def _raise_fd_limit() -> None:
     """A relay holds one socket per child: allow as many as the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -58,7 +58,9 @@ class LocalNode:
         paths.work.mkdir(exist_ok=True)
         self.intake = JobIntake(self.cfg.name, self.cfg.role, self.db, envelopes)
         ctx = client_context(paths.ca_cert, paths.cert, paths.key)
-        self.link = Uplink(self.cfg, ctx, self, purpose=HelloPurpose.QUERY)
+        self.link = Uplink(
+            self.cfg, ctx, self, purpose=HelloPurpose.QUERY, counter=self.db.next_claim_counter
+        )
         self.fetcher = Fetcher(self.cfg, self.store, self.link)
         self.runner = Runner(self.cfg, self.db, self.store, envelopes, self.fetcher, lambda: None)
         self._acked = asyncio.Event()

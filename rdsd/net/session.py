@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -30,6 +31,7 @@ from protocol import (
     Welcome,
 )
 
+from ..claims import public_key_der
 from ..domain import Role
 from ..errors import PeerError, SecurityError, SessionClosed
 from ..security import peer_identity
@@ -52,10 +54,14 @@ WRITE_SLICE = 64 * 1024
 
 @dataclass(frozen=True)
 class Peer:
-    """Who is at the other end, from the certificate it proved it holds."""
+    """Who is at the other end, from the certificate it proved it holds:
+    its name and role, and the certificate's serial and public key (DER),
+    against which the peer's own claims are checked."""
 
     name: str
     role: Role
+    serial: int = 0
+    key: bytes = b""
 
 
 class Session:
@@ -98,8 +104,10 @@ class Session:
         obj = writer.get_extra_info("ssl_object")
         if not isinstance(obj, ssl.SSLObject):
             raise SecurityError("connection is not TLS")
-        name, role, _ = peer_identity(obj.getpeercert(binary_form=True))
-        return Peer(name, Role(role))
+        der = obj.getpeercert(binary_form=True)
+        name, role, serial = peer_identity(der)
+        assert der is not None  # peer_identity refuses a missing certificate
+        return Peer(name, Role(role), serial, public_key_der(der))
 
     def send_nowait(self, msg: Message) -> None:
         """Frame and queue ``msg`` without waiting for the peer: what control
@@ -244,13 +252,14 @@ async def open_child_session(
     host: str,
     port: int,
     ctx: ssl.SSLContext,
-    hello: Hello,
+    hello: Hello | Callable[[Peer], Hello],
     timeout: float,
     idle_timeout: float,
     observer: TrafficObserver | None = None,
 ) -> tuple[Session, Welcome]:
     """Connect to a parent, check it is a server or relay of our deployment,
-    and exchange HELLO/WELCOME within ``timeout``."""
+    and exchange HELLO/WELCOME within ``timeout``. ``hello`` may be made
+    from the parent's identity (a child's attach claim names its parent)."""
     async with asyncio.timeout(timeout):
         try:
             reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
@@ -270,7 +279,7 @@ async def open_child_session(
             writer.close()
             raise
         session = Session(reader, writer, Side.CHILD, peer, idle_timeout, observer)
-        await session.send(hello)
+        await session.send(hello if isinstance(hello, Hello) else hello(peer))
         msg = await session.recv(timeout)
     if not isinstance(msg, Welcome):
         await session.close("unexpected answer to HELLO")

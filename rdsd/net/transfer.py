@@ -154,9 +154,7 @@ async def receive(
                     msg = await q.get()
             except TimeoutError:
                 await _store_step(dl.flush())
-                raise TransferFailed(
-                    f"no data from {session.peer.name} for {limit:.0f}s"
-                ) from None
+                raise TransferFailed(f"no data from {session.peer.name} for {limit:.0f}s") from None
             limit = timeout
             if msg is None:
                 # Keep every chunk already received: the resume starts after them.

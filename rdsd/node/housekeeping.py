@@ -53,7 +53,7 @@ class Housekeeper:
         self.revocations_changed = False
         # What the parent has been told of the subtree, on which session; the
         # names changed since (or, with _topology_full, possibly any).
-        self._topology_sent: dict[str, str] = {}
+        self._topology_sent: dict[str, bytes] = {}
         self._topology_session: Session | None = None
         self._topology_dirty: set[str] = set()
         self._topology_full = True
@@ -237,7 +237,9 @@ class Housekeeper:
         """A relay tells its parent which nodes are behind it (so jobs for
         them are routed here) and what its cache holds: the whole subtree on
         a new session (in batches), afterwards only the nodes that changed,
-        so a storm of children connecting costs the parent what changed."""
+        so a storm of children connecting costs the parent what changed.
+        Each node goes up as its own attach claim, forwarded unchanged; a
+        node whose claim this relay does not hold is not claimed."""
         node = self.node
         session = node.uplink.session if node.uplink else None
         if not node.parts.forwards_up or session is None or session.closed:
@@ -247,22 +249,26 @@ class Housekeeper:
         reset = self._topology_full or session is not self._topology_session
         dirty, self._topology_dirty = self._topology_dirty, set()
         self._topology_full = False
-        added: dict[str, str] = {}
+        added: dict[str, bytes] = {}
         removed: list[str] = []
         if reset:
-            now = {
-                n.name: n.role for n in node.db.nodes() if n.name != me and n.via and not n.revoked
-            }
+            subtree = node.db.subtree_claims(me)
+            # Parents before their children, so each batch's chains of
+            # claims lead up to this relay by what the parent has seen.
+            now = {n: subtree[n][0] for n in parents_first(subtree)}
             added = now
         else:
-            rows = node.db.node_index_of(dirty)
+            rows = node.db.claim_index(dirty)
             now = dict(self._topology_sent)
-            for name in sorted(dirty - {me}):
-                row = rows.get(name)
-                if row is not None and row[1] and not row[2]:
-                    if now.get(name) != row[0]:
-                        added[name] = now[name] = row[0]
+            for name in parents_first({n: (b"", r.parent) for n, r in rows.items()}):
+                row = rows[name]
+                if name != me and row.via and not row.revoked and row.claim is not None:
+                    if now.get(name) != row.claim:
+                        added[name] = now[name] = row.claim
                 elif now.pop(name, None) is not None:
+                    removed.append(name)
+            for name in sorted(dirty - set(rows) - {me}):
+                if now.pop(name, None) is not None:
                     removed.append(name)
         self._held = self.holdings()
         try:
@@ -288,7 +294,15 @@ class Housekeeper:
         self.presence_dirty = False
         now = node.db.online()
         before = {} if reset else self._presence_sent
-        online = [(n, v) for n, v in sorted(now.items()) if before.get(n) != v]
+        changed = [(n, v) for n, v in sorted(now.items()) if before.get(n) != v]
+        # Each node goes up with its own attach claim; one this relay does
+        # not hold cannot be shown online above.
+        claims = node.db.claim_index(n for n, _ in changed)
+        online = [
+            (n, (claim, software))
+            for n, (_, software) in changed
+            if (claim := claims[n].claim if n in claims else None) is not None
+        ]
         offline = sorted(set(before) - set(now))
         if not (reset or online or offline):
             return
@@ -316,17 +330,35 @@ class Housekeeper:
         return self.holdings() != self._held
 
 
-def topology_batches(added: dict[str, str], removed: list[str], reset: bool) -> list[Topology]:
+def parents_first(claims: dict[str, tuple[bytes, str | None]]) -> list[str]:
+    """Names of ``claims`` (name to claim and the parent it names) ordered
+    so that a parent in the set comes before the nodes under it."""
+    depth: dict[str, int] = {}
+    for name in claims:
+        path = []
+        at: str | None = name
+        while at is not None and at in claims and at not in depth and at not in path:
+            path.append(at)
+            at = claims[at][1]
+        base = depth.get(at, 0) if at is not None else 0
+        for step in reversed(path):
+            base += 1
+            depth[step] = base
+    return sorted(claims, key=lambda n: (depth[n], n))
+
+
+def topology_batches(added: dict[str, bytes], removed: list[str], reset: bool) -> list[Topology]:
     """A subtree change as TOPOLOGY messages within the cap; the first
-    carries ``reset``. An empty reset is one empty message."""
-    items: list[tuple[str, str | None]] = [*added.items(), *((n, None) for n in removed)]
+    carries ``reset``. An empty reset is one empty message. ``added`` keeps
+    its order (parents first)."""
+    items: list[tuple[str, bytes | None]] = [*added.items(), *((n, None) for n in removed)]
     out = []
     for start in range(0, max(len(items), 1), MAX_TOPOLOGY_BATCH):
         part = items[start : start + MAX_TOPOLOGY_BATCH]
         out.append(
             Topology(
-                nodes={n: role for n, role in part if role is not None},
-                removed=[n for n, role in part if role is None],
+                nodes={n: claim for n, claim in part if claim is not None},
+                removed=[n for n, claim in part if claim is None],
                 reset=reset and start == 0,
             )
         )
@@ -334,11 +366,12 @@ def topology_batches(added: dict[str, str], removed: list[str], reset: bool) -> 
 
 
 def presence_batches(
-    online: list[tuple[str, tuple[str, str]]], offline: list[str], reset: bool
+    online: list[tuple[str, tuple[bytes, str]]], offline: list[str], reset: bool
 ) -> list[Presence]:
     """Split a presence change into PRESENCE messages within the cap; the
-    first carries ``reset``. An empty reset is one empty message."""
-    items: list[tuple[str, tuple[str, str] | None]] = [
+    first carries ``reset``. An empty reset is one empty message. Each
+    online node is (its attach claim, its software)."""
+    items: list[tuple[str, tuple[bytes, str] | None]] = [
         *online,
         *((n, None) for n in offline),
     ]

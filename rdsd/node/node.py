@@ -130,7 +130,9 @@ class Node:
         paths.work.mkdir(exist_ok=True)
         if parts.child_half:
             ctx = client_context(paths.ca_cert, paths.cert, paths.key)
-            self.uplink = Uplink(cfg, ctx, self, observer=self.observer)
+            self.uplink = Uplink(
+                cfg, ctx, self, observer=self.observer, counter=self.db.next_claim_counter
+            )
             self.fetcher = Fetcher(cfg, self.store, self.uplink, self.bus, self._fetch_owners)
         if parts.runs_jobs:
             assert self.fetcher is not None

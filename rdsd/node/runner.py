@@ -279,9 +279,7 @@ class Runner:
                 continue
             last = dl.verified
             with contextlib.suppress(Superseded):
-                self._set(
-                    job, DestState.TRANSFERRING, progress_detail(dl.verified, manifest.size)
-                )
+                self._set(job, DestState.TRANSFERRING, progress_detail(dl.verified, manifest.size))
 
     def _refresh_keep(self, manifest: Manifest, envelope: bytes) -> None:
         """A package transferred again with a new keep duration: same bytes,

@@ -38,6 +38,7 @@ from protocol import (
     Welcome,
 )
 
+from ..claims import Attach, ClaimError, Keys, verify_attach
 from ..config import NodeConfig
 from ..domain import DestState, HelloPurpose, JobHead, Role
 from ..errors import SecurityError, SessionClosed
@@ -47,6 +48,7 @@ from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
+from ..validate import Invalid, check_time, clean_text
 from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
 
@@ -173,6 +175,7 @@ class Downlinks:
         self._due_mark = time.time()  # execution times up to here were routed
         self._envelopes: dict[str, bytes] = {}
         self._handshakes = HandshakeLog()
+        self.keys = Keys()  # loaded public keys, for checking claims
 
     @property
     def address(self) -> tuple[str, int]:
@@ -292,6 +295,8 @@ class Downlinks:
         try:
             hello = await session.recv(self.cfg.handshake_timeout)
             purpose = self._check_hello(session, hello)
+            assert isinstance(hello, Hello)
+            attach = self._check_attach(session, hello)
         except SessionClosed as exc:
             self.log.warning(
                 "child.handshake_failed", peer=peer.name, peer_address=address, reason=str(exc)
@@ -315,9 +320,16 @@ class Downlinks:
                 peer.name, {peer.name: (self.cfg.name, hello.software[:MAX_SOFTWARE])}
             )
             self.hooks.presence_changed()
+        # Even a one-shot query tells us the node sits right below us; its
+        # claim, checked above, is the newest we know of it.
+        self.db.upsert_node(
+            peer.name,
+            peer.role,
+            via=peer.name,
+            claim=(attach.raw, attach.counter, attach.parent),
+            create=self.cfg.role is not Role.SERVER,
+        )
         if purpose is HelloPurpose.SESSION or known is None or known.via != peer.name:
-            # Even a one-shot query tells us the node sits right below us.
-            self.db.upsert_node(peer.name, peer.role, via=peer.name)
             self.hooks.topology_changed([peer.name])
         self.log.info(
             "child.connected", peer=peer.name, role=peer.role, purpose=purpose, peer_address=address
@@ -378,7 +390,56 @@ class Downlinks:
         row = self.db.node(peer.name)
         if row is not None and row.revoked:
             raise ProtocolError(f"node {peer.name} is revoked", ErrorCode.REVOKED)
+        if self.cfg.role is Role.SERVER:
+            self._check_enrolled(session)
         return purpose
+
+    def _check_enrolled(self, session: Session) -> None:
+        """The server's allow-list: only the certificate it issued to a node
+        at enrolment (by serial) opens a session; a certificate our CA signed
+        for a name never enrolled, or one replaced by a re-issued bundle, is
+        refused. A node enrolled before serials were recorded has its
+        certificate recorded the first time it shows it."""
+        peer = session.peer
+        found = self.db.enrolment(peer.name)
+        if found is None or not found[0]:
+            raise ProtocolError(f"{peer.name} was never enrolled here", ErrorCode.UNAUTHORIZED)
+        serial = found[1]
+        if serial is None:
+            self.db.adopt_certificate(peer.name, peer.serial, peer.key)
+            self.log.warning(
+                "child.certificate_recorded", peer=peer.name, serial=f"{peer.serial:x}"
+            )
+        elif serial != str(peer.serial):
+            raise ProtocolError(
+                f"the certificate {peer.serial:x} is not the one issued to {peer.name} "
+                "(it was enrolled again since)",
+                ErrorCode.UNAUTHORIZED,
+            )
+
+    def _check_attach(self, session: Session, hello: Hello) -> Attach:
+        """The child's own attach claim in HELLO: signed with the key of the
+        certificate it connected with, naming itself, its role and us, not
+        in the future, and not older than the newest claim we hold of it."""
+        peer = session.peer
+        try:
+            if not hello.attach:
+                raise ClaimError("HELLO carries no attach claim (refused since version 3)")
+            claim = verify_attach(hello.attach, self.keys.get(peer.key))
+            if (claim.node, claim.role, claim.parent) != (peer.name, peer.role, self.cfg.name):
+                raise ClaimError(
+                    f"the attach claim says {claim.node}/{claim.role} under {claim.parent}"
+                )
+            check_time(claim.time, time.time(), "attach claim time")
+        except (ClaimError, Invalid) as exc:
+            raise ProtocolError(f"attach claim refused: {exc}", ErrorCode.UNAUTHORIZED) from None
+        known = self.db.claim_index([peer.name]).get(peer.name)
+        if known is not None and known.counter is not None and claim.counter < known.counter:
+            raise ProtocolError(
+                "attach claim refused: older than one already seen from this node",
+                ErrorCode.UNAUTHORIZED,
+            )
+        return claim
 
     def in_subtree(self, child: str, node: str) -> bool:
         """``routing.in_subtree``, with the route read only when needed."""
@@ -475,17 +536,17 @@ class Downlinks:
                     job=rep.job,
                     dest=rep.node,
                     state=rep.state,
-                    detail=rep.detail,
+                    detail=clean_text(rep.detail),
                     package=rep.package,
                 )
             elif outcome is Applied.ILLEGAL:
-                self.log.warning(
+                self.handlers.refused(
                     "report.refused",
+                    child,
+                    "not a state change the destination lifecycle allows",
                     job=rep.job,
                     dest=rep.node,
-                    peer=child.name,
                     state=rep.state,
-                    reason="not a state change the destination lifecycle allows",
                 )
             with contextlib.suppress(SessionClosed):
                 child.session.send_nowait(ReportAck(report_id=rep.report_id))

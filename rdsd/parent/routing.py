@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..domain import DestState
+from ..claims import Attach
+from ..domain import DestState, NodeClaim, Role
 
 #: Destinations per JOB_NOTICE, so a job for any number of nodes fits a frame.
 NOTICE_BATCH = 1000
@@ -104,10 +105,11 @@ def plan_push(
 
 @dataclass
 class TopologyPlan:
-    """What a relay's TOPOLOGY changes: routes to move to it (name, role),
-    every node it now leads to, and claims refused (name, current route)."""
+    """What a relay's TOPOLOGY changes: routes to move to it (name, role,
+    attach claim, its counter, the parent it names), every node it now
+    leads to, and claims refused (name, reason)."""
 
-    moves: list[tuple[str, str]] = field(default_factory=list)
+    moves: list[tuple[str, str, bytes, int, str]] = field(default_factory=list)
     keep: set[str] = field(default_factory=set)
     refused: list[tuple[str, str]] = field(default_factory=list)
 
@@ -115,25 +117,86 @@ class TopologyPlan:
 def judge_topology(
     me: str,
     child: str,
-    claimed: Mapping[str, str],
-    known: Mapping[str, tuple[str, str | None, bool]],
+    claims: Mapping[str, Attach],
+    known: Mapping[str, NodeClaim],
     live: Collection[str],
 ) -> TopologyPlan:
-    """A relay's TOPOLOGY replaces its last one. A node already reached
-    through another connected child stays there: a relay cannot pull a node
-    away from a live route by claiming it. ``known`` maps name to (role,
-    via, revoked); ``live`` is the set of connected children."""
+    """Which of a relay's claimed routes to believe. ``claims`` are the
+    attach claims it carried, each already checked to be the named node's
+    own (its signature, on the server); ``known`` what this node knows of
+    the claimed nodes and of the parents they name; ``live`` the connected
+    children.
+
+    A route to N through ``child`` is believed only if N's claim is its
+    newest (a counter below the newest accepted, or the same counter with
+    other bytes, is a replay) and names ``child`` or a relay whose own route
+    is believed through ``child``, in this message or before it: the chain
+    of claims leads from N up to the relay. A node connected to us directly
+    stays ours; a revoked node is left out."""
     plan = TopologyPlan(keep={child})
-    for name, role in claimed.items():
+    candidates: dict[str, Attach] = {}
+    for name, claim in claims.items():
         if name in (me, child) or name in live:
             continue
         row = known.get(name)
-        if row is not None and row[2]:
+        if row is not None and row.revoked:
             continue
-        if row is not None and row[1] not in (None, child) and row[1] in live:
-            plan.refused.append((name, str(row[1])))
+        if (
+            row is not None
+            and row.counter is not None
+            and (
+                claim.counter < row.counter
+                or (claim.counter == row.counter and row.claim != claim.raw)
+            )
+        ):
+            plan.refused.append((name, f"not {name}'s newest attach claim (a replay)"))
+            continue
+        candidates[name] = claim
+    proven: dict[str, bool] = {}
+
+    def parent_ok(parent: str) -> bool | None:
+        """Is ``parent`` a relay believed to lead through ``child``? None
+        when that depends on another claim of this message."""
+        if parent == child:
+            return True
+        if parent in candidates:
+            if candidates[parent].role != Role.RELAY:
+                return False
+            return proven.get(parent)
+        row = known.get(parent)
+        return (
+            row is not None
+            and row.role == Role.RELAY
+            and row.via == child
+            and not row.revoked
+            and row.claim is not None
+        )
+
+    for name in candidates:
+        # Walk up the claimed parents until one is decided, then settle the
+        # whole path (a cycle, or a parent not proven, refuses it).
+        path: list[str] = []
+        at = name
+        verdict: bool | None = None
+        while verdict is None:
+            if at in proven:
+                verdict = proven[at]
+                break
+            if at in path:
+                verdict = False
+                break
+            path.append(at)
+            verdict = parent_ok(candidates[at].parent)
+            if verdict is None:
+                at = candidates[at].parent
+        for step in path:
+            proven[step] = verdict
+    for name, claim in candidates.items():
+        if not proven[name]:
+            plan.refused.append((name, f"its parent {claim.parent} is not proven below {child}"))
             continue
         plan.keep.add(name)
-        if row is None or row[1] != child:
-            plan.moves.append((name, row[0] if row is not None and row[0] != "unknown" else role))
+        row = known.get(name)
+        if row is None or row.via != child or row.claim != claim.raw:
+            plan.moves.append((name, claim.role, claim.raw, claim.counter, claim.parent))
     return plan

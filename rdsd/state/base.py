@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..domain import DestState
 from ..events import Event
+from ..validate import MAX_DETAIL, TIME_CEILING
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
@@ -57,7 +59,18 @@ CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
 """
 
 #: Columns added after the first release, for databases made before them.
-MIGRATIONS = (("jobs", "rev", "ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0"),)
+MIGRATIONS = (
+    ("jobs", "rev", "ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0"),
+    # Enrolment records the certificate issued (serial, public key); the
+    # newest attach claim accepted for a node proves its route.
+    ("nodes", "serial", "ALTER TABLE nodes ADD COLUMN serial TEXT"),
+    ("nodes", "pubkey", "ALTER TABLE nodes ADD COLUMN pubkey BLOB"),
+    ("nodes", "claim", "ALTER TABLE nodes ADD COLUMN claim BLOB"),
+    ("nodes", "counter", "ALTER TABLE nodes ADD COLUMN counter INTEGER"),
+    ("nodes", "parent", "ALTER TABLE nodes ADD COLUMN parent TEXT"),
+    # A report from below keeps its origin's signature to be forwarded.
+    ("outbox", "sig", "ALTER TABLE outbox ADD COLUMN sig BLOB"),
+)
 LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);"
 
 
@@ -84,6 +97,7 @@ class Database:
             if column not in columns:
                 self._db.execute(ddl)
         self._db.executescript(LATE_INDEXES)
+        self._repair()
         # Report sequence numbers start from the clock (microseconds) when a
         # database is new, so a re-imaged node's reports are never taken for
         # repeats of its old ones, which had lower numbers.
@@ -93,6 +107,50 @@ class Database:
 
     def close(self) -> None:
         self._db.close()
+
+    def _repair(self) -> None:
+        """Once per database: bring values that versions before peer input
+        was checked may have stored (a time of 1e300, a state ``bogus``, a
+        megabyte of detail, a seq stored as a float) back into range, so no
+        listing or later report trips over them. Routes believed without
+        an attach claim are forgotten: the next claims prove them again."""
+        if self._db.execute("SELECT 1 FROM meta WHERE key='repaired'").fetchone():
+            return
+        states = tuple(DestState)
+        marks = ",".join("?" * len(states))
+        ceiling, detail = TIME_CEILING, MAX_DETAIL
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE dests SET state=?, detail='an unknown state was reported' "
+                f"WHERE state NOT IN ({marks})",
+                (DestState.FAILED, *states),
+            )
+            for table, column in (
+                ("dests", "updated"),
+                ("nodes", "last_seen"),
+                ("presence", "since"),
+                ("presence", "seen"),
+                ("jobs", "created"),
+                ("jobs", "at"),
+            ):
+                db.execute(
+                    f"UPDATE {table} SET {column} = MIN(MAX({column}, 0), ?) "
+                    f"WHERE {column} < 0 OR {column} > ?",
+                    (ceiling, ceiling),
+                )
+            db.execute(
+                "UPDATE dests SET detail = substr(detail, 1, ?) WHERE length(detail) > ?",
+                (detail, detail),
+            )
+            db.execute("UPDATE dests SET seq = 0 WHERE typeof(seq) != 'integer' OR seq < 0")
+            db.execute("DELETE FROM holdings WHERE expires < 0 OR expires > ?", (ceiling,))
+            db.execute("DELETE FROM progress WHERE time < 0 OR time > ? OR prev_time > ?",
+                       (ceiling, ceiling))  # fmt: skip
+            db.execute(
+                "UPDATE nodes SET via = NULL WHERE claim IS NULL AND via IS NOT NULL "
+                "AND via != name"
+            )
+            db.execute("INSERT OR REPLACE INTO meta VALUES('repaired', 1)")
 
     def listen(self, source: str, sink: Callable[[Event], None] | None) -> None:
         """Call ``sink`` with each event this connection's commits produce;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from ..validate import clamp_time
 from .base import Database
 
 
@@ -28,7 +29,7 @@ class InventoryMixin(Database):
         q = "SELECT node, package, expires FROM holdings"
         rows = self._db.execute(q + " WHERE node=?", (node,)) if node else self._db.execute(q)
         for n, p, e in rows:
-            out.setdefault(n, {})[p] = e
+            out.setdefault(n, {})[p] = clamp_time(e) or 0.0
         return out
 
     def installed(self) -> dict[str, list[str]]:

@@ -16,7 +16,6 @@ transaction as ``old``) to the listener after its commit; see
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import sqlite3
 import time
@@ -43,6 +42,7 @@ from ..domain import (
 )
 from ..errors import IllegalTransition, JobError
 from ..events import DestChanged, Event, JobReceived
+from ..validate import clamp_time, clean_text, read_state
 from .inventory import InventoryMixin
 from .outbox import OutboxMixin
 
@@ -70,16 +70,20 @@ def new_job_id() -> str:
     return "j" + secrets.token_hex(8)
 
 
+# Rows are read through validate's clamps: a value stored before peer input
+# was checked (a time of 1e300, a state "bogus") never breaks a listing.
+
+
 def _job(r: tuple[str, str, str, float, float | None, str, bytes]) -> Job:
-    return Job(r[0], JobType(r[1]), r[2], r[3], r[4], r[5], r[6])
+    return Job(r[0], JobType(r[1]), r[2], clamp_time(r[3]) or 0.0, clamp_time(r[4]), r[5], r[6])
 
 
 def _head(r: tuple[str, str, str, float, float | None, str]) -> JobHead:
-    return JobHead(r[0], JobType(r[1]), r[2], r[3], r[4], r[5])
+    return JobHead(r[0], JobType(r[1]), r[2], clamp_time(r[3]) or 0.0, clamp_time(r[4]), r[5])
 
 
 def _dest(r: tuple[str, str, str, str, float, int, int]) -> Dest:
-    return Dest(r[0], r[1], DestState(r[2]), r[3], r[4], r[5], r[6])
+    return Dest(r[0], r[1], read_state(r[2]), r[3], clamp_time(r[4]) or 0.0, r[5], r[6])
 
 
 class JobsMixin(OutboxMixin, InventoryMixin):
@@ -256,7 +260,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                     row = db.execute(
                         "SELECT state FROM dests WHERE job=? AND node=?", (job.id, n)
                     ).fetchone()
-                    old = DestState(row[0])
+                    old = read_state(row[0])
                     cur = db.execute(
                         "UPDATE dests SET state=?, detail='retry', updated=?, attempts=0, "
                         "generation=? WHERE job=? AND node=? AND generation < ? "
@@ -331,13 +335,14 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             f"SELECT job, state, COUNT(*) FROM dests WHERE job IN ({chosen}) GROUP BY job, state",
             params,
         ):
-            counts[jid][st] = n
+            key = str(read_state(st))
+            counts[jid][key] = counts[jid].get(key, 0) + n
         return [(j, counts[j.id]) for j in jobs]
 
     def progress(self, jid: str) -> dict[str, Progress]:
         """The last progress points of ``jid``'s transferring destinations."""
         return {
-            r[0]: Progress(r[1], r[2], r[3], r[4], r[5])
+            r[0]: Progress(r[1], r[2], clamp_time(r[3]) or 0.0, r[4], clamp_time(r[5]))
             for r in self._db.execute(
                 "SELECT p.node, p.done, p.total, p.time, p.prev_done, p.prev_time "
                 "FROM progress p JOIN dests d ON d.job = p.job AND d.node = p.node "
@@ -464,7 +469,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         """Destinations of ``jid`` that are open or cancelled, with the child
         each is reached through: (node, state, generation, via)."""
         return [
-            (r[0], DestState(r[1]), r[2], r[3])
+            (r[0], read_state(r[1]), r[2], r[3])
             for r in self._db.execute(
                 "SELECT d.node, d.state, d.generation, n.via FROM dests d "
                 "LEFT JOIN nodes n ON n.name = d.node "
@@ -481,7 +486,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         for i in range(0, len(names), 500):
             part = names[i : i + 500]
             out += [
-                (r[0], r[1], DestState(r[2]), r[3])
+                (r[0], r[1], read_state(r[2]), r[3])
                 for r in self._db.execute(
                     "SELECT d.job, d.node, d.state, d.generation FROM dests d "
                     "JOIN jobs j ON j.id = d.job "
@@ -534,6 +539,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         IllegalTransition (and changes nothing) for a move the lifecycle
         does not allow, such as progress after a cancel."""
         now = time.time()
+        detail = clean_text(detail)
         rep: Report | None = None
         with self._tx() as db:
             row = db.execute(
@@ -541,7 +547,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 "WHERE d.job=? AND d.node=?",
                 (jid, node),
             ).fetchone()
-            if row is not None and not can_move(DestState(row[0]), state):
+            if row is not None and not can_move(read_state(row[0]), state):
                 raise IllegalTransition(f"{jid}/{node}: {row[0]} -> {state} is not allowed")
             seq = self._next_seq(db)
             db.execute(
@@ -569,7 +575,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 self._enqueue(db, rep)
         if row is not None:
             self._emit(
-                (self._moved(jid, node, package or row[1], DestState(row[0]), state, detail),)
+                (self._moved(jid, node, package or row[1], read_state(row[0]), state, detail),)
             )
         return rep
 
@@ -599,9 +605,10 @@ class JobsMixin(OutboxMixin, InventoryMixin):
     ) -> tuple[Applied, Event | None]:
         origin = rep.origin or rep.node
         now = time.time()
+        # What is stored is bounded here too; what is forwarded is the report
+        # as its origin signed it.
         at = min(rep.time or now, now + CLOCK_SKEW)
-        if at != rep.time:
-            rep = dataclasses.replace(rep, time=at)
+        detail = clean_text(rep.detail)
         try:
             new = DestState(rep.state)
         except ValueError:
@@ -615,16 +622,15 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             return Applied.NO_DEST, None
         if row[0] == origin and rep.seq <= row[1]:
             return Applied.REPEAT, None
-        if not can_move(DestState(row[2]), new):
+        if not can_move(read_state(row[2]), new):
             return Applied.ILLEGAL, None
         db.execute(
-            "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? "
-            "WHERE job=? AND node=?",
-            (new, rep.detail, at, origin, rep.seq, rep.job, rep.node),
+            "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? WHERE job=? AND node=?",
+            (new, detail, at, origin, rep.seq, rep.job, rep.node),
         )
         if new is DestState.INSTALLED and rep.package:
             self._record_installed(db, rep.node, rep.package, rep.job, at)
-        _record_progress(db, rep.job, rep.node, new, rep.detail, at)
+        _record_progress(db, rep.job, rep.node, new, detail, at)
         # A node behind a relay is never seen directly: its reports are
         # how we hear from it.
         db.execute(
@@ -634,9 +640,10 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         if forward:
             self._enqueue(db, rep)
         event = self._moved(
-            rep.job, rep.node, rep.package or row[3], DestState(row[2]), new, rep.detail
+            rep.job, rep.node, rep.package or row[3], read_state(row[2]), new, detail
         )
         return Applied.APPLIED, event
+
 
 def _record_progress(
     db: sqlite3.Connection, jid: str, node: str, state: DestState, detail: str, when: float

@@ -10,33 +10,128 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from ..domain import DestState, NodeRow, PresenceRow
+from ..domain import DestState, NodeClaim, NodeRow, PresenceRow
 from ..errors import JobError
+from ..validate import clamp_time
 from .base import Database
 
 _NODE_COLS = "name, role, via, last_seen, revoked"
+_CLAIM_COLS = "name, role, via, revoked, pubkey, claim, counter, parent"
 
 
 def _row(r: tuple[str, str, str | None, float | None, int]) -> NodeRow:
-    return NodeRow(r[0], r[1], r[2], r[3], bool(r[4]))
+    return NodeRow(r[0], r[1], r[2], clamp_time(r[3]), bool(r[4]))
+
+
+def _claim_row(r: tuple[object, ...]) -> NodeClaim:
+    pubkey, claim = r[4], r[5]
+    return NodeClaim(
+        str(r[0]),
+        str(r[1]),
+        r[2] if isinstance(r[2], str) else None,
+        bool(r[3]),
+        bytes(pubkey) if isinstance(pubkey, bytes) else None,
+        bytes(claim) if isinstance(claim, bytes) else None,
+        r[6] if isinstance(r[6], int) else None,
+        r[7] if isinstance(r[7], str) else None,
+    )
 
 
 class NodesMixin(Database):
-    def upsert_node(self, name: str, role: str, via: str | None) -> None:
-        """A node just connected to us directly (``via`` is itself)."""
+    def upsert_node(
+        self,
+        name: str,
+        role: str,
+        via: str | None,
+        claim: tuple[bytes, int, str] | None = None,
+        create: bool = True,
+    ) -> None:
+        """A node just connected to us directly (``via`` is itself), with its
+        attach claim (raw, counter, parent) once checked. Without ``create``
+        (the server) a node that has no row is not made: only enrolment
+        makes nodes there."""
+        raw, counter, parent = claim if claim is not None else (None, None, None)
+        if not create:
+            self._db.execute(
+                "UPDATE nodes SET via=?, last_seen=?, claim=COALESCE(?, claim), "
+                "counter=COALESCE(?, counter), parent=COALESCE(?, parent) WHERE name=?",
+                (via, time.time(), raw, counter, parent, name),
+            )
+            return
         self._db.execute(
-            "INSERT INTO nodes(name, role, via, last_seen) VALUES(?,?,?,?) "
+            "INSERT INTO nodes(name, role, via, last_seen, claim, counter, parent) "
+            "VALUES(?,?,?,?,?,?,?) "
             "ON CONFLICT(name) DO UPDATE SET role=excluded.role, via=excluded.via, "
-            "last_seen=excluded.last_seen",
-            (name, role, via, time.time()),
+            "last_seen=excluded.last_seen, claim=COALESCE(excluded.claim, claim), "
+            "counter=COALESCE(excluded.counter, counter), "
+            "parent=COALESCE(excluded.parent, parent)",
+            (name, role, via, time.time(), raw, counter, parent),
         )
 
-    def enroll(self, name: str, role: str) -> None:
+    def enroll(
+        self, name: str, role: str, serial: int | None = None, pubkey: bytes | None = None
+    ) -> None:
+        """Record a node the server issued a certificate to: the allow-list.
+        A new certificate (a lost bundle re-issued) replaces the old one,
+        which is refused from then on, and forgets claims made with the old
+        key."""
         self._db.execute(
-            "INSERT INTO nodes(name, role, enrolled) VALUES(?,?,?) "
-            "ON CONFLICT(name) DO UPDATE SET role=excluded.role, enrolled=excluded.enrolled",
-            (name, role, time.time()),
+            "INSERT INTO nodes(name, role, enrolled, serial, pubkey) VALUES(?,?,?,?,?) "
+            "ON CONFLICT(name) DO UPDATE SET role=excluded.role, enrolled=excluded.enrolled, "
+            "serial=excluded.serial, pubkey=excluded.pubkey, claim=NULL, counter=NULL, "
+            "parent=NULL, via=NULL",
+            (name, role, time.time(), None if serial is None else str(serial), pubkey),
         )
+
+    def enrolment(self, name: str) -> tuple[bool, str | None] | None:
+        """``(enrolled, serial)`` of ``name``, None if there is no such row.
+        ``serial`` is None for a node enrolled before serials were kept."""
+        r = self._db.execute("SELECT enrolled, serial FROM nodes WHERE name=?", (name,)).fetchone()
+        return None if r is None else (r[0] is not None, r[1])
+
+    def adopt_certificate(self, name: str, serial: int, pubkey: bytes) -> None:
+        """A node enrolled before serials and keys were recorded shows its
+        certificate for the first time: record it as the one issued."""
+        self._db.execute(
+            "UPDATE nodes SET serial=?, pubkey=? WHERE name=? AND serial IS NULL",
+            (str(serial), pubkey, name),
+        )
+
+    def claim_index(self, names: Iterable[str]) -> dict[str, NodeClaim]:
+        """What is known of ``names`` for judging claims about them."""
+        wanted = list(names)
+        out: dict[str, NodeClaim] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            for r in self._db.execute(
+                f"SELECT {_CLAIM_COLS} FROM nodes WHERE name IN ({','.join('?' * len(part))})",
+                part,
+            ):
+                out[r[0]] = _claim_row(r)
+        return out
+
+    def subtree_claims(self, me: str) -> dict[str, tuple[bytes, str | None]]:
+        """Every node routed through a child of ``me`` with its attach claim
+        and the parent it names (a relay's TOPOLOGY snapshot)."""
+        return {
+            r[0]: (bytes(r[1]), r[2])
+            for r in self._db.execute(
+                "SELECT name, claim, parent FROM nodes WHERE via IS NOT NULL AND revoked=0 "
+                "AND claim IS NOT NULL AND name != ?",
+                (me,),
+            )
+        }
+
+    def next_claim_counter(self) -> int:
+        """The counter of this node's next attach claim: greater than every
+        earlier one (it is kept here) and at least the clock in
+        microseconds, so a database restored from a backup still counts
+        past what it said since."""
+        now_us = int(time.time() * 1_000_000)
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES('claim', 0)")
+            db.execute("UPDATE meta SET value = MAX(value + 1, ?) WHERE key='claim'", (now_us,))
+            return int(db.execute("SELECT value FROM meta WHERE key='claim'").fetchone()[0])
 
     def node(self, name: str) -> NodeRow | None:
         r = self._db.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE name=?", (name,)).fetchone()
@@ -71,20 +166,30 @@ class NodesMixin(Database):
     def route_through(
         self,
         via: str,
-        nodes: list[tuple[str, str]],
+        nodes: list[tuple[str, str, bytes, int, str]],
         keep: set[str] | None,
         removed: Iterable[str] = (),
+        create: bool = True,
     ) -> None:
-        """Route ``nodes`` (name, role) through ``via``; with ``keep``, forget
-        routes through it for nodes not in ``keep`` (a whole subtree
-        replaced); forget the routes of ``removed`` that go through it. One
-        transaction."""
+        """Route ``nodes`` (name, role, attach claim, its counter, the parent
+        it names) through ``via``; with ``keep``, forget routes through it
+        for nodes not in ``keep`` (a whole subtree replaced); forget the
+        routes of ``removed`` that go through it. Without ``create`` (the
+        server) only nodes that have a row are routed. One transaction."""
         with self._tx() as db:
-            db.executemany(
-                "INSERT INTO nodes(name, role, via) VALUES(?,?,?) "
-                "ON CONFLICT(name) DO UPDATE SET role=excluded.role, via=excluded.via",
-                [(name, role, via) for name, role in nodes],
-            )
+            if create:
+                db.executemany(
+                    "INSERT INTO nodes(name, role, via, claim, counter, parent) "
+                    "VALUES(?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET role=excluded.role, "
+                    "via=excluded.via, claim=excluded.claim, counter=excluded.counter, "
+                    "parent=excluded.parent",
+                    [(name, role, via, raw, n, p) for name, role, raw, n, p in nodes],
+                )
+            else:
+                db.executemany(
+                    "UPDATE nodes SET via=?, claim=?, counter=?, parent=? WHERE name=?",
+                    [(via, raw, n, p, name) for name, _, raw, n, p in nodes],
+                )
             if keep is not None:
                 gone = [
                     (n,)
@@ -151,7 +256,9 @@ class NodesMixin(Database):
 
     def presence(self) -> dict[str, PresenceRow]:
         return {
-            r[0]: PresenceRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6])
+            r[0]: PresenceRow(
+                r[0], r[1], r[2], r[3], bool(r[4]), clamp_time(r[5]) or 0.0, clamp_time(r[6]) or 0.0
+            )
             for r in self._db.execute(
                 "SELECT name, parent, software, through, online, since, seen FROM presence"
             )

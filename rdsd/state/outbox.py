@@ -24,7 +24,7 @@ class OutboxMixin(Database):
     def _enqueue(db: sqlite3.Connection, rep: Report) -> None:
         db.execute(
             "INSERT OR IGNORE INTO outbox(report_id, job, node, state, detail, seq, origin, "
-            "package, time) VALUES(?,?,?,?,?,?,?,?,?)",
+            "package, time, sig) VALUES(?,?,?,?,?,?,?,?,?,?)",
             (
                 rep.report_id,
                 rep.job,
@@ -35,6 +35,7 @@ class OutboxMixin(Database):
                 rep.origin or rep.node,
                 rep.package,
                 rep.time,
+                rep.sig or None,
             ),
         )
 
@@ -59,10 +60,11 @@ class OutboxMixin(Database):
                     origin=r[7],
                     package=r[8],
                     time=r[9],
+                    sig=bytes(r[10]) if r[10] is not None else b"",
                 ),
             )
             for r in self._db.execute(
-                "SELECT id, report_id, job, node, state, detail, seq, origin, package, time "
+                "SELECT id, report_id, job, node, state, detail, seq, origin, package, time, sig "
                 "FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                 (after, limit),
             )

@@ -50,10 +50,11 @@ import structlog  # noqa: E402
 
 from protocol import Hello, Ping, Pong  # noqa: E402
 from rdsd.admin import Admin, init_server  # noqa: E402
+from rdsd.claims import ClaimSigner, public_key_der  # noqa: E402
 from rdsd.config import HomePaths, NodeConfig  # noqa: E402
 from rdsd.domain import Role  # noqa: E402
 from rdsd.errors import SessionClosed  # noqa: E402
-from rdsd.net.session import Session, open_child_session  # noqa: E402
+from rdsd.net.session import Peer, Session, open_child_session  # noqa: E402
 from rdsd.node import Node  # noqa: E402
 from rdsd.security import client_context, issue_certificate, server_context  # noqa: E402
 from rdsd.state import JobDB  # noqa: E402
@@ -1214,6 +1215,26 @@ class Identity:
     name: str
     cert: Path
     key: Path
+    serial: int = 0
+
+
+def signed_hello(ident: Identity, role: str = "client") -> Callable[[Peer], Hello]:
+    """HELLO for ``ident`` with its attach claim naming the parent it reaches,
+    signed with its own key, as a daemon's uplink makes it."""
+    signer = ClaimSigner.from_file(ident.key)
+
+    def make(parent: Peer) -> Hello:
+        claim = signer.attach(ident.name, role, parent.name, time.time_ns() // 1000, time.time())
+        return Hello(node=ident.name, role=role, purpose="session", attach=claim)
+
+    return make
+
+
+def enrolment_rows(idents: list[Identity], role: str) -> list[tuple[object, ...]]:
+    """``nodes`` rows that enrol ``idents`` as ``rdsd enroll`` would: the
+    certificate's serial and public key are the server's allow-list."""
+    now = time.time()
+    return [(i.name, role, now, str(i.serial), public_key_der(i.cert.read_bytes())) for i in idents]
 
 
 def issue_identities(server: HomePaths, names: list[str], out: Path) -> list[Identity]:
@@ -1223,8 +1244,8 @@ def issue_identities(server: HomePaths, names: list[str], out: Path) -> list[Ide
     out.mkdir()
     ids = []
     for name in names:
-        cert, key, _ = issue_certificate(ca_cert, ca_key, name, "client")
-        ident = Identity(name, out / f"{name}.pem", out / f"{name}.key")
+        cert, key, serial = issue_certificate(ca_cert, ca_key, name, "client")
+        ident = Identity(name, out / f"{name}.pem", out / f"{name}.key", serial)
         ident.cert.write_bytes(cert)
         fd = os.open(ident.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -1283,7 +1304,7 @@ class IdleFleet:
         t0 = time.perf_counter()
         try:
             ctx = client_context(self.ca, ident.cert, ident.key)
-            hello = Hello(node=ident.name, role="client", purpose="session")
+            hello = signed_hello(ident)
             session, _ = await open_child_session(
                 *self.addr, ctx, hello, IDLE_HANDSHAKE, IDLE_PONG_WAIT
             )

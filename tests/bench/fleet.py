@@ -53,7 +53,6 @@ from protocol import (  # noqa: E402
     Fetch,
     FetchEnd,
     FetchFail,
-    Hello,
     JobNotice,
     Message,
     Ping,
@@ -62,6 +61,7 @@ from protocol import (  # noqa: E402
     ReportAck,
 )
 from rdsd.admin import Admin, enroll, init_node, init_server  # noqa: E402
+from rdsd.claims import ClaimSigner  # noqa: E402
 from rdsd.config import HomePaths  # noqa: E402
 from rdsd.domain import DestState, Role  # noqa: E402
 from rdsd.errors import SessionClosed  # noqa: E402
@@ -72,8 +72,10 @@ from tests.bench.bench import (  # noqa: E402
     LOCALHOST,
     Daemons,
     Identity,
+    enrolment_rows,
     issue_identities,
     read_listening,
+    signed_hello,
     why,
 )
 from tests.helpers import rdsd_cmd  # noqa: E402
@@ -153,12 +155,13 @@ class SimClient:
         self.fetch: asyncio.Queue[Message] | None = None
         self.session: Session | None = None
         self.ever_connected = False
+        self.signer = ClaimSigner.from_file(ident.key)
 
     async def run(self, stagger: float = 0.0) -> None:
         await asyncio.sleep(stagger)
         delay = 0.2
         ctx = client_context(self.ca, self.ident.cert, self.ident.key)
-        hello = Hello(node=self.ident.name, role=Role.CLIENT, purpose="session")
+        hello = signed_hello(self.ident)
         while True:
             t0 = time.perf_counter()
             try:
@@ -235,6 +238,7 @@ class SimClient:
             time=time.time(),
             origin=name,
         )
+        rep = self.signer.report(rep)  # the node's own signature, as a daemon's
         self.unacked[rep.report_id] = rep
         await session.send(rep)
 
@@ -282,7 +286,7 @@ class Probe:
 
     async def run(self) -> None:
         ctx = client_context(self.ca, self.ident.cert, self.ident.key)
-        hello = Hello(node=self.ident.name, role=Role.CLIENT, purpose="session")
+        hello = signed_hello(self.ident)
         while True:
             try:
                 session, _ = await open_child_session(*self.parent, ctx, hello, HANDSHAKE, 60)
@@ -340,8 +344,8 @@ def prepare(root: Path, n_clients: int, n_relays: int, pkg_kib: int) -> Setup:
     progress(f"  {time.perf_counter() - t0:.1f} s")
     with contextlib.closing(sqlite3.connect(server.db)) as db, db:
         db.executemany(
-            "INSERT INTO nodes(name, role, enrolled) VALUES(?,?,?)",
-            [(i.name, Role.CLIENT, time.time()) for i in idents],
+            "INSERT INTO nodes(name, role, enrolled, serial, pubkey) VALUES(?,?,?,?,?)",
+            enrolment_rows(idents, Role.CLIENT),
         )
     src = root / "pkgsrc"
     src.mkdir()
@@ -473,9 +477,7 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
         )
         t_routes = await until(
             "routes",
-            lambda: count_at_least(
-                s.server.db, routed_sql, tuple(relay_names), fleet.connected
-            ),
+            lambda: count_at_least(s.server.db, routed_sql, tuple(relay_names), fleet.connected),
             120,
         )
         table.add(

@@ -33,7 +33,7 @@ import pytest
 import rdsd.child.fetcher as fetcher_mod
 import rdsd.net.transfer as transfer_mod
 import rdsd.packages.download as download_mod
-from protocol import ConnectionClosed, Hello, Message, Report, Welcome
+from protocol import ConnectionClosed, Message, Report
 from rdsd.admin import Admin
 from rdsd.config import HomePaths, NodeConfig
 from rdsd.domain import Role
@@ -1024,10 +1024,9 @@ async def test_reports_survive_server_kill9_and_repeats_change_nothing(
                 assert before[0] == "installed" and before[4] == final_report.seq
                 raw = await RawChild.connect(server_addr, c1.home)
                 try:
-                    await raw.send(Hello(node="client1", role="client", purpose="query"))
-                    assert isinstance(await raw.recv(), Welcome)
+                    await raw.handshake("client1", purpose="query")
                     for rep in (final_report, final_report, stale):
-                        await raw.send(rep)
+                        await raw.send(raw.sign(rep))
                         ack = await raw.recv()
                         assert getattr(ack, "report_id", None) == rep.report_id, ack
                 finally:

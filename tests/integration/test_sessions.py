@@ -511,7 +511,7 @@ async def test_unauthorized_message_after_welcome_gets_error(
         with deployment.admin() as admin:
             job = admin.create_job("install", pid, ["client2"])
         msg: Message = (
-            Topology(nodes={"client2": "client"})
+            Topology(nodes={"client2": b"claim"})
             if case == "topology-from-client"
             else Report(
                 report_id="client1:1",

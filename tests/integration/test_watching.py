@@ -21,6 +21,7 @@ from rdsd.domain import DestState, JobType, Role, parse_progress, progress_detai
 from rdsd.node.housekeeping import presence_batches
 from rdsd.parent.downlinks import HANDSHAKE_LOG_INTERVAL, HandshakeLog
 from rdsd.security import client_context
+from tests.adversarial.trust import still_open
 from tests.helpers import (
     Deployment,
     RawChild,
@@ -117,22 +118,24 @@ async def test_presence_from_a_relay_counts_only_its_subtree(deployment: Deploym
         await raw.handshake("relay1", role="relay", purpose="session")
         with deployment.admin() as admin:
             await wait_until(lambda: online(admin, "relay1"), 10, 0.05, "relay1 online")
-            await raw.send(Presence(online={"client9": "relay1"}, reset=True))
-            await raw.send(Presence(online={"client1": "relay1"}))
+            # Claims signed with the relay's own key, not the nodes'.
+            await raw.send(Presence(online={"client9": raw.attach("client9")}, reset=True))
+            await raw.send(Presence(online={"client1": raw.attach("client1")}))
             await asyncio.sleep(0.3)
             assert not online(admin, "client9")
             assert not online(admin, "client1")
+            await still_open(raw)
         await raw.close()
         liar = await RawChild.connect(server.address, client_cfg.home)
         await liar.handshake("client1", role="client", purpose="session")
-        await liar.send(Presence(online={"client9": "client1"}))
+        await liar.send(Presence(online={"client9": liar.attach("client9")}))
         answer = await liar.recv()
         assert getattr(answer, "reason", ""), answer
         await liar.close()
 
 
 def test_presence_batches_stay_within_the_cap() -> None:
-    online = [(f"c{i}", ("relay1", "rdsd/0.1.0")) for i in range(MAX_PRESENCE_BATCH + 5)]
+    online = [(f"c{i}", (b"claim", "rdsd/0.1.0")) for i in range(MAX_PRESENCE_BATCH + 5)]
     batches = presence_batches(online, ["gone1", "gone2"], reset=True)
     assert [b.reset for b in batches] == [True, False]
     assert all(len(b.online) + len(b.offline) <= MAX_PRESENCE_BATCH for b in batches)
@@ -285,8 +288,9 @@ async def test_job_list_filters_in_sql(deployment: Deployment, package_src: Path
         failed_job = admin.create_job(JobType.INSTALL, pid, ["c1", "c2"])
         done_job = admin.create_job(JobType.INSTALL, pid, ["c3"])
         admin.db.change(failed_job, "c1", DestState.FAILED, "boom", "server", report=False)
-        admin.db.change(failed_job, "c2", DestState.INSTALLED, "", "server", report=False)
-        admin.db.change(done_job, "c3", DestState.INSTALLED, "", "server", report=False)
+        for job, node in ((failed_job, "c2"), (done_job, "c3")):
+            admin.db.change(job, node, DestState.INSTALLING, "", "server", report=False)
+            admin.db.change(job, node, DestState.INSTALLED, "", "server", report=False)
         # An old job: created two days ago.
         old_job = admin.create_job(JobType.INSTALL, pid, ["c3"])
         admin.db._db.execute("UPDATE jobs SET created = created - 2 * 86400 WHERE id=?", (old_job,))

@@ -28,8 +28,17 @@ def test_final_states() -> None:
 
 def test_every_success_is_reachable_from_waiting() -> None:
     for state in SUCCESS_STATE.values():
-        assert can_move(S.WAITING, state)
+        assert can_move(S.WAITING, state) or (
+            can_move(S.WAITING, S.INSTALLING) and can_move(S.INSTALLING, state)
+        )
     assert can_move(S.OFFERED, S.INSTALLING) and can_move(S.INSTALLING, S.INSTALLED)
+
+
+def test_installed_only_after_an_install() -> None:
+    """A node cannot report ``installed`` for work it never installed."""
+    assert not can_move(S.WAITING, S.INSTALLED)
+    assert not can_move(S.TRANSFERRING, S.INSTALLED)
+    assert can_move(S.INSTALLING, S.INSTALLED)
 
 
 def test_a_cancel_is_only_left_for_a_real_outcome() -> None:

@@ -108,6 +108,7 @@ def test_prune_removes_only_finished_jobs_older_than_asked(admin: Admin) -> None
     new_done = admin.create_job("install", "tool-1.0", ["c2"])
     admin.cancel(new_done)
     old_open = admin.create_job("install", "tool-2.0", ["c1", "c2"])
+    admin.db.change(old_open, "c1", DestState.INSTALLING, "", "hq", report=False)
     admin.db.change(old_open, "c1", DestState.INSTALLED, "", "hq", report=False)
     age(admin, old_open, 7200)
     assert admin.prune_jobs(3600) == [old_done]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rdsd.domain import DestState
+from rdsd.claims import Attach
+from rdsd.domain import DestState, NodeClaim, Role
 from rdsd.parent.routing import (
     CANCEL_SENT,
     NOTICE_BATCH,
@@ -70,15 +71,87 @@ def test_a_job_made_below_is_not_sent_back_down() -> None:
     assert not made_below("hq", "relay1", None)
 
 
-def test_topology_cannot_take_a_node_from_another_live_route() -> None:
+def _claim(node: str, parent: str, counter: int = 10, role: Role = Role.CLIENT) -> Attach:
+    return Attach(node, role, parent, counter, 1.8e9, f"{node}/{parent}/{counter}".encode())
+
+
+def _known(
+    name: str,
+    via: str | None,
+    claim: Attach | None = None,
+    role: Role = Role.CLIENT,
+    revoked: bool = False,
+) -> NodeClaim:
+    return NodeClaim(
+        name,
+        role,
+        via,
+        revoked,
+        b"key",
+        claim.raw if claim else None,
+        claim.counter if claim else None,
+        claim.parent if claim else None,
+    )
+
+
+def test_topology_believes_only_a_nodes_newest_claim() -> None:
+    """A relay can carry a node's claim, not make one: a claim older than
+    the newest accepted (or another with the same counter) is a replay."""
+    old = _claim("c1", "relay2", counter=5)
+    newer = _claim("c1", "relay2", counter=9)
     known = {
-        "c1": ("client", "relay2", False),  # behind relay2, which is connected
-        "c2": ("client", "relay9", False),  # behind a relay that is gone
-        "c3": ("client", None, True),  # revoked
-        "c4": ("client", "relay1", False),  # already ours
+        "c1": _known("c1", "relay2", newer),
+        "c3": _known("c3", None, revoked=True),
+        "c4": _known("c4", "relay1", _claim("c4", "relay1")),
     }
-    claimed = {"c1": "client", "c2": "client", "c3": "client", "c4": "client", "c5": "client"}
-    plan = judge_topology("hq", "relay1", claimed, known, {"relay1", "relay2"})
-    assert plan.refused == [("c1", "relay2")]
-    assert sorted(plan.moves) == [("c2", "client"), ("c5", "client")]
-    assert plan.keep == {"relay1", "c2", "c4", "c5"}
+    claims = {
+        "c1": _claim("c1", "relay1", counter=5),  # older than what c1 said since
+        "c3": _claim("c3", "relay1"),  # revoked: left out
+        "c4": _claim("c4", "relay1"),  # the same claim again: already ours
+        "c5": _claim("c5", "relay1"),
+    }
+    plan = judge_topology("hq", "relay1", claims, known, {"relay1", "relay2"})
+    assert [name for name, _ in plan.refused] == ["c1"]
+    assert "replay" in plan.refused[0][1]
+    assert [m[0] for m in plan.moves] == ["c5"]
+    assert plan.keep == {"relay1", "c4", "c5"}
+    assert old.counter < newer.counter
+
+
+def test_a_newer_claim_moves_a_node_even_from_another_relay() -> None:
+    known = {"c1": _known("c1", "relay2", _claim("c1", "relay2", counter=5))}
+    plan = judge_topology("hq", "relay1", {"c1": _claim("c1", "relay1", 6)}, known, {"relay2"})
+    assert [m[0] for m in plan.moves] == ["c1"] and not plan.refused
+
+
+def test_a_direct_child_stays_ours() -> None:
+    plan = judge_topology("hq", "relay1", {"c1": _claim("c1", "relay1", 99)}, {}, {"c1"})
+    assert not plan.moves and not plan.refused and plan.keep == {"relay1"}
+
+
+def test_the_chain_of_claims_must_lead_to_the_relay() -> None:
+    """c2 sits under relay2 (itself under relay1, in the same message, listed
+    after it); c3 names a parent nobody proved is below relay1; c4 names a
+    client as its parent; c5 and c6 name each other."""
+    claims = {
+        "c2": _claim("c2", "relay2"),
+        "relay2": _claim("relay2", "relay1", role=Role.RELAY),
+        "c3": _claim("c3", "relay9"),
+        "c4": _claim("c4", "c2"),
+        "c5": _claim("c5", "c6"),
+        "c6": _claim("c6", "c5"),
+    }
+    plan = judge_topology("hq", "relay1", claims, {}, {"relay1"})
+    assert sorted(m[0] for m in plan.moves) == ["c2", "relay2"]
+    assert sorted(n for n, _ in plan.refused) == ["c3", "c4", "c5", "c6"]
+
+
+def test_a_chain_may_lead_through_a_relay_already_routed() -> None:
+    relay2 = _claim("relay2", "relay1", role=Role.RELAY)
+    known = {"relay2": _known("relay2", "relay1", relay2, role=Role.RELAY)}
+    plan = judge_topology("hq", "relay1", {"c2": _claim("c2", "relay2")}, known, {"relay1"})
+    assert [m[0] for m in plan.moves] == ["c2"]
+    # Not when that relay is routed elsewhere.
+    known = {"relay2": _known("relay2", "relay7", relay2, role=Role.RELAY)}
+    plan = judge_topology("hq", "relay1", {"c2": _claim("c2", "relay2")}, known, {"relay1"})
+    assert not plan.moves and plan.refused[0][0] == "c2"

@@ -42,15 +42,15 @@ def opened() -> tuple[Connection, Connection]:
     return child, parent
 
 
-def test_version_is_two_and_presence_has_tag_22() -> None:
-    assert PROTOCOL_VERSION == 2
+def test_version_is_three_and_presence_has_tag_22() -> None:
+    assert PROTOCOL_VERSION == 3
     assert int(MessageType.PRESENCE) == 22
 
 
 def test_child_sends_presence_and_parent_decodes_it() -> None:
     child, parent = opened()
     msg = Presence(
-        online={"c1": "relay-a", "c2": "relay-b"},
+        online={"c1": b"relay-a", "c2": b"relay-b"},
         offline=["c3"],
         software={"c1": "rdsd/0.1.0"},
         reset=True,
@@ -91,12 +91,12 @@ def _names(n: int) -> list[str]:
     [
         Presence(offline=_names(MAX_PRESENCE_BATCH + 1)),
         Presence(
-            online=dict.fromkeys(_names(MAX_PRESENCE_BATCH // 2 + 1), "relay-a"),
+            online=dict.fromkeys(_names(MAX_PRESENCE_BATCH // 2 + 1), b"relay-a"),
             offline=[f"x{i}" for i in range(MAX_PRESENCE_BATCH // 2)],
         ),
-        Presence(online={"c1": "relay-a"}, software={"c2": "rdsd/1"}),
-        Presence(online={"c1": "relay-a"}, software={"c1": "x" * (MAX_SOFTWARE + 1)}),
-        Presence(online={"c1": "relay-a"}, offline=["c1"]),
+        Presence(online={"c1": b"relay-a"}, software={"c2": "rdsd/1"}),
+        Presence(online={"c1": b"relay-a"}, software={"c1": "x" * (MAX_SOFTWARE + 1)}),
+        Presence(online={"c1": b"relay-a"}, offline=["c1"]),
     ],
     ids=["too-many", "too-many-mixed", "software-not-online", "software-long", "both"],
 )

@@ -77,7 +77,7 @@ CHILD_FRAMES = [MAGIC] + [
         Fetch(fetch_id=1, package="app-1.0"),
         Fetch(fetch_id=2, package="app-1.0", offset=4),
         Report(report_id="r1", job="job1", node="relay-a", state="stored", seq=1),
-        Topology(nodes={"c1": "client", "c2": "client"}),
+        Topology(nodes={"c1": b"client", "c2": b"client"}),
         Holdings(packages={"app-1.0": 1.9e9}),
         JobAnnounce(
             job="r.1",
@@ -246,7 +246,9 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
         origin=st.none() | names,
     ),
     MessageType.REPORT_ACK: st.builds(ReportAck, report_id=texts),
-    MessageType.TOPOLOGY: st.builds(Topology, nodes=st.dictionaries(names, texts, max_size=5)),
+    MessageType.TOPOLOGY: st.builds(
+        Topology, nodes=st.dictionaries(names, st.binary(max_size=40), max_size=5)
+    ),
     MessageType.HOLDINGS: st.builds(
         Holdings, packages=st.dictionaries(packages, floats, max_size=5)
     ),
@@ -268,7 +270,7 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     MessageType.PONG: st.builds(Pong, nonce=ints),
     MessageType.PRESENCE: st.builds(
         Presence,
-        online=st.dictionaries(names, names, max_size=5),
+        online=st.dictionaries(names, st.binary(max_size=40), max_size=5),
         reset=st.booleans(),
     ),
     MessageType.ERROR: st.builds(Error, code=ints, reason=texts),

@@ -65,9 +65,11 @@ def test_report_applies_once_and_repeats_change_nothing(db: JobDB) -> None:
 
 
 def test_report_outside_the_lifecycle_is_refused(db: JobDB) -> None:
-    assert db.apply_report(report(1, "installed"), forward=False) is Applied.APPLIED
-    assert db.apply_report(report(2, "transferring"), forward=False) is Applied.ILLEGAL
-    assert db.apply_report(report(3, "bogus"), forward=False) is Applied.ILLEGAL
+    assert db.apply_report(report(1, "installed"), forward=False) is Applied.ILLEGAL
+    assert db.apply_report(report(2, "installing"), forward=False) is Applied.APPLIED
+    assert db.apply_report(report(3, "installed"), forward=False) is Applied.APPLIED
+    assert db.apply_report(report(4, "transferring"), forward=False) is Applied.ILLEGAL
+    assert db.apply_report(report(5, "bogus"), forward=False) is Applied.ILLEGAL
     dest = db.dest("j1", "c1")
     assert dest is not None and dest.state is S.INSTALLED
 

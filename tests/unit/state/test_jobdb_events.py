@@ -36,9 +36,7 @@ class Recorder:
         self.events.append(event)
 
     def moves(self) -> list[tuple[str, DestState | None, DestState, str]]:
-        return [
-            (e.node, e.old, e.new, e.detail) for e in self.events if isinstance(e, DestChanged)
-        ]
+        return [(e.node, e.old, e.new, e.detail) for e in self.events if isinstance(e, DestChanged)]
 
 
 @pytest.fixture
@@ -80,9 +78,7 @@ def test_a_created_job_is_one_change_per_destination(db: JobDB, seen: Recorder) 
     assert {e.package for e in seen.events if isinstance(e, DestChanged)} == {"tool-1.0"}
 
 
-def test_a_received_job_comes_first_and_a_repeat_says_nothing(
-    db: JobDB, seen: Recorder
-) -> None:
+def test_a_received_job_comes_first_and_a_repeat_says_nothing(db: JobDB, seen: Recorder) -> None:
     db.receive_job(incoming(dests=("c1", "c2")))
     first = seen.events[0]
     assert isinstance(first, JobReceived)
@@ -97,9 +93,7 @@ def test_a_received_job_comes_first_and_a_repeat_says_nothing(
     assert len(seen.events) == 3
 
 
-def test_every_local_and_reported_change_says_where_it_came_from(
-    db: JobDB, seen: Recorder
-) -> None:
+def test_every_local_and_reported_change_says_where_it_came_from(db: JobDB, seen: Recorder) -> None:
     db.receive_job(incoming())
     # Changes made at this node (a relay, whose sequence numbers start from
     # its clock), then reports from c1 below it, whose numbers are its own.
@@ -126,12 +120,14 @@ def test_retries_reset_to_waiting_from_where_they_were(db: JobDB, seen: Recorder
     db.receive_job(incoming())
     db.change("j1", "c1", S.FAILED, "exit 1", "c1", report=False)
     assert db.reset_failed("j1") == ["c1"]
+    db.change("j1", "c1", S.INSTALLING, "", "c1", report=False)
     db.change("j1", "c1", S.INSTALLED, "", "c1", report=False)
     assert db.receive_job(incoming(generation=5)) == ["c1"]
     assert seen.moves()[1:] == [
         ("c1", S.WAITING, S.FAILED, "exit 1"),
         ("c1", S.FAILED, S.WAITING, "retry"),
-        ("c1", S.WAITING, S.INSTALLED, ""),
+        ("c1", S.WAITING, S.INSTALLING, ""),
+        ("c1", S.INSTALLING, S.INSTALLED, ""),
         ("c1", S.INSTALLED, S.WAITING, "retry"),
     ]
 
