@@ -47,6 +47,7 @@ from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
+from ..util.windows import pace_to_wire
 from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
 
@@ -524,6 +525,7 @@ class Downlinks:
         if made_below(head.origin, child.name, origin.via if origin else None):
             return False
         push, marks = plan_push(head.id, items, child.pushed, fresh_only)
+        rate, windows = pace_to_wire(self.db.job_pace(head.id)) if push.notices else (0.0, [])
         try:
             for generation, nodes in push.notices:
                 child.session.send_nowait(
@@ -536,6 +538,8 @@ class Downlinks:
                         origin=head.origin,
                         generation=generation,
                         manifest=self._envelope(head.id),
+                        rate=rate,
+                        windows=windows,
                     )
                 )
                 self.log.info(

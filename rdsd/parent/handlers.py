@@ -37,9 +37,10 @@ from protocol import (
     Topology,
 )
 
-from ..domain import IncomingJob, JobType, Role
+from ..domain import IncomingJob, JobPace, JobType, Role
 from ..errors import ManifestError, SessionClosed
 from ..net.transfer import serve_fetch
+from ..util.windows import pace_from_wire
 from .routing import judge_topology
 
 if TYPE_CHECKING:
@@ -119,9 +120,11 @@ class ChildHandlers:
         ack = ReportAck(report_id=f"job:{msg.job}")
         inside = [d for d in msg.destinations if p.in_subtree(child.name, d)]
         refusal = None
+        pace = JobPace()
         try:
             job_type = JobType(msg.type)
             p.envelopes.open_for(msg.manifest, msg.package)
+            pace = pace_from_wire(msg.rate, msg.windows)
         except (ManifestError, ValueError) as exc:
             refusal = str(exc)
         known = p.db.job(msg.job)
@@ -154,6 +157,7 @@ class ChildHandlers:
                 envelope=msg.manifest,
                 at=msg.at,
                 origin=msg.origin,
+                pace=pace,
             ),
             announced=False,
         )

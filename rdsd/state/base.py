@@ -57,7 +57,13 @@ CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
 """
 
 #: Columns added after the first release, for databases made before them.
-MIGRATIONS = (("jobs", "rev", "ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0"),)
+MIGRATIONS = (
+    ("jobs", "rev", "ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0"),
+    # A job's own bandwidth limit (bytes/s, 0: none) and time windows
+    # ("HH:MM-HH:MM" joined by commas, '': any time).
+    ("jobs", "rate", "ALTER TABLE jobs ADD COLUMN rate REAL NOT NULL DEFAULT 0"),
+    ("jobs", "windows", "ALTER TABLE jobs ADD COLUMN windows TEXT NOT NULL DEFAULT ''"),
+)
 LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);"
 
 

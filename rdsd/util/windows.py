@@ -17,7 +17,15 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 
-from .parse import MINUTES_PER_DAY, format_window, in_windows, next_window_start
+from ..domain import JobPace
+from .parse import (
+    MINUTES_PER_DAY,
+    check_rate,
+    format_window,
+    in_windows,
+    next_window_start,
+    parse_window,
+)
 
 __all__ = [
     "Windows",
@@ -26,6 +34,8 @@ __all__ = [
     "is_open",
     "local_minute",
     "opens_at",
+    "pace_from_wire",
+    "pace_to_wire",
 ]
 
 Windows = Sequence[tuple[int, int]]
@@ -79,3 +89,17 @@ def describe_hold(kind: str, at: float) -> str:
     clock = time.strftime("%H:%M", time.localtime(at))
     utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
     return f"waiting for window {clock} ({kind}, opens {utc})"
+
+
+def pace_to_wire(pace: JobPace) -> tuple[float, list[str]]:
+    """A job's rate and windows as JOB_NOTICE and JOB_ANNOUNCE carry them."""
+    return pace.rate, [format_window(w) for w in pace.windows]
+
+
+def pace_from_wire(rate: float, windows: Sequence[str]) -> JobPace:
+    """The job's rate and windows from a JOB_NOTICE or JOB_ANNOUNCE. Refuses
+    (ConfigError) what no rdsd writes: a bad window or rate."""
+    return JobPace(
+        check_rate(float(rate), what="job rate"),
+        tuple(parse_window(w, what="job window") for w in windows),
+    )
