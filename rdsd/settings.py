@@ -33,8 +33,8 @@ from .domain import Role
 from .errors import ConfigError
 from .util.parse import (
     check_node_name,
-    check_seconds,
     check_rate,
+    check_seconds,
     check_size,
     format_address,
     format_duration,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 from collections.abc import Coroutine, Iterable
 from types import TracebackType
@@ -26,10 +27,11 @@ import structlog
 from protocol import JobCancel, JobNotice
 
 from ..child.fetcher import Fetcher
+from ..child.gate import TransferGate
 from ..child.intake import JobIntake
 from ..child.uplink import Uplink
 from ..config import NodeConfig
-from ..domain import DestState
+from ..domain import DestState, JobPace
 from ..errors import IllegalTransition, ManifestError, SessionClosed
 from ..events import Event, EventBus, Subscription, wait_for_state
 from ..net.observe import TrafficObserver
@@ -43,6 +45,15 @@ from .roles import ROLE_PARTS
 from .runner import Runner
 
 log = structlog.get_logger("rdsd.node")
+
+#: The settings a running node takes on a reload; the others need a restart.
+RELOADABLE = (
+    "download_rate",
+    "upload_rate",
+    "per_child_rate",
+    "transfer_windows",
+    "install_windows",
+)
 
 
 class Node:
@@ -69,6 +80,7 @@ class Node:
         self.uplink: Uplink | None = None
         self.runner: Runner | None = None
         self.fetcher: Fetcher | None = None
+        self.gate: TransferGate | None = None
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._acks: list[str] = []  # acknowledged, to be written together
@@ -109,7 +121,10 @@ class Node:
         if parts.child_half:
             ctx = client_context(paths.ca_cert, paths.cert, paths.key)
             self.uplink = Uplink(cfg, ctx, self, observer=self.observer)
-            self.fetcher = Fetcher(cfg, self.store, self.uplink, self.bus, self._fetch_owners)
+            self.gate = TransferGate(cfg, self._fetch_paces, self.db.package_rate)
+            self.fetcher = Fetcher(
+                cfg, self.store, self.uplink, self.bus, self._fetch_owners, self.gate
+            )
         if parts.runs_jobs:
             assert self.fetcher is not None
             self.runner = Runner(cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake)
@@ -197,6 +212,34 @@ class Node:
             for job, _ in self.db.own_work(me, float("inf"), waiting_only=False)
             if job.package == package
         ]
+
+    def _fetch_paces(self, package: str) -> list[JobPace]:
+        """The rates and windows of the jobs a fetch of ``package`` is for."""
+        return [self.db.job_pace(jid) for jid in self._fetch_owners(package)]
+
+    def reload(self, cfg: NodeConfig | None = None) -> NodeConfig:
+        """Take new limits and windows without a restart (SIGHUP, ``rdsd
+        reload``): from ``cfg``, or read again from ``HOME/rdsd.toml``.
+        Other settings need a restart; a changed one is logged as such.
+        A bad file raises ConfigError and changes nothing."""
+        new = cfg if cfg is not None else NodeConfig.load(self.cfg.home)
+        live = {name: getattr(new, name) for name in RELOADABLE}
+        later = sorted(
+            name
+            for name, value in new.settings().items()
+            if name not in RELOADABLE and value != getattr(self.cfg, name)
+        )
+        self.cfg = dataclasses.replace(self.cfg, **live)
+        if self.downlinks is not None:
+            self.downlinks.pacing.set_limits(new.upload_rate, new.per_child_rate)
+        if self.gate is not None:
+            self.gate.update(new)
+        self.log.info(
+            "node.reloaded",
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in live.items()},
+            needs_restart=later or None,
+        )
+        return self.cfg
 
     # -- what a relay's parent half asks of the node --------------------------------
 

@@ -43,6 +43,7 @@ from ..domain import DestState, HelloPurpose, JobHead, Role
 from ..errors import SecurityError, SessionClosed
 from ..events import ChildConnected, ChildDisconnected, EventBus
 from ..net.observe import TrafficObserver
+from ..net.pace import LinkPacing
 from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
@@ -169,6 +170,8 @@ class Downlinks:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
         self.serve_slots = asyncio.Semaphore(MAX_SERVES)
+        # Upload limits, shared by every fetch served; a reload changes them.
+        self.pacing = LinkPacing(cfg.upload_rate, cfg.per_child_rate)
         self._reports: list[tuple[Child, Report]] = []  # to apply in one commit
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
@@ -356,6 +359,7 @@ class Downlinks:
                 task.cancel()
             if self.children.get(peer.name) is child:
                 del self.children[peer.name]
+                self.pacing.forget(peer.name)
                 # The child and everything we knew connected through it.
                 self.db.presence_offline(peer.name)
                 self.hooks.presence_changed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -53,6 +54,12 @@ Handler = Callable[["ChildHandlers", "Child", Message], Awaitable[None]]
 def _relay_only(child: Child, what: str) -> None:
     if child.role is not Role.RELAY:
         raise ProtocolError(f"only a relay {what}", ErrorCode.UNAUTHORIZED)
+
+
+def _asked_rate(rate: float) -> float:
+    """FETCH's rate as a limit: a child's nonsense (negative, not finite)
+    asks for nothing."""
+    return float(rate) if math.isfinite(rate) and rate > 0 else 0.0
 
 
 class ChildHandlers:
@@ -276,7 +283,10 @@ class ChildHandlers:
                 # two and a transport buffer, and a relay with a thousand
                 # children fetching together must not hold a thousand.
                 async with p.serve_slots:
-                    await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer)
+                    pacer = p.pacing.for_fetch(
+                        child.name, p.db.package_rate(fetch.package), _asked_rate(fetch.rate)
+                    )
+                    await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer, pacer)
 
         def done(task: asyncio.Task[None]) -> None:
             child.serving.pop(fetch.fetch_id, None)

@@ -36,9 +36,9 @@ from ..domain import (
     Job,
     JobFilter,
     JobHead,
+    JobPace,
     JobType,
     Progress,
-    JobPace,
     can_move,
     parse_progress,
 )
