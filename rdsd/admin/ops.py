@@ -468,13 +468,14 @@ class Admin:
         keeps this from its sessions and relays' PRESENCE); ``via``: what the
         node is connected to (this node's own name for a direct child);
         ``route``: the child session it is reached through; ``version``: what
-        it said in HELLO."""
+        it said in HELLO; ``paced_at``: this node's per-child limit, on its
+        direct children (None: unlimited)."""
         held = self.db.holdings()
         installed = self.db.installed()
         presence = self.db.presence()
         now = time.time()
         out = []
-        limits = self.limits()
+        per_child = self.limits()["per_child_rate"]
         for n in self.db.nodes():
             here = presence.get(n.name)
             online = here is not None and here.online
@@ -497,7 +498,8 @@ class Admin:
                     "last_seen": iso(now if online else seen),
                     "connected_since": iso(here.since) if online and here else None,
                     "revoked": n.revoked,
-                    "limits": limits if n.name == self.cfg.name else None,
+                    # What this node's per_child_rate holds a direct child to.
+                    "paced_at": per_child if n.via == n.name else None,
                     "installed": installed.get(n.name, []),
                     "holds": [
                         {"package": p, "expires": iso(e)}
