@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,7 @@ class FakeClock:
         return self.now
 
 
-def config(tmp_path: Path, **values: object) -> NodeConfig:
+def config(tmp_path: Path, **values: Any) -> NodeConfig:
     return replace(
         NodeConfig(home=tmp_path, role=Role.CLIENT, name="c1", parent=("127.0.0.1", 1)),
         **values,
