@@ -162,6 +162,8 @@ class Fetcher:
                 attempt -= 1
                 continue
             except TransferFailed as exc:
+                if self.gate.held_upstream(manifest.id, str(exc)):
+                    attempt -= 1  # the relay's window, not a failure: ask again later
                 final = not exc.retryable or attempt >= cfg.retry_limit
                 # The last failure leaves nothing behind; earlier ones keep
                 # the verified prefix for the next attempt to resume from.

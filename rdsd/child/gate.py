@@ -31,6 +31,10 @@ from ..util.windows import describe_hold, opens_at
 
 log = structlog.get_logger("rdsd.gate")
 
+#: What a relay's FETCH_FAIL reason holds when its own transfer window
+#: keeps it from fetching the package (``describe_hold`` starts so).
+HELD_MARK = "waiting for window"
+
 #: The longest one wait for a window sleeps before deciding again, so a
 #: clock set forward or a changed time zone is noticed within a minute.
 RECHECK = 60.0
@@ -127,6 +131,16 @@ class TransferGate:
                 log.info("transfer.held", node=self.name, package=package, detail=detail)
                 self.notify()
             await self.changed(min(at - now, RECHECK) if math.isfinite(at) else RECHECK)
+
+    def held_upstream(self, package: str, reason: str) -> bool:
+        """Is ``reason`` (a failed attempt) the parent holding the package
+        for its own transfer window? Then it is held, not failed: status
+        says so until the next attempt."""
+        if HELD_MARK not in reason:
+            return False
+        self._held[package] = reason.split("refused: ", 1)[-1]
+        self.notify()
+        return True
 
     def held(self, package: str) -> str | None:
         """Why a fetch of ``package`` waits now, or None if it does not."""

@@ -40,6 +40,7 @@ from ..packages.store import Store
 from ..parent.downlinks import Downlinks, ParentHooks
 from ..security import Verifier, client_context, server_context
 from ..state import JobDB
+from ..util.windows import describe_hold
 from .housekeeping import Housekeeper
 from .roles import ROLE_PARTS
 from .runner import Runner
@@ -137,6 +138,7 @@ class Node:
                 presence_changed=self._presence_changed,
                 forward_reports=parts.forwards_up,
                 ask_parent=self._ask_parent if parts.forwards_up else None,
+                held=self._held,
             )
             ctx = server_context(paths.ca_cert, paths.cert, paths.key)
             self.downlinks = Downlinks(
@@ -257,7 +259,22 @@ class Node:
             manifest = self.envelopes.open_for(envelope, package)
         except ManifestError:
             return False
+        if self.gate is not None:
+            now = self.gate.clock()
+            if self.gate.transfer_opens(package, now) > now:
+                # Outside our transfer window: fetch once it opens; the child
+                # hears why and asks again (it counts no failure).
+                self.fetcher.start(manifest, envelope)
+                return False
         return await self.fetcher.started(manifest, envelope)
+
+    def _held(self, package: str) -> str | None:
+        """Why this relay cannot provide ``package`` now, if a window holds it."""
+        if self.gate is None:
+            return None
+        now = self.gate.clock()
+        at = self.gate.transfer_opens(package, now)
+        return describe_hold("transfer", at) if at > now else None
 
     async def _ask_parent(self, node: str) -> None:
         """Before answering a child's query, fetch its pending jobs from our

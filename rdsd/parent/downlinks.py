@@ -135,6 +135,8 @@ class ParentHooks:
     topology_changed: Callable[[Iterable[str] | None], None]
     # Who is connected below us changed (a relay tells its parent).
     presence_changed: Callable[[], None] = lambda: None
+    # Why a package cannot be provided now (a relay's transfer window), if so.
+    held: Callable[[str], str | None] = lambda package: None
     # A relay asks its own parent for a node's pending jobs before answering.
     ask_parent: Callable[[str], Awaitable[None]] | None = None
     forward_reports: bool = False

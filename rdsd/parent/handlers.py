@@ -276,7 +276,12 @@ class ChildHandlers:
                     return
                 held = p.store.has(fetch.package) or p.store.active(fetch.package) is not None
                 if not held and not await p.hooks.provide(fetch.package):
-                    reason = f"{fetch.package} is not available here"
+                    waiting = p.hooks.held(fetch.package)
+                    reason = (
+                        f"{p.cfg.name} is {waiting}"
+                        if waiting
+                        else f"{fetch.package} is not available here"
+                    )
                     session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
                     return
                 # A bounded number of serves at once: each holds a chunk or

@@ -252,6 +252,41 @@ async def test_a_transfer_window_holds_pauses_and_resumes(
     assert traffic(server).served["client1"] <= 4 * MB + 2 * 64 * KIB
 
 
+async def test_a_relays_window_holds_its_children_without_failing_them(
+    deployment: Deployment, tmp_path: Path, install_out: Path
+) -> None:
+    """A client under a relay whose transfer window is closed: the relay
+    does not fetch, the client's attempts count no failure and its status
+    names the relay's window; when the window opens both go on."""
+    pid = add_package(deployment, tmp_path, 1 * MB)
+    w = next_minute() + 600
+    clock = ShiftedClock()
+    clock.set(w - 60)
+    async with running(deployment.server) as (server,):
+        r1 = deployment.add_node("relay1", Role.RELAY, server.address)
+        r1 = replace(r1, transfer_windows=(window_at(w, 5),))
+        async with running(r1) as (relay,):
+            assert relay.gate is not None
+            relay.gate.clock = clock
+            c1 = deployment.add_node("client1", Role.CLIENT, relay.address)
+            async with running(c1):
+                with deployment.admin() as admin:
+                    await wait_routed(admin, "client1", "relay1")
+                    job = admin.create_job("install", pid, ["client1"])
+                    hhmm = time.strftime("%H:%M", time.localtime(w))
+                    await wait_until(
+                        lambda: f"relay1 is waiting for window {hhmm}" in _detail(admin, job),
+                        15, what=lambda: _detail(admin, job),
+                    )  # fmt: skip
+                    # Several attempts later it has still not failed.
+                    await asyncio.sleep(2.0)
+                    assert admin.db.dest(job, "client1").state == "waiting"  # type: ignore[union-attr]
+                    assert traffic(server).served["relay1"] == 0
+                    clock.set(w - 1.0)
+                    relay.gate.notify()
+                    assert await wait_state(admin, job, "client1", DONE, 30) == "installed"
+
+
 async def test_an_install_waits_for_its_window(
     deployment: Deployment, tmp_path: Path, install_out: Path
 ) -> None:
