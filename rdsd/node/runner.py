@@ -320,6 +320,11 @@ class Runner:
                 with contextlib.suppress(Superseded):
                     self._set(job, DestState.WAITING, held)
                 shown, last = held, -1
+            elif held is None and shown is not None:
+                # The window opened: transferring again, before the first byte.
+                with contextlib.suppress(Superseded):
+                    self._set(job, DestState.TRANSFERRING, "window open")
+                shown = None
             dl = self.store.active(manifest.id)
             if held is None and dl is not None and dl.verified != last:
                 last, shown = dl.verified, None
