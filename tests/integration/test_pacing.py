@@ -287,6 +287,34 @@ async def test_a_relays_window_holds_its_children_without_failing_them(
                     assert await wait_state(admin, job, "client1", DONE, 30) == "installed"
 
 
+async def test_a_jobs_rate_and_windows_reach_every_hop(
+    deployment: Deployment, tmp_path: Path, install_out: Path
+) -> None:
+    """A job made on the server reaches the relay and the client with its
+    rate and windows; one made on the relay reaches the server with its
+    own (JOB_ANNOUNCE), so each hop paces and holds it the same way."""
+    pid = add_package(deployment, tmp_path, 256 * KIB)
+    all_day = (0, 1440)
+    pace = JobPace(rate=2 * MB, windows=(all_day,))
+    async with running(deployment.server) as (server,):
+        r1 = deployment.add_node("relay1", Role.RELAY, server.address)
+        async with running(r1) as (relay,):
+            c1 = deployment.add_node("client1", Role.CLIENT, relay.address)
+            async with running(c1) as (client,):
+                with deployment.admin() as admin:
+                    await wait_routed(admin, "client1", "relay1")
+                    job = admin.create_job("install", pid, ["client1"], pace=pace)
+                    assert await wait_state(admin, job, "client1", DONE, 20) == "installed"
+                    assert relay.db.job_pace(job) == pace
+                    assert client.db.job_pace(job) == pace
+                # Made on the relay, announced up.
+                with deployment.admin("relay1") as radmin:
+                    own = JobPace(rate=3 * MB, windows=((60, 120), (1320, 360)))
+                    rjob = radmin.create_job("install", pid, ["client1"], pace=own)
+                await wait_until(lambda: server.db.job_pace(rjob) == own, 10)
+                await wait_until(lambda: client.db.job_pace(rjob) == own, 10)
+
+
 async def test_an_install_waits_for_its_window(
     deployment: Deployment, tmp_path: Path, install_out: Path
 ) -> None:
