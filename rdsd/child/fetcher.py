@@ -150,7 +150,7 @@ class Fetcher:
                     progress.report,
                     min(cfg.progress_interval, EVENT_INTERVAL),
                     self.gate.rate(manifest.id),
-                    lambda: self.gate.paused(manifest.id),
+                    self.gate.pause_check(manifest.id, resumes=resume),
                 )
                 progress.finished()
                 return

@@ -67,6 +67,8 @@ class TransferGate:
         self.waits = waits
         self._held: dict[str, str] = {}
         self._changed = asyncio.Event()
+        # Grows with each reload, so a running fetch notices a new rate.
+        self.version = 0
 
     # -- changes ----------------------------------------------------------------
 
@@ -76,6 +78,7 @@ class TransferGate:
         self.download_rate = cfg.download_rate
         self.transfer_windows = cfg.transfer_windows
         self.install_windows = cfg.install_windows
+        self.version += 1
         self.notify()
 
     def notify(self) -> None:
@@ -111,6 +114,24 @@ class TransferGate:
         """Has a window closed on a running fetch of ``package``?"""
         now = self.clock()
         return self.transfer_opens(package, now) > now
+
+    def pause_check(self, package: str, resumes: bool) -> Callable[[], bool]:
+        """What a running fetch asks after each chunk: pause now? Yes when a
+        window closed; and, on a hop that resumes (not a client under a
+        relay, which would start over), when a reload changed the rate this
+        fetch asked for, so the next FETCH asks the new one."""
+        asked, version = self.rate(package), self.version
+
+        def check() -> bool:
+            nonlocal version
+            if self.paused(package):
+                return True
+            if resumes and self.version != version:
+                version = self.version
+                return self.rate(package) != asked
+            return False
+
+        return check
 
     async def wait_transfer(self, package: str) -> None:
         """Return once ``package`` may be fetched; while it may not, say so

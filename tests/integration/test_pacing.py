@@ -380,6 +380,32 @@ async def test_reload_changes_a_running_nodes_limit(
                 assert await wait_state(admin, job, "client1", DONE, 15) == "installed"
 
 
+async def test_reload_changes_a_running_clients_download_limit(
+    deployment: Deployment, tmp_path: Path, install_out: Path
+) -> None:
+    """A client under the server with download_rate 400 kB/s is reloaded
+    with 4 MB/s: its running fetch asks again from its verified offset at
+    the new rate (nothing is sent twice but the chunks in flight)."""
+    deployment.server = chunked(deployment.server, 64 * KIB)
+    pid = add_package(deployment, tmp_path, 4 * MB)
+    async with running(deployment.server) as (server,):
+        c1 = deployment.add_node("client1", Role.CLIENT, server.address)
+        c1 = replace(c1, download_rate=400_000.0)
+        async with running(c1) as (client,):
+            with deployment.admin() as admin:
+                await wait_routed(admin, "client1", "client1")
+                job = admin.create_job("install", pid, ["client1"])
+                await wait_until(lambda: verified(client, pid) >= 1.2 * MB, 10)
+                before = await _rate(lambda: verified(client, pid), 1.5)
+                assert before <= 400_000 * 1.2, before
+                client.reload(replace(c1, download_rate=4 * MB))
+                await wait_until(lambda: verified(client, pid) > 0, 5)  # the next attempt
+                after = await _rate(lambda: verified(client, pid), 0.5)
+                assert after >= 2 * MB, (before, after)
+                assert await wait_state(admin, job, "client1", DONE, 15) == "installed"
+    assert traffic(server).served["client1"] <= 4 * MB + 12 * 64 * KIB
+
+
 # -- helpers ------------------------------------------------------------------------------
 
 

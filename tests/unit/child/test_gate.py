@@ -112,3 +112,16 @@ async def test_a_one_shot_command_does_not_wait(tmp_path: Path) -> None:
     gate = TransferGate(config(tmp_path, transfer_windows=(NIGHT,)), clock=clock, waits=False)
     with pytest.raises(WindowClosed, match="waiting for window 22:00"):
         await gate.wait_transfer("tool-1.0")
+
+
+async def test_a_reload_of_the_rate_pauses_a_resuming_fetch_once(tmp_path: Path) -> None:
+    cfg = config(tmp_path, download_rate=400_000.0)
+    gate = TransferGate(cfg)
+    resuming = gate.pause_check("tool-1.0", resumes=True)
+    restarting = gate.pause_check("tool-1.0", resumes=False)
+    assert not resuming() and not restarting()
+    gate.update(replace(cfg, transfer_windows=()))  # the rate did not change
+    assert not resuming()
+    gate.update(replace(cfg, download_rate=4e6))
+    assert resuming()  # ask again at the new rate, from the verified offset
+    assert not restarting()  # a client under a relay would start over: it keeps on
