@@ -38,8 +38,9 @@ from .session import Session
 
 log = structlog.get_logger("rdsd.transfer")
 QUEUE_DEPTH = 8
-#: How long a fetch may wait for its first chunk while its session lives:
-#: the parent may be serving as many children as it serves at once.
+#: How long a fetch may wait for a chunk while its session lives: the parent
+#: may be serving as many children as it serves at once, and a parent that
+#: paces (its upload limits are not known here) may wait between chunks.
 FIRST_CHUNK_WAIT = 300.0
 
 
@@ -141,10 +142,11 @@ async def receive(
     """One attempt to complete ``dl`` from ``session``, from its verified
     offset. Raises TransferFailed; CorruptChunk counts as retryable.
 
-    Once data flows, ``timeout`` without any ends the attempt. The first
-    chunk may take up to FIRST_CHUNK_WAIT: a parent serving many children
-    serves a bounded number at once and the rest wait their turn. A lost
-    session ends the wait at once either way.
+    Each chunk may take up to FIRST_CHUNK_WAIT (or ``timeout`` if longer):
+    a parent serving many children serves a bounded number at once and the
+    rest wait their turn, and a parent pacing its children may wait between
+    chunks. A lost session (the session's own idle timeout and pings find
+    one) ends the wait at once either way.
 
     ``rate`` asks the parent to send at most that many bytes per second (0:
     no limit). ``pause``, asked after each chunk is written, ends the
@@ -171,7 +173,6 @@ async def receive(
                 raise TransferFailed(
                     f"no data from {session.peer.name} for {limit:.0f}s"
                 ) from None
-            limit = timeout
             if msg is None:
                 # Keep every chunk already received: the resume starts after them.
                 await _store_step(dl.flush())

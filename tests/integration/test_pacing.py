@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from protocol import Chunk, Fetch, FetchEnd, Ping, Pong
 from rdsd.config import NodeConfig
@@ -157,6 +158,30 @@ async def test_pings_are_answered_at_once_under_a_1mb_limit(
     # And the data was paced: 5 MB less the first chunk's burst at 1 MB/s.
     assert received == manifest.size
     assert elapsed >= (manifest.size - 1024 * KIB) / MB * 0.9, elapsed
+
+
+async def test_a_chunk_slower_than_the_idle_timeout_still_arrives(
+    deployment: Deployment, tmp_path: Path, install_out: Path
+) -> None:
+    """Paced at 20 kB/s, each 64 KiB chunk takes over 3 s, longer than the
+    client's 2 s idle timeout: the session lives on its pings, the fetch
+    waits for its chunks, and the install completes."""
+    deployment.server = chunked(deployment.server, 64 * KIB)
+    pid = add_package(deployment, tmp_path, 1024 * KIB + 64 * KIB)
+    cfg = replace(deployment.server, per_child_rate=20_000.0)
+    async with running(cfg) as (server,):
+        c1 = deployment.add_node("client1", Role.CLIENT, server.address)
+        c1 = replace(c1, idle_timeout=2.0, ping_interval=0.5)
+        with structlog.testing.capture_logs() as logs:
+            async with running(c1):
+                with deployment.admin() as admin:
+                    await wait_routed(admin, "client1", "client1")
+                    job = admin.create_job("install", pid, ["client1"])
+                    start = time.monotonic()
+                    assert await wait_state(admin, job, "client1", DONE, 30) == "installed"
+                    assert time.monotonic() - start >= 3.0  # it was paced
+    failed = [e for e in logs if e["event"] == "fetch.failed"]
+    assert not failed, failed  # one attempt, however long each chunk took
 
 
 async def test_children_share_the_upload_limit_evenly(
