@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .admin import Admin, AsyncAdmin, enroll, init_node, init_server
 from .config import HomePaths, NodeConfig
-from .domain import DestState, HelloPurpose, JobType, Role
+from .domain import DestState, HelloPurpose, JobPace, JobType, Role
 from .errors import (
     AdminError,
     ConfigError,
@@ -74,6 +74,7 @@ __all__ = [
     "HomePaths",
     "IllegalTransition",
     "JobError",
+    "JobPace",
     "JobReceived",
     "JobType",
     "ManifestError",
