@@ -107,6 +107,9 @@ class Message:
 
     TYPE: ClassVar[MessageType]
     HAS_PAYLOAD: ClassVar[bool] = False
+    #: Optional fields written only when they differ from their default, so
+    #: a peer that predates them never sees them unless they are used.
+    SPARSE: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def payload(self) -> bytes | memoryview:
@@ -160,6 +163,11 @@ class JobNotice(Message):
     origin: Name | None = None
     generation: int = 0
     manifest: bytes = field(default=b"", repr=False)
+    # Pacing and windows of the job (SPEC section 5): bytes per second on
+    # every hop (0: none) and "HH:MM-HH:MM" windows in each node's local time.
+    rate: float = 0.0
+    windows: list[str] = field(default_factory=list)
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"rate", "windows"})
 
     @property
     def payload(self) -> bytes | memoryview:
@@ -181,6 +189,9 @@ class JobAnnounce(Message):
     origin: Name
     at: float | None = None
     manifest: bytes = field(default=b"", repr=False)
+    rate: float = 0.0
+    windows: list[str] = field(default_factory=list)
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"rate", "windows"})
 
     @property
     def payload(self) -> bytes | memoryview:
@@ -212,6 +223,10 @@ class Fetch(Message):
     fetch_id: int
     package: PackageId
     offset: int = 0
+    # The most bytes per second the child takes from this parent over all
+    # its fetches (its download limit); 0: none. The parent paces to it.
+    rate: float = 0.0
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"rate"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +478,9 @@ def to_wire(msg: Message) -> list[Any]:
     """The msgpack-ready header form ``[tag, fields]``, payload excluded."""
     skip = _PAYLOAD_FIELD.get(msg.TYPE)
     fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != skip}
+    for name in msg.SPARSE:
+        if not fields[name]:  # at its default (0, empty): left out
+            del fields[name]
     return [int(msg.TYPE), fields]
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .admin import Admin, AsyncAdmin, enroll, init_node, init_server
     from .config import HomePaths, NodeConfig
-    from .domain import DestState, HelloPurpose, JobType, Role
+    from .domain import DestState, HelloPurpose, JobPace, JobType, Role
     from .errors import (
         AdminError,
         ConfigError,
@@ -76,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "HomePaths": ".config",
     "IllegalTransition": ".errors",
     "JobError": ".errors",
+    "JobPace": ".domain",
     "JobReceived": ".events",
     "JobType": ".domain",
     "ManifestError": ".errors",
@@ -134,6 +135,7 @@ __all__ = [
     "HomePaths",
     "IllegalTransition",
     "JobError",
+    "JobPace",
     "JobReceived",
     "JobType",
     "ManifestError",

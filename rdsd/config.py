@@ -156,6 +156,11 @@ class NodeConfig:
     retry_limit: int = 5
     sweep_interval: float = 60.0
     progress_interval: float = 5.0
+    download_rate: float = 0.0
+    upload_rate: float = 0.0
+    per_child_rate: float = 0.0
+    transfer_windows: tuple[tuple[int, int], ...] = ()
+    install_windows: tuple[tuple[int, int], ...] = ()
 
     log_level: str = "info"
     log_format: str = "console"

@@ -138,6 +138,20 @@ class Job:
     manifest: bytes
 
 
+Window = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class JobPace:
+    """How a job may move: ``rate`` bytes per second on every hop it crosses
+    (0: no limit of its own) and the windows (minutes after local
+    midnight, as ``parse_window`` gives them) its transfers and installs
+    keep to (none: any time)."""
+
+    rate: float = 0.0
+    windows: tuple[Window, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class IncomingJob:
     """A job pushed by the parent, or announced from below, before it is
@@ -151,6 +165,7 @@ class IncomingJob:
     at: float | None
     origin: str
     generation: int = 0
+    pace: JobPace = JobPace()
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,13 +228,15 @@ class JobFilter(StrEnum):
 _PROGRESS_RE = re.compile(r"\[bytes (\d+)/(\d+)\]$")
 
 
-def progress_detail(done: int, total: int) -> str:
+def progress_detail(done: int, total: int, note: str = "") -> str:
     """The detail of a ``transferring`` report: a human part, then the
     machine-readable ``[bytes DONE/TOTAL]`` suffix that protocol/SPEC.md
-    documents under REPORT, so every node above can compute rate and ETA."""
+    documents under REPORT, so every node above can compute rate and ETA.
+    ``note`` joins the human part (``paced at 1MB/s``)."""
     mib = 1024 * 1024
     pct = 100 * done // max(total, 1)
-    return f"{pct}% ({done / mib:.1f} of {total / mib:.1f} MiB) [bytes {done}/{total}]"
+    extra = f", {note}" if note else ""
+    return f"{pct}% ({done / mib:.1f} of {total / mib:.1f} MiB{extra}) [bytes {done}/{total}]"
 
 
 def parse_progress(detail: str) -> tuple[int, int] | None:

@@ -74,6 +74,17 @@ class TransferFailed(RdsdError):
         self.retryable = retryable
 
 
+class TransferPaused(RdsdError):
+    """A transfer stopped between chunks because its window closed; it goes
+    on from its verified offset when the window opens. Not a failure: it
+    uses up no attempt."""
+
+
+class WindowClosed(RdsdError):
+    """Work is outside its window and this process does not wait for it
+    (``rdsft -a`` leaves it to the daemon); the message says until when."""
+
+
 class SessionClosed(RdsdError):
     """A session ended (peer closed, error, or timeout); says why."""
 

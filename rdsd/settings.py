@@ -33,14 +33,19 @@ from .domain import Role
 from .errors import ConfigError
 from .util.parse import (
     check_node_name,
+    check_rate,
     check_seconds,
     check_size,
     format_address,
     format_duration,
+    format_rate,
     format_size,
+    format_window,
     parse_address,
     parse_duration,
+    parse_rate,
     parse_size,
+    parse_window,
 )
 
 __all__ = [
@@ -203,6 +208,42 @@ def _address() -> Kind:
     return Kind("address", '"HOST:PORT" or "[IPv6]:PORT"', read, write)
 
 
+def _rate() -> Kind:
+    def read(raw: object, what: str) -> float:
+        if isinstance(raw, str):
+            return parse_rate(raw, what=what)
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return check_rate(raw, what=what)
+        raise _WrongType
+
+    def write(value: float) -> str:
+        return _toml_string(format_rate(value))
+
+    return Kind(
+        "rate",
+        'bytes per second, or a string like "20MB/s", "512KiB/s", "100Mbit/s" (0 = unlimited)',
+        read,
+        write,
+    )
+
+
+def _windows() -> Kind:
+    def read(raw: object, what: str) -> tuple[tuple[int, int], ...]:
+        if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+            raise _WrongType
+        return tuple(parse_window(w, what=what) for w in raw)
+
+    def write(value: tuple[tuple[int, int], ...]) -> str:
+        return "[" + ", ".join(_toml_string(format_window(w)) for w in value) + "]"
+
+    return Kind(
+        "windows",
+        'an array of "HH:MM-HH:MM" in local time, like ["22:00-06:00"] ([] = any time)',
+        read,
+        write,
+    )
+
+
 # -- the schema ------------------------------------------------------------
 
 
@@ -244,6 +285,8 @@ class Setting:
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("node", "Who this node is and where it connects."),
     ("transfer", "How packages move between nodes."),
+    ("limits", "Bandwidth limits on package data; reloaded on SIGHUP and by rdsd reload."),
+    ("windows", "When this node transfers and installs (local time); reloaded like [limits]."),
     ("timeouts", "How long to wait before giving up on a peer or a command."),
     ("reconnect", "Waiting between attempts to reach the parent: min, doubling up to max."),
     ("housekeeping", "Work a node does on its own, on a timer."),
@@ -313,6 +356,46 @@ SCHEMA: tuple[Setting, ...] = (
         _duration(0.1, 3600),
         5.0,
         "How often a download in progress is logged and reported upward.",
+    ),
+    Setting(
+        "limits",
+        "download_rate",
+        "download_rate",
+        _rate(),
+        0.0,
+        "Most package data per second this node takes from its parent, all fetches together.",
+    ),
+    Setting(
+        "limits",
+        "upload_rate",
+        "upload_rate",
+        _rate(),
+        0.0,
+        "Most package data per second a server or relay sends to all its children together.",
+    ),
+    Setting(
+        "limits",
+        "per_child_rate",
+        "per_child_rate",
+        _rate(),
+        0.0,
+        "Most package data per second a server or relay sends to any one child.",
+    ),
+    Setting(
+        "windows",
+        "transfer",
+        "transfer_windows",
+        _windows(),
+        (),
+        "Outside these windows nothing is fetched from the parent (the chunk in flight ends).",
+    ),
+    Setting(
+        "windows",
+        "install",
+        "install_windows",
+        _windows(),
+        (),
+        "Install commands run only inside these windows; packages may arrive any time.",
     ),
     Setting(
         "timeouts",
@@ -494,7 +577,9 @@ _HEADER = """\
 # A setting that is commented out (# at the start of its line) keeps the
 # default shown; remove the # and change the value to set it.
 #   durations  seconds, or a string like "250ms", "90s", "15m", "12h", "30d"
-#   sizes      bytes, or a string like "512KiB", "1MiB" (of 1024), "1.5GB" (of 1000)"""
+#   sizes      bytes, or a string like "512KiB", "1MiB" (of 1024), "1.5GB" (of 1000)
+#   rates      bytes per second, or a string like "20MB/s", "512KiB/s", "100Mbit/s"
+#   windows    an array of "HH:MM-HH:MM" in local time; "22:00-06:00" spans midnight"""
 
 
 def render(values: Mapping[str, Any]) -> str:

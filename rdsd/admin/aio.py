@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ..config import DEFAULT_KEEP, NodeConfig
-from ..domain import JobType, Role
+from ..domain import JobPace, JobType, Role
 from ..events import Event
 from ..node import Node
 from . import setup
@@ -177,10 +177,16 @@ class AsyncAdmin:
     # -- jobs ---------------------------------------------------------------------------
 
     async def create_job(
-        self, type_: JobType | str, package: str, to: list[str], at: float | None = None
+        self,
+        type_: JobType | str,
+        package: str,
+        to: list[str],
+        at: float | None = None,
+        pace: JobPace | None = None,
     ) -> str:
-        """Create a job for nodes and ``group:NAME`` destinations; returns its id."""
-        return await self._hop(self._require().create_job, type_, package, to, at)
+        """Create a job for nodes and ``group:NAME`` destinations; returns its
+        id. ``pace``: the job's own rate and windows (``--rate``, ``--window``)."""
+        return await self._hop(self._require().create_job, type_, package, to, at, pace=pace)
 
     async def job_status(self, jid: str) -> dict[str, Any]:
         return await self._hop(self._require().job_status, jid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 from protocol import is_package_id
 
 from ..config import DEFAULT_KEEP, NodeConfig, iso
-from ..domain import TARGET_ROLE, DestState, Job, JobFilter, JobType, Progress, Role
+from ..domain import TARGET_ROLE, DestState, Job, JobFilter, JobPace, JobType, Progress, Role
 from ..errors import AdminError, ConfigError, JobError
 from ..packages.manifest import Envelopes, build_manifest, seal
 from ..packages.packing import pack_directory
@@ -32,7 +33,7 @@ from ..packages.store import Store
 from ..security import Signer, Verifier
 from ..state import JobDB
 from ..util import parse
-from ..util.fsutil import commit_file, removing_on_error, temp_name
+from ..util.fsutil import commit_file, removing_on_error, temp_name, try_lock
 
 #: What a refusal of an unknown destination suggests.
 _SEE_NODES = "see rdsd nodes"
@@ -234,10 +235,13 @@ class Admin:
         to: list[str],
         at: float | None = None,
         request_id: str | None = None,
+        pace: JobPace | None = None,
     ) -> str:
         """Make a job and return its id. ``at`` (epoch seconds) holds it
         until then; it may not lie in the past. ``request_id`` makes the
-        call idempotent: the same id again returns the same job."""
+        call idempotent: the same id again returns the same job. ``pace``
+        is the job's own rate (every hop) and windows (transfers and
+        installs, in each node's local time)."""
         try:
             job_type = JobType(type_)
         except ValueError:
@@ -287,6 +291,7 @@ class Admin:
                 origin=self.cfg.name,
                 request_id=request_id,
                 require=package_still_there,
+                pace=pace,
             )
         except JobError as exc:
             raise AdminError(str(exc)) from None
@@ -358,6 +363,7 @@ class Admin:
     def job_status(self, jid: str) -> dict[str, Any]:
         job = self._job(jid)
         progress = self.db.progress(job.id)
+        pace = self.db.job_pace(job.id)
         return {
             "id": job.id,
             "type": job.type,
@@ -365,6 +371,8 @@ class Admin:
             "created": iso(job.created),
             "at": iso(job.at),
             "origin": job.origin,
+            "rate": pace.rate or None,
+            "windows": [parse.format_window(w) for w in pace.windows],
             "destinations": [
                 {
                     "node": d.node,
@@ -466,12 +474,14 @@ class Admin:
         keeps this from its sessions and relays' PRESENCE); ``via``: what the
         node is connected to (this node's own name for a direct child);
         ``route``: the child session it is reached through; ``version``: what
-        it said in HELLO."""
+        it said in HELLO; ``paced_at``: this node's per-child limit, on its
+        direct children (None: unlimited)."""
         held = self.db.holdings()
         installed = self.db.installed()
         presence = self.db.presence()
         now = time.time()
         out = []
+        per_child = self.limits()["per_child_rate"]
         for n in self.db.nodes():
             here = presence.get(n.name)
             online = here is not None and here.online
@@ -494,6 +504,8 @@ class Admin:
                     "last_seen": iso(now if online else seen),
                     "connected_since": iso(here.since) if online and here else None,
                     "revoked": n.revoked,
+                    # What this node's per_child_rate holds a direct child to.
+                    "paced_at": per_child if n.via == n.name else None,
                     "installed": installed.get(n.name, []),
                     "holds": [
                         {"package": p, "expires": iso(e)}
@@ -502,6 +514,30 @@ class Admin:
                 }
             )
         return out
+
+    def limits(self) -> dict[str, Any]:
+        """This node's limits and windows as its ``rdsd.toml`` says now (the
+        daemon takes a change on SIGHUP or ``rdsd reload``)."""
+        return limits_listing(NodeConfig.load(self.cfg.home))
+
+    def reload(self) -> tuple[int, dict[str, Any]]:
+        """Have the running daemon take this home's limits and windows now:
+        check that ``rdsd.toml`` loads (a bad file is refused here, with its
+        reason, and the daemon keeps what it has), then send it SIGHUP.
+        Returns the daemon's pid and the limits it is told to take."""
+        limits = self.limits()
+        pid = daemon_pid(self.paths.pidfile)
+        if pid is None or pid <= 0:
+            raise AdminError(f"no daemon is running on {self.cfg.home} (start it with rdsd run)")
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            raise AdminError(f"the daemon (pid {pid}) has just stopped") from None
+        except PermissionError:
+            raise AdminError(
+                f"not allowed to signal the daemon (pid {pid}): run as its user"
+            ) from None
+        return pid, limits
 
     def revoke(self, name: str) -> None:
         parse.check_node_name(name)
@@ -512,6 +548,56 @@ class Admin:
     def cache(self) -> list[dict[str, Any]]:
         self.require_role(Role.RELAY)
         return cache_listing(self.store)
+
+
+def daemon_pid(pidfile: Path) -> int | None:
+    """The running daemon's pid (-1 if its pid file is unreadable), or None
+    when none runs: a daemon holds the pid file's lock while it runs."""
+    try:
+        fd = os.open(pidfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if try_lock(fd, shared=True):
+            return None
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
+def limits_listing(cfg: NodeConfig) -> dict[str, Any]:
+    """A node's bandwidth limits (bytes per second, None: unlimited) and
+    windows (``HH:MM-HH:MM``, local time; empty: any time), for listings."""
+    return {
+        "download_rate": cfg.download_rate or None,
+        "upload_rate": cfg.upload_rate or None,
+        "per_child_rate": cfg.per_child_rate or None,
+        "transfer_windows": [parse.format_window(w) for w in cfg.transfer_windows],
+        "install_windows": [parse.format_window(w) for w in cfg.install_windows],
+    }
+
+
+def limits_text(limits: dict[str, Any], role: Role) -> str:
+    """One line for people: the limits that mean something for ``role``."""
+
+    def rate(key: str) -> str:
+        value = limits[key]
+        return parse.format_rate(value) if value else "unlimited"
+
+    def windows(key: str) -> str:
+        return ", ".join(limits[key]) or "any time"
+
+    parts = []
+    if role is not Role.SERVER:
+        parts.append(f"download {rate('download_rate')}")
+    if role is not Role.CLIENT:
+        parts.append(f"upload {rate('upload_rate')}, per child {rate('per_child_rate')}")
+    if role is not Role.SERVER:
+        parts.append(f"transfer windows {windows('transfer_windows')}")
+    if role is Role.CLIENT:
+        parts.append(f"install windows {windows('install_windows')}")
+    return "; ".join(parts)
 
 
 def cache_listing(store: Store) -> list[dict[str, Any]]:

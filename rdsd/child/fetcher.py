@@ -19,12 +19,13 @@ from typing import Any
 import structlog
 
 from ..config import NodeConfig
-from ..errors import DiskFull, ExpiredPackage, StoreError, TransferFailed
+from ..errors import DiskFull, ExpiredPackage, StoreError, TransferFailed, TransferPaused
 from ..events import EventBus, PackageStored, TransferProgress
 from ..net.transfer import receive
 from ..packages.manifest import Manifest
 from ..packages.store import Store
 from ..util.backoff import Backoff
+from .gate import TransferGate
 from .uplink import Uplink
 
 log = structlog.get_logger("rdsd.runner")
@@ -50,12 +51,15 @@ class Fetcher:
         link: Uplink,
         bus: EventBus | None = None,
         owners: Callable[[str], list[str]] = _no_owners,
+        gate: TransferGate | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.link = link
         self.bus = bus if bus is not None else EventBus(name=cfg.name)
         self.owners = owners
+        # Limits and windows: the rate FETCH asks for, and when to fetch.
+        self.gate = gate if gate is not None else TransferGate(cfg)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Set once a download of the package is open for readers to follow.
         self._begun: dict[str, asyncio.Event] = {}
@@ -104,6 +108,7 @@ class Fetcher:
         try:
             await self._attempts(manifest, envelope)
         finally:
+            self.gate.forget(manifest.id)
             if manifest.id in self._dropped:
                 # Wherever the cancel landed (even while the partial file was
                 # being opened), nothing of a dropped fetch stays.
@@ -116,6 +121,7 @@ class Fetcher:
         attempt = 0
         while not self.store.has(manifest.id):
             attempt += 1
+            await self.gate.wait_transfer(manifest.id)
             try:
                 session = await self.link.wait_session(cfg.idle_timeout)
             except TimeoutError:
@@ -143,10 +149,21 @@ class Fetcher:
                     cfg.name,
                     progress.report,
                     min(cfg.progress_interval, EVENT_INTERVAL),
+                    self.gate.rate(manifest.id),
+                    self.gate.pause_check(manifest.id, resumes=resume),
                 )
                 progress.finished()
                 return
+            except TransferPaused as exc:
+                # A window closed: not a failure; the verified prefix waits
+                # for the window (below a relay a client starts over, as ever).
+                dl.fail(str(exc), keep_partial=resume)
+                bound.info("fetch.paused", reason=str(exc), resume_from=dl.verified)
+                attempt -= 1
+                continue
             except TransferFailed as exc:
+                if self.gate.held_upstream(manifest.id, str(exc)):
+                    attempt -= 1  # the relay's window, not a failure: ask again later
                 final = not exc.retryable or attempt >= cfg.retry_limit
                 # The last failure leaves nothing behind; earlier ones keep
                 # the verified prefix for the next attempt to resume from.

@@ -20,6 +20,7 @@ from ..domain import IncomingJob, JobType, Role
 from ..errors import ManifestError
 from ..packages.manifest import Envelopes, Manifest
 from ..state import JobDB
+from ..util.windows import pace_from_wire
 
 log = structlog.get_logger("rdsd.node")
 
@@ -47,6 +48,7 @@ class JobIntake:
         try:
             manifest = self.envelopes.open_for(notice.manifest, notice.package)
             job_type = JobType(notice.type)
+            pace = pace_from_wire(notice.rate, notice.windows)
         except (ManifestError, ValueError) as exc:
             self.log.error("job.rejected", job=notice.job, package=notice.package, reason=str(exc))
             return None
@@ -69,6 +71,7 @@ class JobIntake:
                 at=notice.at,
                 origin=notice.origin or "",
                 generation=notice.generation,
+                pace=pace,
             )
         )
         self.log.info(

@@ -16,16 +16,20 @@ import json
 import os
 import resource
 import signal
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ..config import NodeConfig, default_home
-from ..errors import AdminError
+from ..errors import AdminError, ConfigError
 from ..util.fsutil import try_lock
 from ..util.logs import configure
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+log = structlog.get_logger("rdsd.daemon")
 
 
 def _raise_fd_limit() -> None:
@@ -68,7 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        _run_loop(_serve(cfg, banner=cfg.log_format == "console"))
+        _run_loop(
+            _serve(cfg, banner=cfg.log_format == "console", reread=lambda: run_config(args))
+        )
     finally:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
@@ -76,10 +82,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(cfg: NodeConfig, banner: bool = True) -> None:
+async def _serve(
+    cfg: NodeConfig, banner: bool = True, reread: Callable[[], NodeConfig] | None = None
+) -> None:
     """Run the node until SIGTERM or SIGINT, saying on stdout once it runs:
     a line of text with console logs, one JSON object with JSON logs (so
-    everything the daemon writes is JSON)."""
+    everything the daemon writes is JSON). SIGHUP reads ``rdsd.toml`` again
+    (``reread``) and takes its limits and windows; a file that does not
+    load is logged and changes nothing."""
     from ..node import Node
 
     stop = asyncio.Event()
@@ -87,6 +97,7 @@ async def _serve(cfg: NodeConfig, banner: bool = True) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Node(cfg) as node:
+        loop.add_signal_handler(signal.SIGHUP, _reloader(node, reread))
         address = None
         if node.downlinks is not None:
             host, port = node.address
@@ -100,6 +111,18 @@ async def _serve(cfg: NodeConfig, banner: bool = True) -> None:
         else:
             print(json.dumps(ready_event(cfg, address, text)), flush=True)
         await stop.wait()
+
+
+def _reloader(node: Any, reread: Callable[[], NodeConfig] | None) -> Callable[[], None]:
+    """The SIGHUP handler: reload the node from its home's rdsd.toml."""
+
+    def reload() -> None:
+        try:
+            node.reload(reread() if reread is not None else None)
+        except ConfigError as exc:
+            log.error("node.reload_refused", node=node.cfg.name, reason=str(exc))
+
+    return reload
 
 
 def ready_event(cfg: NodeConfig, address: str | None, text: str) -> dict[str, Any]:

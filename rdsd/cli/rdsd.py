@@ -18,9 +18,10 @@ from typing import Any
 
 from .. import __version__
 from ..admin import Admin, enroll, init_node, init_server
+from ..admin.ops import limits_text
 from ..admin.watch import Change, wait_job
 from ..config import DEFAULT_KEEP, default_home
-from ..domain import JobFilter, JobType, Role
+from ..domain import JobFilter, JobPace, JobType, Role
 from ..errors import AdminError, ConfigError
 from ..util import parse as parsing
 from ..util.parse import check_node_name, parse_address, parse_duration, parse_time
@@ -116,7 +117,15 @@ def cmd_job(args: argparse.Namespace) -> int:
                 else None
             )
             to = [d.strip() for d in args.to.split(",") if d.strip()]
-            print(admin.create_job(args.type, args.package, to, at, request_id=args.request_id))
+            pace = JobPace(
+                parsing.parse_rate(args.rate, what="--rate") if args.rate else 0.0,
+                tuple(parsing.parse_window(w, what="--window") for w in args.window or ()),
+            )
+            print(
+                admin.create_job(
+                    args.type, args.package, to, at, request_id=args.request_id, pace=pace
+                )
+            )
             return 0
         if args.jcmd == "prune":
             pruned = admin.prune_jobs(parse_duration(args.older_than, what="--older-than"))
@@ -151,6 +160,10 @@ def cmd_job(args: argparse.Namespace) -> int:
         else:
             when = f" at {status['at']}" if status["at"] else ""
             print(f"job {status['id']}: {status['type']} {status['package']}{when}")
+            if status["rate"] or status["windows"]:
+                rate = parsing.format_rate(status["rate"]) if status["rate"] else "unlimited"
+                windows = ", ".join(status["windows"]) or "any time"
+                print(f"paced: {rate} on every hop; windows: {windows} (each node's local time)")
             table(
                 [
                     [
@@ -252,6 +265,7 @@ def cmd_group(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     with Admin(_home(args)) as admin:
         nodes = admin.nodes()
+        limits, me, role = admin.limits(), admin.cfg.name, admin.cfg.role
     listing(
         args.json,
         nodes,
@@ -268,6 +282,16 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             ",".join(h["package"] for h in n["holds"]),
         ],
     )
+    if not args.json:
+        print(f"limits of {me}: {limits_text(limits, role)}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    with Admin(_home(args)) as admin:
+        pid, limits = admin.reload()
+        me, role = admin.cfg.name, admin.cfg.role
+    print(f"told the daemon of {me} (pid {pid}) to take: {limits_text(limits, role)}")
     return 0
 
 
@@ -384,6 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-id",
         help="idempotency key: the same id again makes no second job and prints the first's id",
     )
+    cr.add_argument(
+        "--rate",
+        help="most package data per second on every hop this job crosses, like 20MB/s, "
+        "512KiB/s or 100Mbit/s (default: only the nodes' own limits)",
+    )
+    cr.add_argument(
+        "--window",
+        action="append",
+        metavar="HH:MM-HH:MM",
+        help="transfer and install only inside this window, in each node's local time "
+        "(22:00-06:00 spans midnight); repeat for several",
+    )
     home(cr)
     st = jsub.add_parser("status", help="each destination's state and detail")
     st.add_argument("job", help="job id")
@@ -444,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("name", help="node name")
     home(rv)
     node.set_defaults(fn=cmd_node)
+
+    rl = sub.add_parser(
+        "reload", help="have the running daemon take rdsd.toml's [limits] and [windows] now"
+    )
+    home(rl)
+    rl.set_defaults(fn=cmd_reload)
 
     cache = sub.add_parser("cache", help="a relay's package cache")
     csub = cache.add_subparsers(dest="ccmd", required=True, metavar="ACTION")

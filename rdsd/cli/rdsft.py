@@ -24,12 +24,13 @@ from protocol import JobCancel, JobNotice
 
 from .. import __version__
 from ..admin import cache_listing, offers_listing
-from ..admin.ops import check_package_ref
+from ..admin.ops import check_package_ref, limits_listing, limits_text
 from ..child.fetcher import Fetcher
+from ..child.gate import TransferGate
 from ..child.intake import JobIntake
 from ..child.uplink import Uplink
 from ..config import NodeConfig, default_home, format_address, iso
-from ..domain import Dest, DestState, HelloPurpose, Job, Role
+from ..domain import Dest, DestState, HelloPurpose, Job, JobPace, Role
 from ..errors import AdminError, PeerError, SessionClosed
 from ..node.runner import Runner, job_lock
 from ..packages.manifest import Envelopes
@@ -61,12 +62,22 @@ class LocalNode:
         self.link = Uplink(
             self.cfg, ctx, self, purpose=HelloPurpose.QUERY, counter=self.db.next_claim_counter
         )
-        self.fetcher = Fetcher(self.cfg, self.store, self.link)
+        # One-shot: work outside its window is left to the daemon, not waited for.
+        gate = TransferGate(self.cfg, self._paces, self.db.package_rate, waits=False)
+        self.fetcher = Fetcher(self.cfg, self.store, self.link, gate=gate)
         self.runner = Runner(self.cfg, self.db, self.store, envelopes, self.fetcher, lambda: None)
         self._acked = asyncio.Event()
 
     def close(self) -> None:
         self.db.close()
+
+    def _paces(self, package: str) -> list[JobPace]:
+        """Rates and windows of this node's own jobs for ``package``."""
+        return [
+            self.db.job_pace(job.id)
+            for job, _ in self.db.own_work(self.cfg.name, float("inf"), waiting_only=False)
+            if job.package == package
+        ]
 
     # UplinkHandler: record what the parent sends, nothing more.
     async def on_connected(self, link: Uplink) -> None:
@@ -271,6 +282,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "detail": parent,
             },
             "installed": local.db.installed().get(cfg.name, []),
+            "limits": limits_listing(NodeConfig.load(cfg.home)),
             "work": work,
             "unsent_reports": len(local.db.outbox()),
         }
@@ -289,6 +301,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{'reachable: ' if reachable else 'UNREACHABLE: '}{parent}"
     )
     print(f"  installed: {', '.join(doc['installed']) or 'nothing'}")
+    print(f"  limits:    {limits_text(doc['limits'], cfg.role)}")
     print(f"  work:      {len(work)} unfinished")
     for w in work:
         print(f"    {w['job']} {w['type']} {w['package']}: {w['state']} {w['detail']}".rstrip())

@@ -27,17 +27,20 @@ from ..errors import (
     SessionClosed,
     StoreError,
     TransferFailed,
+    TransferPaused,
 )
 from ..packages.download import Download
 from ..packages.manifest import Manifest
 from ..packages.store import Store
 from .observe import TrafficObserver
+from .pace import Pacer
 from .session import Session
 
 log = structlog.get_logger("rdsd.transfer")
 QUEUE_DEPTH = 8
-#: How long a fetch may wait for its first chunk while its session lives:
-#: the parent may be serving as many children as it serves at once.
+#: How long a fetch may wait for a chunk while its session lives: the parent
+#: may be serving as many children as it serves at once, and a parent that
+#: paces (its upload limits are not known here) may wait between chunks.
 FIRST_CHUNK_WAIT = 300.0
 
 
@@ -47,15 +50,20 @@ async def serve_fetch(
     fetch: Fetch,
     node: str,
     observer: TrafficObserver | None = None,
+    pacer: Pacer | None = None,
 ) -> None:
     """Send ``fetch.package`` from ``fetch.offset`` to the end, then FETCH_END;
     any store problem becomes FETCH_FAIL with the reason. The observer, if
-    any, hears how many package bytes went to each peer."""
+    any, hears how many package bytes went to each peer. The pacer, if any,
+    lets each chunk go when the limits allow (control messages on the same
+    session do not wait for it)."""
     peer = session.peer.name
     bound = log.bind(node=node, peer=peer, package=fetch.package)
     sent = 0
     try:
         async for offset, data in store.chunks(fetch.package, fetch.offset):
+            if pacer is not None:
+                await pacer.take(len(data))
             await session.send(Chunk(fetch_id=fetch.fetch_id, offset=offset, data=data))
             sent += len(data)
             if observer is not None:
@@ -128,14 +136,22 @@ async def receive(
     node: str,
     progress: Callable[[int, int], None] | None = None,
     progress_every: float = 5.0,
+    rate: float = 0.0,
+    pause: Callable[[], bool] | None = None,
 ) -> None:
     """One attempt to complete ``dl`` from ``session``, from its verified
     offset. Raises TransferFailed; CorruptChunk counts as retryable.
 
-    Once data flows, ``timeout`` without any ends the attempt. The first
-    chunk may take up to FIRST_CHUNK_WAIT: a parent serving many children
-    serves a bounded number at once and the rest wait their turn. A lost
-    session ends the wait at once either way."""
+    Each chunk may take up to FIRST_CHUNK_WAIT (or ``timeout`` if longer):
+    a parent serving many children serves a bounded number at once and the
+    rest wait their turn, and a parent pacing its children may wait between
+    chunks. A lost session (the session's own idle timeout and pings find
+    one) ends the wait at once either way.
+
+    ``rate`` asks the parent to send at most that many bytes per second (0:
+    no limit). ``pause``, asked after each chunk is written, ends the
+    attempt with ``TransferPaused`` (the fetch cancelled, every verified
+    chunk kept) when it says so: a transfer window closed."""
     m: Manifest = dl.manifest
     fid, q = router.open()
     start = dl.verified
@@ -144,7 +160,7 @@ async def receive(
     bound.info("fetch.start", offset=start, size=m.size)
     try:
         try:
-            await session.send(Fetch(fetch_id=fid, package=m.id, offset=start))
+            await session.send(Fetch(fetch_id=fid, package=m.id, offset=start, rate=rate))
         except SessionClosed as exc:
             raise TransferFailed(f"link lost: {exc}") from None
         limit = max(timeout, FIRST_CHUNK_WAIT)
@@ -154,8 +170,9 @@ async def receive(
                     msg = await q.get()
             except TimeoutError:
                 await _store_step(dl.flush())
-                raise TransferFailed(f"no data from {session.peer.name} for {limit:.0f}s") from None
-            limit = timeout
+                raise TransferFailed(
+                    f"no data from {session.peer.name} for {limit:.0f}s"
+                ) from None
             if msg is None:
                 # Keep every chunk already received: the resume starts after them.
                 await _store_step(dl.flush())
@@ -170,6 +187,10 @@ async def receive(
                 if progress is not None and now - last >= progress_every:
                     last = now
                     progress(dl.verified, m.size)
+                if pause is not None and pause():
+                    await _cancel(session, fid)
+                    await _store_step(dl.flush())
+                    raise TransferPaused(f"paused at byte {dl.verified}")
             elif isinstance(msg, FetchFail):
                 # An expired package stays expired: asking again cannot help.
                 raise TransferFailed(

@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -30,9 +30,10 @@ from protocol import (
     Topology,
 )
 
-from ..domain import DestState
+from ..domain import DestState, JobPace
 from ..errors import IllegalTransition, SessionClosed
 from ..events import PackageExpired
+from ..util.windows import pace_to_wire
 
 if TYPE_CHECKING:
     from ..net.session import Session
@@ -214,6 +215,7 @@ class Housekeeper:
                             origin=job.origin,
                             at=job.at,
                             manifest=job.manifest,
+                            **_pace_fields(node.db.job_pace(job.id)),
                         ),
                     )
                     for job in node.db.unannounced()
@@ -387,3 +389,9 @@ def presence_batches(
             )
         )
     return out if (items or reset) else []
+
+
+def _pace_fields(pace: JobPace) -> dict[str, Any]:
+    """A job's rate and windows as JOB_ANNOUNCE fields."""
+    rate, windows = pace_to_wire(pace)
+    return {"rate": rate, "windows": windows}

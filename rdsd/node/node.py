@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 from collections.abc import Coroutine, Iterable
 from types import TracebackType
@@ -26,10 +27,11 @@ import structlog
 from protocol import JobCancel, JobNotice
 
 from ..child.fetcher import Fetcher
+from ..child.gate import TransferGate
 from ..child.intake import JobIntake
 from ..child.uplink import Uplink
 from ..config import NodeConfig
-from ..domain import DestState
+from ..domain import DestState, JobPace
 from ..errors import ConfigError, IllegalTransition, ManifestError, SecurityError, SessionClosed
 from ..events import Event, EventBus, Subscription, wait_for_state
 from ..net.observe import TrafficObserver
@@ -38,11 +40,21 @@ from ..packages.store import Store
 from ..parent.downlinks import Downlinks, ParentHooks
 from ..security import Verifier, certificate_identity, client_context, server_context
 from ..state import JobDB
+from ..util.windows import describe_hold
 from .housekeeping import Housekeeper
 from .roles import ROLE_PARTS
 from .runner import Runner
 
 log = structlog.get_logger("rdsd.node")
+
+#: The settings a running node takes on a reload; the others need a restart.
+RELOADABLE = (
+    "download_rate",
+    "upload_rate",
+    "per_child_rate",
+    "transfer_windows",
+    "install_windows",
+)
 
 
 class Node:
@@ -69,6 +81,7 @@ class Node:
         self.uplink: Uplink | None = None
         self.runner: Runner | None = None
         self.fetcher: Fetcher | None = None
+        self.gate: TransferGate | None = None
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._acks: list[str] = []  # acknowledged, to be written together
@@ -133,7 +146,10 @@ class Node:
             self.uplink = Uplink(
                 cfg, ctx, self, observer=self.observer, counter=self.db.next_claim_counter
             )
-            self.fetcher = Fetcher(cfg, self.store, self.uplink, self.bus, self._fetch_owners)
+            self.gate = TransferGate(cfg, self._fetch_paces, self.db.package_rate)
+            self.fetcher = Fetcher(
+                cfg, self.store, self.uplink, self.bus, self._fetch_owners, self.gate
+            )
         if parts.runs_jobs:
             assert self.fetcher is not None
             self.runner = Runner(cfg, self.db, self.store, self.envelopes, self.fetcher, self.wake)
@@ -146,6 +162,7 @@ class Node:
                 presence_changed=self._presence_changed,
                 forward_reports=parts.forwards_up,
                 ask_parent=self._ask_parent if parts.forwards_up else None,
+                held=self._held,
             )
             ctx = server_context(paths.ca_cert, paths.cert, paths.key)
             self.downlinks = Downlinks(
@@ -222,6 +239,34 @@ class Node:
             if job.package == package
         ]
 
+    def _fetch_paces(self, package: str) -> list[JobPace]:
+        """The rates and windows of the jobs a fetch of ``package`` is for."""
+        return [self.db.job_pace(jid) for jid in self._fetch_owners(package)]
+
+    def reload(self, cfg: NodeConfig | None = None) -> NodeConfig:
+        """Take new limits and windows without a restart (SIGHUP, ``rdsd
+        reload``): from ``cfg``, or read again from ``HOME/rdsd.toml``.
+        Other settings need a restart; a changed one is logged as such.
+        A bad file raises ConfigError and changes nothing."""
+        new = cfg if cfg is not None else NodeConfig.load(self.cfg.home)
+        live = {name: getattr(new, name) for name in RELOADABLE}
+        later = sorted(
+            name
+            for name, value in new.settings().items()
+            if name not in RELOADABLE and value != getattr(self.cfg, name)
+        )
+        self.cfg = dataclasses.replace(self.cfg, **live)
+        if self.downlinks is not None:
+            self.downlinks.pacing.set_limits(new.upload_rate, new.per_child_rate)
+        if self.gate is not None:
+            self.gate.update(new)
+        self.log.info(
+            "node.reloaded",
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in live.items()},
+            needs_restart=later or None,
+        )
+        return self.cfg
+
     # -- what a relay's parent half asks of the node --------------------------------
 
     async def _provide(self, package: str) -> bool:
@@ -238,7 +283,22 @@ class Node:
             manifest = self.envelopes.open_for(envelope, package)
         except ManifestError:
             return False
+        if self.gate is not None:
+            now = self.gate.clock()
+            if self.gate.transfer_opens(package, now) > now:
+                # Outside our transfer window: fetch once it opens; the child
+                # hears why and asks again (it counts no failure).
+                self.fetcher.start(manifest, envelope)
+                return False
         return await self.fetcher.started(manifest, envelope)
+
+    def _held(self, package: str) -> str | None:
+        """Why this relay cannot provide ``package`` now, if a window holds it."""
+        if self.gate is None:
+            return None
+        now = self.gate.clock()
+        at = self.gate.transfer_opens(package, now)
+        return describe_hold("transfer", at) if at > now else None
 
     async def _ask_parent(self, node: str) -> None:
         """Before answering a child's query, fetch its pending jobs from our

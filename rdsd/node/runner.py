@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,15 +28,25 @@ from pathlib import Path
 import structlog
 
 from ..child.fetcher import Fetcher
+from ..child.gate import RECHECK
 from ..config import NodeConfig, iso
 from ..domain import Dest, DestState, Job, JobType, Role, progress_detail
-from ..errors import IllegalTransition, ManifestError, RdsdError, StoreError, TransferFailed
+from ..errors import (
+    IllegalTransition,
+    ManifestError,
+    RdsdError,
+    StoreError,
+    TransferFailed,
+    WindowClosed,
+)
 from ..packages.download import in_thread
 from ..packages.manifest import Envelopes, Manifest
 from ..packages.store import Store
 from ..state import JobDB
 from ..util.backoff import Backoff
 from ..util.fsutil import file_lock
+from ..util.parse import format_rate
+from ..util.windows import describe_hold
 from .install import INTERRUPTED, InstallResult, forget, install, read_outcome, settle
 
 log = structlog.get_logger("rdsd.runner")
@@ -165,6 +176,11 @@ class Runner:
                     await self._do(job)
             except Superseded:
                 pass
+            except WindowClosed as exc:
+                # Outside its window, in a process that does not wait: the
+                # destination says until when, and the daemon carries it on.
+                with contextlib.suppress(Superseded):
+                    await self._record(job, DestState.WAITING, str(exc))
             except Exception as exc:
                 log.exception("job.crashed", node=self.cfg.name, job=job.id)
                 with contextlib.suppress(Superseded):
@@ -264,22 +280,63 @@ class Runner:
         elif job.type is JobType.OFFER and current.state is not DestState.INSTALLING:
             await self._record(job, DestState.OFFERED)
         else:
+            if current.state is not DestState.INSTALLING:
+                await self._install_window(job)
             await self.install(job, manifest)
+
+    async def _install_window(self, job: Job) -> None:
+        """Hold the install until the node's install windows and the job's
+        own windows are open together, saying so in the destination's
+        detail (``waiting for window 22:00 (install, opens ...)``)."""
+        gate = self.fetcher.gate
+        pace = self.db.job_pace(job.id)
+        shown = ""
+        while True:
+            now = gate.clock()
+            at = gate.install_opens(pace, now)
+            if at <= now:
+                return
+            detail = describe_hold("install", at)
+            if not gate.waits:
+                raise WindowClosed(detail)
+            if detail != shown:
+                shown = detail
+                await self._record(job, DestState.WAITING, detail)
+            await gate.changed(min(at - now, RECHECK) if math.isfinite(at) else RECHECK)
 
     async def _report_progress(self, job: Job, manifest: Manifest) -> None:
         """On a long transfer, say how far it got, so status tells the truth:
         a human part and the ``[bytes DONE/TOTAL]`` suffix documented in
         protocol/SPEC.md (REPORT), from which every node above computes the
-        rate and the end."""
+        rate and the end. The human part names the rate asked of the parent
+        (``paced at 1MB/s``); a fetch held by a window is ``waiting`` with
+        the window's opening, from the moment it is held."""
+        gate = self.fetcher.gate
         last = -1
+        shown: str | None = None
         while True:
-            await asyncio.sleep(self.cfg.progress_interval)
+            held = gate.held(manifest.id)
+            if held is not None and held != shown:
+                with contextlib.suppress(Superseded):
+                    self._set(job, DestState.WAITING, held)
+                shown, last = held, -1
+            elif held is None and shown is not None:
+                # The window opened: transferring again, before the first byte.
+                with contextlib.suppress(Superseded):
+                    self._set(job, DestState.TRANSFERRING, "window open")
+                shown = None
             dl = self.store.active(manifest.id)
-            if dl is None or dl.verified == last:
-                continue
-            last = dl.verified
-            with contextlib.suppress(Superseded):
-                self._set(job, DestState.TRANSFERRING, progress_detail(dl.verified, manifest.size))
+            if held is None and dl is not None and dl.verified != last:
+                last, shown = dl.verified, None
+                rate = gate.rate(manifest.id)
+                note = f"paced at {format_rate(rate)}" if rate > 0 else ""
+                with contextlib.suppress(Superseded):
+                    self._set(
+                        job,
+                        DestState.TRANSFERRING,
+                        progress_detail(dl.verified, manifest.size, note),
+                    )
+            await gate.changed(self.cfg.progress_interval)
 
     def _refresh_keep(self, manifest: Manifest, envelope: bytes) -> None:
         """A package transferred again with a new keep duration: same bytes,

@@ -44,11 +44,13 @@ from ..domain import DestState, HelloPurpose, JobHead, Role
 from ..errors import SecurityError, SessionClosed
 from ..events import ChildConnected, ChildDisconnected, EventBus
 from ..net.observe import TrafficObserver
+from ..net.pace import LinkPacing
 from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
 from ..validate import Invalid, check_time, clean_text
+from ..util.windows import pace_to_wire
 from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
 
@@ -135,6 +137,8 @@ class ParentHooks:
     topology_changed: Callable[[Iterable[str] | None], None]
     # Who is connected below us changed (a relay tells its parent).
     presence_changed: Callable[[], None] = lambda: None
+    # Why a package cannot be provided now (a relay's transfer window), if so.
+    held: Callable[[str], str | None] = lambda package: None
     # A relay asks its own parent for a node's pending jobs before answering.
     ask_parent: Callable[[str], Awaitable[None]] | None = None
     forward_reports: bool = False
@@ -170,6 +174,8 @@ class Downlinks:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
         self.serve_slots = asyncio.Semaphore(MAX_SERVES)
+        # Upload limits, shared by every fetch served; a reload changes them.
+        self.pacing = LinkPacing(cfg.upload_rate, cfg.per_child_rate)
         self._reports: list[tuple[Child, Report]] = []  # to apply in one commit
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
@@ -367,6 +373,7 @@ class Downlinks:
                 task.cancel()
             if self.children.get(peer.name) is child:
                 del self.children[peer.name]
+                self.pacing.forget(peer.name)
                 # The child and everything we knew connected through it.
                 self.db.presence_offline(peer.name)
                 self.hooks.presence_changed()
@@ -585,6 +592,7 @@ class Downlinks:
         if made_below(head.origin, child.name, origin.via if origin else None):
             return False
         push, marks = plan_push(head.id, items, child.pushed, fresh_only)
+        rate, windows = pace_to_wire(self.db.job_pace(head.id)) if push.notices else (0.0, [])
         try:
             for generation, nodes in push.notices:
                 child.session.send_nowait(
@@ -597,6 +605,8 @@ class Downlinks:
                         origin=head.origin,
                         generation=generation,
                         manifest=self._envelope(head.id),
+                        rate=rate,
+                        windows=windows,
                     )
                 )
                 self.log.info(

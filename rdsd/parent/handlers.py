@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -39,9 +40,10 @@ from protocol import (
 )
 
 from ..claims import Attach, ClaimError, decode_attach, verify_attach, verify_report
-from ..domain import DestState, IncomingJob, JobType, Role
+from ..domain import DestState, IncomingJob, JobPace, JobType, Role
 from ..errors import ManifestError, SessionClosed
 from ..net.transfer import serve_fetch
+from ..util.windows import pace_from_wire
 from ..validate import (
     Invalid,
     check_expiry,
@@ -90,6 +92,12 @@ class Refusals:
 def _relay_only(child: Child, what: str) -> None:
     if child.role is not Role.RELAY:
         raise ProtocolError(f"only a relay {what}", ErrorCode.UNAUTHORIZED)
+
+
+def _asked_rate(rate: float) -> float:
+    """FETCH's rate as a limit: a child's nonsense (negative, not finite)
+    asks for nothing."""
+    return float(rate) if math.isfinite(rate) and rate > 0 else 0.0
 
 
 class ChildHandlers:
@@ -204,11 +212,13 @@ class ChildHandlers:
         ack = ReportAck(report_id=f"job:{msg.job}")
         inside = [d for d in msg.destinations if p.in_subtree(child.name, d)]
         refusal = None
+        pace = JobPace()
         try:
             job_type = JobType(msg.type)
             p.envelopes.open_for(msg.manifest, msg.package)
             if msg.at is not None:
                 check_expiry(msg.at, time.time(), "execution time")
+            pace = pace_from_wire(msg.rate, msg.windows)
         except (ManifestError, ValueError) as exc:
             refusal = str(exc)
         known = p.db.job(msg.job)
@@ -241,6 +251,7 @@ class ChildHandlers:
                 envelope=msg.manifest,
                 at=msg.at,
                 origin=msg.origin,
+                pace=pace,
             ),
             announced=False,
         )
@@ -426,14 +437,22 @@ class ChildHandlers:
                     return
                 held = p.store.has(fetch.package) or p.store.active(fetch.package) is not None
                 if not held and not await p.hooks.provide(fetch.package):
-                    reason = f"{fetch.package} is not available here"
+                    waiting = p.hooks.held(fetch.package)
+                    reason = (
+                        f"{p.cfg.name} is {waiting}"
+                        if waiting
+                        else f"{fetch.package} is not available here"
+                    )
                     session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
                     return
                 # A bounded number of serves at once: each holds a chunk or
                 # two and a transport buffer, and a relay with a thousand
                 # children fetching together must not hold a thousand.
                 async with p.serve_slots:
-                    await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer)
+                    pacer = p.pacing.for_fetch(
+                        child.name, p.db.package_rate(fetch.package), _asked_rate(fetch.rate)
+                    )
+                    await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer, pacer)
 
         def done(task: asyncio.Task[None]) -> None:
             child.serving.pop(fetch.fetch_id, None)

@@ -70,6 +70,10 @@ MIGRATIONS = (
     ("nodes", "parent", "ALTER TABLE nodes ADD COLUMN parent TEXT"),
     # A report from below keeps its origin's signature to be forwarded.
     ("outbox", "sig", "ALTER TABLE outbox ADD COLUMN sig BLOB"),
+    # A job's own bandwidth limit (bytes/s, 0: none) and time windows
+    # ("HH:MM-HH:MM" joined by commas, '': any time).
+    ("jobs", "rate", "ALTER TABLE jobs ADD COLUMN rate REAL NOT NULL DEFAULT 0"),
+    ("jobs", "windows", "ALTER TABLE jobs ADD COLUMN windows TEXT NOT NULL DEFAULT ''"),
 )
 LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);"
 

@@ -35,6 +35,7 @@ from ..domain import (
     Job,
     JobFilter,
     JobHead,
+    JobPace,
     JobType,
     Progress,
     can_move,
@@ -43,6 +44,7 @@ from ..domain import (
 from ..errors import IllegalTransition, JobError
 from ..events import DestChanged, Event, JobReceived
 from ..validate import clamp_time, clean_text, read_state
+from ..util.parse import format_window, parse_window
 from .inventory import InventoryMixin
 from .outbox import OutboxMixin
 
@@ -82,6 +84,15 @@ def _head(r: tuple[str, str, str, float, float | None, str]) -> JobHead:
     return JobHead(r[0], JobType(r[1]), r[2], clamp_time(r[3]) or 0.0, clamp_time(r[4]), r[5])
 
 
+def windows_text(pace: JobPace) -> str:
+    """A job's windows as the ``jobs.windows`` column holds them."""
+    return ",".join(format_window(w) for w in pace.windows)
+
+
+def _pace(rate: float, windows: str) -> JobPace:
+    return JobPace(float(rate), tuple(parse_window(w) for w in windows.split(",") if w))
+
+
 def _dest(r: tuple[str, str, str, str, float, int, int]) -> Dest:
     return Dest(r[0], r[1], read_state(r[2]), r[3], clamp_time(r[4]) or 0.0, r[5], r[6])
 
@@ -100,6 +111,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         job_id: str | None = None,
         request_id: str | None = None,
         require: Callable[[], None] | None = None,
+        pace: JobPace | None = None,
     ) -> str:
         """Record a new job and return its id.
 
@@ -134,6 +146,8 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                 f"INSERT INTO jobs({_JOB_COLS}, announced) VALUES(?,?,?,?,?,?,?,0)",
                 (jid, type_, package, now, at, origin, envelope),
             )
+            if pace is not None and pace != JobPace():
+                _store_pace(db, jid, pace)
             db.executemany(
                 "INSERT INTO dests(job, node, state, updated) VALUES(?,?,?,?)",
                 [(jid, n, DestState.WAITING, now) for n in nodes],
@@ -238,6 +252,8 @@ class JobsMixin(OutboxMixin, InventoryMixin):
                     int(announced),
                 ),
             ).rowcount
+            if fresh and job.pace != JobPace():
+                _store_pace(db, job.id, job.pace)
             if fresh:
                 events.append(
                     JobReceived(
@@ -456,6 +472,21 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             )
         ]
 
+    def job_pace(self, jid: str) -> JobPace:
+        """A job's own rate and windows (none for an unknown job)."""
+        row = self._db.execute("SELECT rate, windows FROM jobs WHERE id=?", (jid,)).fetchone()
+        return _pace(row[0], row[1]) if row else JobPace()
+
+    def package_rate(self, package: str) -> float:
+        """The tightest rate of the unfinished jobs for ``package`` here (0:
+        none has a rate): what a hop carrying the package is paced to."""
+        row = self._db.execute(
+            "SELECT MIN(j.rate) FROM jobs j WHERE j.package=? AND j.rate > 0 AND EXISTS("
+            f"SELECT 1 FROM dests d WHERE d.job = j.id AND d.state {_NOT_FINAL})",
+            (package, *_FINAL),
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else 0.0
+
     def job_head(self, jid: str) -> JobHead | None:
         r = self._db.execute(f"SELECT {_HEAD_COLS} FROM jobs WHERE id=?", (jid,)).fetchone()
         return _head(r) if r else None
@@ -662,4 +693,10 @@ def _record_progress(
         "prev_time=progress.time, done=excluded.done, total=excluded.total, "
         "time=excluded.time",
         (jid, node, done, total, when),
+    )
+
+
+def _store_pace(db: sqlite3.Connection, jid: str, pace: JobPace) -> None:
+    db.execute(
+        "UPDATE jobs SET rate=?, windows=? WHERE id=?", (pace.rate, windows_text(pace), jid)
     )

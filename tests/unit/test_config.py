@@ -64,8 +64,9 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     [
         (BASE + "[node]\n", "not valid TOML"),
         (BASE + "colour = 1\n", "unknown key 'colour' in [node]"),
-        (BASE + "[limits]\nupload_rate = 1\n", "unknown section [limits]"),
-        (BASE + "[windows]\ninstall = []\n", "unknown section [windows]"),
+        (BASE + "[limits]\nupload_rate = 0.5\n", "limits.upload_rate 0.5 is out of range"),
+        (BASE + "[windows]\ninstall = [6]\n", "windows.install must be an array"),
+        (BASE + "[limits]\nspeed = 1\n", "unknown key 'speed' in [limits]"),
         (BASE + "[timeouts]\nidle = true\n", "timeouts.idle must be seconds"),
         (BASE + '[timeouts]\nidle = "5s"\n', "ping_interval 10s must be less than"),
         ('[node]\nname = "hq"\n', "node.role is not set"),

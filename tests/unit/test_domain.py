@@ -64,3 +64,11 @@ def test_job_types_name_their_destination_role() -> None:
         JobType.OFFER: Role.CLIENT,
         JobType.TRANSFER: Role.RELAY,
     }
+
+
+def test_progress_detail_names_the_pace_and_keeps_its_suffix() -> None:
+    from rdsd.domain import parse_progress, progress_detail
+
+    detail = progress_detail(1258291, 3145728, "paced at 1MB/s")
+    assert detail == "39% (1.2 of 3.0 MiB, paced at 1MB/s) [bytes 1258291/3145728]"
+    assert parse_progress(detail) == (1258291, 3145728)
