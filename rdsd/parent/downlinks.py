@@ -49,8 +49,8 @@ from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
-from ..validate import Invalid, check_time, clean_text
 from ..util.windows import pace_to_wire
+from ..validate import Invalid, check_time, clean_text
 from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
 

@@ -43,8 +43,8 @@ from ..domain import (
 )
 from ..errors import IllegalTransition, JobError
 from ..events import DestChanged, Event, JobReceived
-from ..validate import clamp_time, clean_text, read_state
 from ..util.parse import format_window, parse_window
+from ..validate import clamp_time, clean_text, read_state
 from .inventory import InventoryMixin
 from .outbox import OutboxMixin
 
