@@ -17,6 +17,8 @@ from .frames import MAGIC, MAX_HEADER, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
     MAX_CLAIM,
     MAX_PRESENCE_BATCH,
+    MAX_REVOKED_BATCH,
+    MAX_REVOKED_TOTAL,
     MAX_SOFTWARE,
     MAX_TOPOLOGY_BATCH,
     MESSAGE_CLASSES,
@@ -56,6 +58,8 @@ __all__ = [
     "MAX_HEADER",
     "MAX_PAYLOAD",
     "MAX_PRESENCE_BATCH",
+    "MAX_REVOKED_BATCH",
+    "MAX_REVOKED_TOTAL",
     "MAX_SOFTWARE",
     "MAX_TOPOLOGY_BATCH",
     "MESSAGE_CLASSES",

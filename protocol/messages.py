@@ -34,6 +34,12 @@ MAX_CLAIM = 400
 # At most this many names (online plus offline) in one PRESENCE message; a
 # larger change goes as several messages.
 MAX_PRESENCE_BATCH = 1000
+# At most this many names in one REVOKED message; a longer list goes as
+# several, all but the last marked ``more`` (64-character names: 0.3 MiB).
+MAX_REVOKED_BATCH = 5000
+# The most names a receiver gathers for one revocation list (all its
+# batches): a parent cannot make a child hold more than that.
+MAX_REVOKED_TOTAL = 1_000_000
 # HELLO.software and PRESENCE software strings are at most this long.
 MAX_SOFTWARE = 64
 
@@ -340,10 +346,15 @@ class Presence(Message):
 
 @dataclass(frozen=True, slots=True)
 class Revoked(Message):
-    """Every revoked node name, so a relay refuses them too; replaces the last."""
+    """Every revoked node name, so a relay refuses them too; replaces the
+    last list. A list longer than ``MAX_REVOKED_BATCH`` goes as several
+    messages in a row, each but the last with ``more`` set; the receiver
+    replaces its list once the last one is in."""
 
     TYPE: ClassVar[MessageType] = MessageType.REVOKED
     nodes: list[Name]
+    more: bool = False
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"more"})
 
 
 @dataclass(frozen=True, slots=True)

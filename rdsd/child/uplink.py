@@ -21,6 +21,7 @@ from typing import Protocol
 import structlog
 
 from protocol import (
+    MAX_REVOKED_TOTAL,
     MAX_SOFTWARE,
     Chunk,
     FetchEnd,
@@ -108,6 +109,8 @@ class Uplink:
         # session is ours, not a loss, and the link must not come back.
         self.closing = False
         self._pending: dict[str | None, asyncio.Future[list[str]]] = {}
+        # A revocation list arriving in batches (REVOKED with ``more``).
+        self._revoked_parts: list[str] = []
         # What went up on the current session and awaits its ack there.
         self.sent: set[str] = set()
         self.reports_upto = 0  # outbox position sent on the current session
@@ -232,6 +235,7 @@ class Uplink:
                 )
         finally:
             pinger.cancel()
+            self._revoked_parts = []  # a list cut off with the session is not a list
             self.connected.clear()
             self._lost.set()
             self.session = None
@@ -271,8 +275,20 @@ class Uplink:
         await self.handler.on_job_cancel(msg)
 
     async def _on_revoked(self, msg: Message) -> None:
+        """Gather a list sent in batches; replace ours once it is whole, so
+        no name is ever briefly not revoked between two batches."""
         assert isinstance(msg, Revoked)
-        await self.handler.on_revoked(msg.nodes)
+        parts = self._revoked_parts
+        if len(parts) + len(msg.nodes) > MAX_REVOKED_TOTAL:
+            parts.clear()
+            if self.session is not None:
+                self.session.abort(f"revocation list over {MAX_REVOKED_TOTAL} names")
+            return
+        parts.extend(msg.nodes)
+        if msg.more:
+            return
+        self._revoked_parts = []
+        await self.handler.on_revoked(parts)
 
     async def _on_ping(self, msg: Message) -> None:
         assert isinstance(msg, Ping)

@@ -27,13 +27,11 @@ from protocol import (
     MAX_SOFTWARE,
     ErrorCode,
     Hello,
-    JobCancel,
     JobNotice,
     Message,
     ProtocolError,
     Report,
     ReportAck,
-    Revoked,
     Side,
     Welcome,
 )
@@ -52,7 +50,15 @@ from ..state import Applied, JobDB
 from ..util.windows import pace_to_wire
 from ..validate import Invalid, check_time, clean_text
 from .handlers import ChildHandlers
-from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
+from .routing import (
+    Pushed,
+    by_hop,
+    cancel_batches,
+    in_subtree,
+    made_below,
+    plan_push,
+    revoked_batches,
+)
 
 log = structlog.get_logger("rdsd.downlinks")
 #: Connections between accept and WELCOME at once; the rest wait in the
@@ -510,7 +516,8 @@ class Downlinks:
             elif child.role is Role.RELAY and child.revoked_sent != revoked:
                 child.revoked_sent = revoked
                 with contextlib.suppress(SessionClosed):
-                    child.session.send_nowait(Revoked(nodes=revoked))
+                    for batch in revoked_batches(revoked):
+                        child.session.send_nowait(batch)
 
     # -- reports from below, applied together ------------------------------------------
 
@@ -616,8 +623,8 @@ class Downlinks:
                     to=child.name,
                     dests=nodes if len(nodes) <= 10 else f"{len(nodes)} nodes",
                 )
-            if push.cancels:
-                child.session.send_nowait(JobCancel(job=head.id, destinations=push.cancels))
+            for cancel in cancel_batches(head.id, push.cancels):
+                child.session.send_nowait(cancel)
         except SessionClosed:
             return False
         child.pushed.update(marks)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from protocol import MAX_REVOKED_BATCH, JobCancel, Revoked
+
 from ..claims import Attach
 from ..domain import DestState, NodeClaim, Role
 
@@ -200,3 +202,22 @@ def judge_topology(
         if row is None or row.via != child or row.claim != claim.raw:
             plan.moves.append((name, claim.role, claim.raw, claim.counter, claim.parent))
     return plan
+
+
+def revoked_batches(revoked: list[str]) -> list[Revoked]:
+    """The revocation list as REVOKED messages of at most
+    ``MAX_REVOKED_BATCH`` names, all but the last marked ``more``; an empty
+    list is one empty message (it clears the relay's list)."""
+    parts = [
+        revoked[i : i + MAX_REVOKED_BATCH] for i in range(0, len(revoked), MAX_REVOKED_BATCH)
+    ] or [[]]
+    return [Revoked(nodes=part, more=i < len(parts) - 1) for i, part in enumerate(parts)]
+
+
+def cancel_batches(job: str, nodes: list[str]) -> list[JobCancel]:
+    """JOB_CANCEL messages for ``nodes``, at most ``NOTICE_BATCH`` each, so
+    cancelling a job for any number of nodes fits the header cap."""
+    return [
+        JobCancel(job=job, destinations=nodes[i : i + NOTICE_BATCH])
+        for i in range(0, len(nodes), NOTICE_BATCH)
+    ]

@@ -352,6 +352,38 @@ async def test_revoked_client_behind_relay_is_disconnected(
     assert install_runs(install_out, "client1") == []
 
 
+async def test_a_revocation_list_longer_than_one_frame_reaches_a_relay_whole(
+    deployment: Deployment,
+) -> None:
+    """20,001 revoked names of 64 characters (1.3 MB, over the 1 MiB header
+    cap of one frame) go to a relay in batches of MAX_REVOKED_BATCH; the
+    relay takes the list once the last batch is in, and refuses a revoked
+    client on its own."""
+    names = [f"gone-{i:05d}-{'x' * 53}" for i in range(20_000)]
+    with deployment.admin() as admin:
+        for name in names:
+            admin.db.enroll(name, Role.CLIENT)
+            admin.db.revoke(name)
+    async with running(deployment.server) as (server,):
+        relay_cfg = deployment.add_node("relay1", Role.RELAY, server.address)
+        deployment.add_node("client1", Role.CLIENT, ("127.0.0.1", 1))
+        with deployment.admin() as admin:
+            admin.revoke("client1")
+        async with running(relay_cfg) as (relay,):
+            want = set(names) | {"client1"}
+            await wait_until(
+                lambda: set(relay.db.revoked()) == want, 10, what="the whole list at the relay"
+            )
+            async with running(deployment.reparent("client1", relay.address)) as (client,):
+                uplink = client.uplink
+                assert uplink is not None
+                await wait_until(
+                    lambda: "revoked" in (uplink.last_error or ""),
+                    10,
+                    what="the relay to refuse the revoked client",
+                )
+
+
 # -- garbage on the port ------------------------------------------------------------------
 
 
@@ -574,7 +606,8 @@ async def test_control_messages_never_split_a_sliced_chunk(deployment: Deploymen
             for nonce in range(1, 21):
                 await raw.send(Ping(nonce=nonce))
             await asyncio.sleep(0.2)
-            got, pongs, done = 0, set(), False
+            pongs: set[int] = set()
+            got, done = 0, False
             while not (done and len(pongs) == 20):
                 msg = await raw.recv(20)
                 if isinstance(msg, Chunk):

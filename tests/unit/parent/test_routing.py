@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from protocol import MAX_REVOKED_BATCH, Revoked
+from protocol.frames import MAX_HEADER, encode
 from rdsd.claims import Attach
 from rdsd.domain import DestState, NodeClaim, Role
 from rdsd.parent.routing import (
     CANCEL_SENT,
     NOTICE_BATCH,
     by_hop,
+    cancel_batches,
     judge_topology,
     made_below,
     plan_push,
+    revoked_batches,
     route_name,
 )
 
@@ -155,3 +159,31 @@ def test_a_chain_may_lead_through_a_relay_already_routed() -> None:
     known = {"relay2": _known("relay2", "relay7", relay2, role=Role.RELAY)}
     plan = judge_topology("hq", "relay1", {"c2": _claim("c2", "relay2")}, known, {"relay1"})
     assert not plan.moves and plan.refused[0][0] == "c2"
+
+
+def test_a_long_revocation_list_goes_in_batches_each_inside_the_header_cap() -> None:
+    names = [f"n{i:05d}-{'x' * 57}" for i in range(2 * MAX_REVOKED_BATCH + 1)]
+    batches = revoked_batches(names)
+    assert [len(b.nodes) for b in batches] == [MAX_REVOKED_BATCH, MAX_REVOKED_BATCH, 1]
+    assert [b.more for b in batches] == [True, True, False]
+    assert [n for b in batches for n in b.nodes] == names
+    for batch in batches:
+        prefix = encode(batch)[0]
+        assert len(prefix) < MAX_HEADER
+    # The flag is sparse: a list that fits in one message looks as before.
+    assert revoked_batches(["a"]) == [Revoked(nodes=["a"])]
+    assert b"more" not in encode(Revoked(nodes=["a"]))[0]
+
+
+def test_an_empty_revocation_list_is_one_message_that_clears() -> None:
+    assert revoked_batches([]) == [Revoked(nodes=[], more=False)]
+
+
+def test_a_cancel_for_many_nodes_goes_in_batches() -> None:
+    nodes = [f"c{i:05d}-{'x' * 57}" for i in range(2 * NOTICE_BATCH + 3)]
+    batches = cancel_batches("j1", nodes)
+    assert [len(b.destinations) for b in batches] == [NOTICE_BATCH, NOTICE_BATCH, 3]
+    assert {b.job for b in batches} == {"j1"}
+    assert [n for b in batches for n in b.destinations] == nodes
+    assert all(len(encode(b)[0]) < MAX_HEADER for b in batches)
+    assert cancel_batches("j1", []) == []
