@@ -4,7 +4,10 @@ serves the daemon, tests on bytes alone, and any other implementation that
 wants to check itself against ours. ``SPEC.md`` describes the format."""
 
 from .connection import (
+    FRAME_CAPS,
+    MAX_OPEN_FETCHES,
     NEED_DATA,
+    PRE_SESSION_FRAME,
     TRANSITIONS,
     Connection,
     ConnectionClosed,
@@ -50,6 +53,9 @@ from .messages import (
 )
 
 __all__ = [
+    "FRAME_CAPS",
+    "MAX_OPEN_FETCHES",
+    "PRE_SESSION_FRAME",
     "MAGIC",
     "MAX_HEADER",
     "MAX_PAYLOAD",

@@ -453,9 +453,10 @@ def test_caps_apply_in_open_state_too() -> None:
 
 
 def test_limits_themselves_are_allowed() -> None:
+    # Once the session is open: before it, the pre-session cap applies.
     for hlen, plen in [(MAX_HEADER, 0), (1, MAX_PAYLOAD)]:
-        conn = Connection(P)
-        conn.receive_data(MAGIC + PREFIX.pack(hlen, plen))
+        conn = open_child()
+        conn.receive_data(PREFIX.pack(hlen, plen))
         assert conn.next_event() is NEED_DATA
 
 
