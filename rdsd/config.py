@@ -156,6 +156,9 @@ class NodeConfig:
     retry_limit: int = 5
     sweep_interval: float = 60.0
     progress_interval: float = 5.0
+    max_handshakes: int = 128
+    connections_per_node: int = 4
+    fetches_per_session: int = 2
 
     log_level: str = "info"
     log_format: str = "console"

@@ -247,6 +247,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("timeouts", "How long to wait before giving up on a peer or a command."),
     ("reconnect", "Waiting between attempts to reach the parent: min, doubling up to max."),
     ("housekeeping", "Work a node does on its own, on a timer."),
+    ("limits", "What one peer may hold of a server or relay at once."),
     ("log", "What the daemon logs and how."),
 )
 
@@ -377,6 +378,30 @@ SCHEMA: tuple[Setting, ...] = (
         _duration(0.1, _DAY),
         60.0,
         "The longest the expiry timer sleeps; packages go at their expiry, by a timer.",
+    ),
+    Setting(
+        "limits",
+        "handshakes",
+        "max_handshakes",
+        _integer(1, 65536),
+        128,
+        "Connections between accept and WELCOME at once (TCP, TLS, HELLO); the rest wait.",
+    ),
+    Setting(
+        "limits",
+        "connections_per_node",
+        "connections_per_node",
+        _integer(1, 1024),
+        4,
+        "Open connections one certificate may have here; more are refused with a reason.",
+    ),
+    Setting(
+        "limits",
+        "fetches_per_session",
+        "fetches_per_session",
+        _integer(1, 64),
+        2,
+        "Package fetches served at once on one connection; its further fetches wait their turn.",
     ),
     Setting(
         "log",
