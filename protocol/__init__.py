@@ -54,16 +54,16 @@ from .messages import (
 
 __all__ = [
     "FRAME_CAPS",
-    "MAX_OPEN_FETCHES",
-    "PRE_SESSION_FRAME",
     "MAGIC",
     "MAX_HEADER",
+    "MAX_OPEN_FETCHES",
     "MAX_PAYLOAD",
     "MAX_PRESENCE_BATCH",
     "MAX_SOFTWARE",
     "MAX_TOPOLOGY_BATCH",
     "MESSAGE_CLASSES",
     "NEED_DATA",
+    "PRE_SESSION_FRAME",
     "PROTOCOL_VERSION",
     "TRANSITIONS",
     "Chunk",

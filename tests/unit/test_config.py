@@ -64,7 +64,7 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     [
         (BASE + "[node]\n", "not valid TOML"),
         (BASE + "colour = 1\n", "unknown key 'colour' in [node]"),
-        (BASE + "[limits]\nupload_rate = 1\n", "unknown section [limits]"),
+        (BASE + "[limits]\nupload_rate = 1\n", "unknown key 'upload_rate' in [limits]"),
         (BASE + "[windows]\ninstall = []\n", "unknown section [windows]"),
         (BASE + "[timeouts]\nidle = true\n", "timeouts.idle must be seconds"),
         (BASE + '[timeouts]\nidle = "5s"\n', "ping_interval 10s must be less than"),
