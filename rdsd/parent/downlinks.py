@@ -48,6 +48,7 @@ from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
+from ..util.memory import give_back
 from .handlers import ChildHandlers
 from .routing import Pushed, by_hop, in_subtree, made_below, plan_push
 
@@ -76,6 +77,9 @@ HANDSHAKE_LOG_BURST = 20
 #: long after the first of them.
 HANDSHAKE_SUMMARY_INTERVAL = 60.0
 _HANDSHAKE_HOSTS_KEPT = 4096
+#: Once connections have ended, this long later the memory they freed goes
+#: back to the system (``util.memory``); again at most this often.
+GIVE_BACK_DELAY = 2.0
 
 
 class HandshakeLog:
@@ -202,6 +206,7 @@ class Downlinks:
         self._envelopes: dict[str, bytes] = {}
         self._handshakes = HandshakeLog()
         self._summary: asyncio.TimerHandle | None = None
+        self._give_back: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -230,6 +235,8 @@ class Downlinks:
         if self._summary is not None:
             self._summary.cancel()
             self._summarise()
+        if self._give_back is not None:
+            self._give_back.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -284,6 +291,23 @@ class Downlinks:
                 writer.close()
         finally:
             slot.release()
+            self._ended()
+
+    def _ended(self) -> None:
+        """A connection ended: what it used goes back to the system shortly,
+        with whatever else ends meanwhile (one trim per burst)."""
+        if self._give_back is None:
+            self._give_back = asyncio.get_running_loop().call_later(
+                GIVE_BACK_DELAY, self._give_back_now
+            )
+
+    def _give_back_now(self) -> None:
+        self._give_back = None
+        started = time.perf_counter()
+        if give_back():
+            self.log.debug(
+                "memory.given_back", took_ms=round((time.perf_counter() - started) * 1e3, 2)
+            )
 
     async def _start_tls(
         self, sock: socket.socket, address: str

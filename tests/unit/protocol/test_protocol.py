@@ -811,7 +811,11 @@ def test_remote_error_is_sticky() -> None:
     for _ in range(3):
         with pytest.raises(RemoteProtocolError) as again:
             conn.next_event()
-        assert again.value is first.value
+        # The same error, as a fresh exception: the one kept holds no
+        # traceback (which would hold the connection in a cycle).
+        assert type(again.value) is type(first.value)
+        assert str(again.value) == str(first.value)
+        assert again.value.code is first.value.code
     conn.receive_data(b"")
     with pytest.raises(RemoteProtocolError):
         conn.next_event()

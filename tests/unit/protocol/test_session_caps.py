@@ -128,3 +128,24 @@ def test_parent_lifts_the_cap_when_it_welcomes() -> None:
     conn.send(WELCOME)
     conn.receive_data(PREFIX.pack(PRE_SESSION_FRAME + 1, 0))
     assert conn.next_event() is NEED_DATA
+
+
+def test_a_refused_connection_is_not_kept_alive_by_its_error() -> None:
+    """The sticky error holds no traceback, so a refused connection (and
+    the session and TLS state above it) is freed by reference counting at
+    once, not at the next full garbage collection."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        conn = Connection(Side.PARENT)
+        conn.receive_data(MAGIC + PREFIX.pack(MAX_HEADER, 1))
+        for _ in range(2):
+            with pytest.raises(RemoteProtocolError):
+                conn.next_event()
+        gone = weakref.ref(conn)
+        del conn
+        assert gone() is None
+    finally:
+        gc.enable()
