@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
-from protocol import ErrorCode
+from protocol import ConnectionClosed, Error, ErrorCode, Hello, Welcome
+from rdsd.admin import Admin
 from rdsd.domain import Role
-from tests.helpers import Deployment
+from tests.helpers import Deployment, RawChild, make_payload_dir
 
 from .daemons import MIB, Attack, Daemon, Honest, PeakRss, configure, daemon, settled_rss
 
@@ -122,4 +124,152 @@ async def test_unauthenticated_flood_memory_returns(deployment: Deployment) -> N
         assert not any(a.startswith("answered") for a in answers), answers
         assert d.events("child.tls_failed")
         assert within(after, baseline), (baseline, peak.peak, after)
+        await honest.close()
+
+
+# -- slow and many handshakes -------------------------------------------------------------
+
+
+async def test_trickled_handshake_is_cut_at_the_total_deadline(deployment: Deployment) -> None:
+    """The preamble and HELLO one byte every half second: each read comes
+    well within the 3 s handshake timeout, but the handshake as a whole
+    must finish within it, so the connection is cut at 3 s."""
+    cfg = configure(deployment.server, handshake_timeout=3.0)
+    with daemon(cfg) as d:
+        honest = await Honest.connect(deployment, d)
+        mallory = deployment.add_node("mallory", Role.CLIENT, d.address)
+        started = time.monotonic()
+        child = await RawChild.connect(d.address, mallory.home)
+        data = b"".join(bytes(b) for b in child.conn.send(Hello(node="mallory", role="client")))
+        sent = 0
+
+        async def trickle() -> None:
+            nonlocal sent
+            for byte in data[:-1]:  # never the last one
+                child.writer.write(bytes([byte]))
+                sent += 1
+                await asyncio.sleep(0.5)
+
+        async with pinging(honest):
+            trickling = asyncio.create_task(trickle())
+            try:
+                answer = await child.recv(10)
+            except (ConnectionError, OSError):
+                answer = ConnectionClosed(graceful=False)
+            cut = time.monotonic() - started
+            trickling.cancel()
+        await child.close()
+        assert isinstance(answer, (Error, ConnectionClosed)), answer
+        if isinstance(answer, Error):
+            assert answer.code == ErrorCode.TIMEOUT and "no HELLO within 3s" in answer.reason
+        assert 2.5 < cut < 4.5, cut
+        assert sent >= 5  # several reads, each within the per-read timeout
+        assert any("no HELLO within 3s" in e["reason"] for e in d.events("child.refused"))
+        await honest.close()
+
+
+async def test_handshakes_in_progress_are_capped(deployment: Deployment) -> None:
+    """With ``[limits] handshakes = 4``, four connections that never start
+    TLS hold every slot: a fifth waits in the listen backlog (no answer
+    within a second) while the established child is served; when the four
+    are cut at the handshake timeout, the fifth gets in."""
+    cfg = configure(deployment.server, handshake_timeout=3.0, max_handshakes=4)
+    with daemon(cfg) as d:
+        honest = await Honest.connect(deployment, d)
+        other = deployment.add_node("other", Role.CLIENT, d.address)
+        holders = [await asyncio.open_connection(*d.address) for _ in range(4)]
+        try:
+            async with pinging(honest):
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await RawChild.connect(d.address, other.home)
+                    raise AssertionError("a fifth handshake started with every slot taken")
+                late = await RawChild.connect(d.address, other.home)  # waits for a slot
+                waited = time.monotonic() - started
+                await late.send(Hello(node="other", role="client", purpose="query"))
+                assert isinstance(await late.recv(), Welcome)
+                await late.close()
+            assert 1.5 < waited < 6.0, waited
+            for reader, _ in holders:  # each was cut at the handshake timeout
+                async with asyncio.timeout(2):
+                    assert await reader.read() == b""
+        finally:
+            for _, writer in holders:
+                writer.close()
+        await honest.close()
+
+
+async def test_connections_per_certificate_are_capped(deployment: Deployment) -> None:
+    """With ``[limits] connections_per_node = 2``, a third connection with
+    the same certificate is refused with an ERROR that names the limit; a
+    new session of the same node replaces the old one instead of counting
+    extra; another node is served meanwhile."""
+    cfg = configure(deployment.server, connections_per_node=2)
+    with daemon(cfg) as d:
+        honest = await Honest.connect(deployment, d)
+        mallory = deployment.add_node("mallory", Role.CLIENT, d.address)
+        held = []
+        async with pinging(honest):
+            for _ in range(2):
+                child = await RawChild.connect(d.address, mallory.home)
+                await child.handshake("mallory", purpose="query")
+                held.append(child)
+            third = await RawChild.connect(d.address, mallory.home)
+            await third.send(Hello(node="mallory", role="client", purpose="query"))
+            answer = await third.recv()
+            assert isinstance(answer, Error), answer
+            assert answer.code == ErrorCode.UNAUTHORIZED
+            assert "connections_per_node = 2" in answer.reason
+            await third.close()
+            # The honest node's new session replaces its old one.
+            again = await Honest.connect(deployment, d)
+            await again.ping()
+            await again.close()
+        for child in held:
+            await child.close()
+        await honest.close()
+        refused = [e for e in d.events("child.refused") if "connections_per_node" in e["reason"]]
+        assert len(refused) == 1 and refused[0]["peer"] == "mallory"
+
+
+# -- fetch amplification -------------------------------------------------------------------
+
+
+async def test_fetch_flood_that_never_reads_is_bounded(deployment: Deployment) -> None:
+    """A client with one real job opens 64 fetches on each of 4 connections
+    and reads nothing: each session is served 2 fetches at once (the rest
+    wait, reading nothing), each serve reads at most two chunks ahead of
+    what the transport took, so the server stays under 150 MB and 40 more
+    descriptors, and its memory comes back when the client goes."""
+    cfg = configure(deployment.server)
+    admin = Admin(cfg.home)
+    src = make_payload_dir(deployment.root / "big", size=24 * MIB)
+    package = admin.add_package(src, "big", "1.0", install="./install.sh")
+    with daemon(cfg) as d:
+        honest = await Honest.connect(deployment, d)
+        mallory = deployment.add_node("mallory", Role.CLIENT, d.address)
+        admin.create_job("install", package, ["mallory"])
+        (mallory.home / "attack-package").write_text(package)
+        baseline, fds = await settled_rss(d), d.fds()
+        attack = await Attack.start(
+            "fetch-flood", d, mallory.home, deployment.server.paths.ca_cert, 4
+        )
+        try:
+            async with PeakRss(d) as peak, pinging(honest):
+                await attack.ready()
+                await asyncio.sleep(3)
+                during, during_fds = d.rss(), d.fds()
+            answers = await attack.finish()
+        finally:
+            attack.kill()
+        after = await settled_rss(d, 4.0)
+        await honest.ping()
+        report(f"fetch flood {answers} fds {fds}/{peak.peak_fds}", baseline, peak.peak, after)
+        assert answers == ["fetching"] * 4
+        assert peak.peak < RSS_CEILING, (baseline, peak.peak, during)
+        assert peak.peak_fds < fds + 40, (fds, peak.peak_fds, during_fds)
+        assert within(after, baseline), (baseline, peak.peak, after)
+        admin.close()
         await honest.close()
