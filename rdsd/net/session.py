@@ -228,18 +228,23 @@ class Session:
                 self._writer.writelines(self.conn.send(Goodbye(reason=reason)))
         await self.close(reason or "goodbye")
 
-    async def close(self, reason: str = "", grace: float = 2.0) -> None:
+    async def close(self, reason: str = "") -> None:
         """Close once; later calls return at once. The wait for the peer's
-        side of the TLS close is bounded (``grace``) and shielded, so a peer
-        that never answers cannot leave the stream's shared close future
-        cancelled."""
+        side of the TLS close is bounded and shielded, so a peer that never
+        answers cannot leave the stream's shared close future cancelled."""
         self._mark_closed(reason)
         if self._close_started:
             return
         self._close_started = True
-        with contextlib.suppress(Exception):
+        try:
             self._writer.close()
-            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), grace)
+            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), 2)
+        except Exception as exc:
+            # The stream keeps this error (a reset, say) in its close future;
+            # its traceback holds this frame and so the session and the
+            # stream: a cycle that kept each reset connection's TLS state
+            # until the next full garbage collection. Drop the traceback.
+            exc.__traceback__ = None
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (revocation, shutdown)."""

@@ -17,8 +17,9 @@ import json
 import ssl
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from protocol import (
     MAGIC,
@@ -141,7 +142,7 @@ async def flood(address: Address, home: Path, ca: Path, count: int) -> list[str]
     return [f"{k}:{v}" for k, v in sorted(outcomes.items())]
 
 
-ATTACKS: dict[str, Callable[[Address, Path, Path, int], Awaitable[list[str]]]] = {
+ATTACKS: dict[str, Callable[[Address, Path, Path, int], Coroutine[Any, Any, list[str]]]] = {
     "big-frames": big_frames,
     "fetch-flood": fetch_flood,
     "flood": flood,

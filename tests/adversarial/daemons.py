@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from protocol import Hello, Ping, Pong, Welcome
+from protocol import Chunk, Fetch, FetchEnd, FetchFail, Hello, Ping, Pong, Welcome
 from rdsd.config import NodeConfig
 from rdsd.domain import Role
 from tests.helpers import FAST, Deployment, RawChild, rdsd_cmd
@@ -178,6 +178,22 @@ class Honest:
         took = time.monotonic() - start
         self.slowest = max(self.slowest, took)
         return took
+
+    async def fetch(self, package: str, timeout: float = 20.0) -> int:
+        """Fetch ``package`` whole, as a child that reads promptly; its size."""
+        self._nonce += 1
+        fid = self._nonce
+        await self.child.send(Fetch(fetch_id=fid, package=package, offset=0))
+        got = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.child.recv(timeout)
+                if isinstance(msg, Chunk) and msg.fetch_id == fid:
+                    got += len(msg.data)
+                elif isinstance(msg, FetchEnd) and msg.fetch_id == fid:
+                    return got
+                elif isinstance(msg, FetchFail) and msg.fetch_id == fid:
+                    raise AssertionError(f"fetch refused: {msg.reason}")
 
     async def keep_pinging(self, every: float = 0.2, within: float = 1.0) -> None:
         """Ping until cancelled; any ping not answered ``within`` fails."""

@@ -250,8 +250,11 @@ async def test_fetch_flood_that_never_reads_is_bounded(deployment: Deployment) -
     with daemon(cfg) as d:
         honest = await Honest.connect(deployment, d)
         mallory = deployment.add_node("mallory", Role.CLIENT, d.address)
-        admin.create_job("install", package, ["mallory"])
+        admin.create_job("install", package, ["mallory", "honest"])
         (mallory.home / "attack-package").write_text(package)
+        # The baseline is a server that has served a package once (its
+        # reader threads exist from then on): the honest child fetches it.
+        assert await honest.fetch(package) > 24 * MIB
         baseline, fds = await settled_rss(d), d.fds()
         attack = await Attack.start(
             "fetch-flood", d, mallory.home, deployment.server.paths.ca_cert, 4
@@ -266,6 +269,7 @@ async def test_fetch_flood_that_never_reads_is_bounded(deployment: Deployment) -
             attack.kill()
         after = await settled_rss(d, 4.0)
         await honest.ping()
+        assert await honest.fetch(package) > 24 * MIB
         report(f"fetch flood {answers} fds {fds}/{peak.peak_fds}", baseline, peak.peak, after)
         assert answers == ["fetching"] * 4
         assert peak.peak < RSS_CEILING, (baseline, peak.peak, during)
