@@ -80,7 +80,8 @@ def configure(cfg: NodeConfig, **settings: Any) -> NodeConfig:
 @contextlib.contextmanager
 def daemon(cfg: NodeConfig, timeout: float = 20.0) -> Iterator[Daemon]:
     """Run ``rdsd run`` on ``cfg``'s home until the block ends (SIGTERM, then
-    SIGKILL if it hangs); yields once it listens."""
+    SIGKILL if it hangs); yields once it listens (a client: once it runs,
+    with no address)."""
     log_path = cfg.home.parent / f"{cfg.name}.daemon.log"
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
@@ -95,9 +96,12 @@ def daemon(cfg: NodeConfig, timeout: float = 20.0) -> Iterator[Daemon]:
         while address is None:
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, f"daemon did not start:\n{log_path.read_text()}"
-            match = re.search(r"listening on ([\d.]+):(\d+)", log_path.read_text())
+            text = log_path.read_text()
+            match = re.search(r"listening on ([\d.]+):(\d+)", text)
             if match:
                 address = (match.group(1), int(match.group(2)))
+            elif cfg.role is Role.CLIENT and '"daemon.ready"' in text:
+                address = ("", 0)
             else:
                 time.sleep(0.05)
         yield Daemon(proc, address, log_path)
