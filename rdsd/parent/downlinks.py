@@ -329,6 +329,9 @@ class Downlinks:
             held = self._handshakes.admit(address.rsplit(":", 1)[0], time.monotonic())
             if held is not None:
                 reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+                if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+                    # Which check failed: an expired certificate, another CA.
+                    reason = f"{reason}: {exc.verify_message}"
                 self.log.warning(
                     "child.tls_failed",
                     peer_address=address,

@@ -10,6 +10,7 @@ on a home whose modes were loosened says so once.
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import subprocess
 import time
@@ -73,10 +74,11 @@ async def test_homes_and_everything_written_are_private(
         with daemon(configure(NodeConfig.load(client))) as ws:
             job = rdsd("job", "create", "--type", "install", "--package", pid, "--to", "ws",
                        "--home", str(server))  # fmt: skip
+            status = ("job", "status", job, "--home", str(server))
             deadline = time.monotonic() + 30
-            while "installed" not in rdsd("job", "status", job, "--home", str(server)):
-                assert time.monotonic() < deadline, rdsd("job", "status", job, "--home", str(server))
-                time.sleep(0.2)
+            while "installed" not in rdsd(*status):
+                assert time.monotonic() < deadline, rdsd(*status)
+                await asyncio.sleep(0.2)
             assert not ws.events("home.permissions_loose")
         assert not hq.events("home.permissions_loose")
     # What was written, and that it was all written privately.
