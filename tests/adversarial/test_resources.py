@@ -162,7 +162,7 @@ async def test_trickled_handshake_is_cut_at_the_total_deadline(deployment: Deplo
         assert isinstance(answer, (Error, ConnectionClosed)), answer
         if isinstance(answer, Error):
             assert answer.code == ErrorCode.TIMEOUT and "no HELLO within 3s" in answer.reason
-        assert 2.5 < cut < 4.5, cut
+        assert 2.5 < cut < 6.0, cut
         assert sent >= 5  # several reads, each within the per-read timeout
         assert any("no HELLO within 3s" in e["reason"] for e in d.events("child.refused"))
         await honest.close()
