@@ -62,7 +62,10 @@ async def big_frames(address: Address, home: Path, ca: Path, count: int) -> list
     total = MAX_HEADER + MAX_PAYLOAD - 1
 
     async def one() -> str:
-        child = await RawChild.connect(address, home)
+        try:
+            child = await RawChild.connect(address, home)
+        except (OSError, ssl.SSLError, TimeoutError):
+            return "no connection"
         try:
             with contextlib.suppress(ConnectionError, ssl.SSLError, OSError, TimeoutError):
                 await child.send_raw(frame)
