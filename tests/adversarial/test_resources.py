@@ -1,5 +1,6 @@
 """Hostile peers against a real server daemon: every attack is refused, an
-honest child is served throughout (its pings answered within a second),
+honest child is served throughout (its pings answered within 2 s, a few
+hundred milliseconds at worst on an idle machine),
 and the daemon's memory stays under a stated bound during the attack and
 comes back after it. Attacks run in a process of their own (``attacks.py``).
 
@@ -39,7 +40,7 @@ def within(after: int, baseline: int, share: float = 0.2) -> bool:
 @contextlib.asynccontextmanager
 async def pinging(honest: Honest) -> AsyncIterator[None]:
     """The honest child pings every 0.2 s while the block runs; a ping not
-    answered within a second fails the test."""
+    answered within ``PING_WITHIN`` fails the test."""
     task = asyncio.create_task(honest.keep_pinging())
     try:
         yield
@@ -50,10 +51,10 @@ async def pinging(honest: Honest) -> AsyncIterator[None]:
             await task
 
 
-def report(what: str, baseline: int, peak: int, after: int) -> None:
+def report(what: str, baseline: int, peak: int, after: int, honest: Honest) -> None:
     print(
         f"\n{what}: baseline {baseline / MIB:.0f} MiB, peak {peak / MIB:.0f} MiB,"
-        f" after {after / MIB:.0f} MiB"
+        f" after {after / MIB:.0f} MiB, slowest ping {honest.slowest * 1000:.0f} ms"
     )
 
 
@@ -87,7 +88,7 @@ async def test_big_frames_before_hello_are_refused_from_their_prefix(
             answers = await run_attack("big-frames", d, deployment, "mallory", 150)
         after = await settled_rss(d, 4.0)
         await honest.ping()
-        report("big frames", baseline, peak.peak, after)
+        report("big frames", baseline, peak.peak, after, honest)
         # Each was refused from its prefix: the ERROR goes out, then the
         # connection is dropped (an asyncio peer that is still writing sees
         # the reset first), and the server says why in its log.
@@ -120,7 +121,7 @@ async def test_unauthenticated_flood_memory_returns(deployment: Deployment) -> N
             answers = await run_attack("flood", d, deployment, None, 2000)
         after = await settled_rss(d, 4.0)
         await honest.ping()
-        report(f"flood {answers}", baseline, peak.peak, after)
+        report(f"flood {answers}", baseline, peak.peak, after, honest)
         assert not any(a.startswith("answered") for a in answers), answers
         assert d.events("child.tls_failed")
         assert within(after, baseline), (baseline, peak.peak, after)
@@ -270,7 +271,9 @@ async def test_fetch_flood_that_never_reads_is_bounded(deployment: Deployment) -
         after = await settled_rss(d, 4.0)
         await honest.ping()
         assert await honest.fetch(package) > 24 * MIB
-        report(f"fetch flood {answers} fds {fds}/{peak.peak_fds}", baseline, peak.peak, after)
+        report(
+            f"fetch flood {answers} fds {fds}/{peak.peak_fds}", baseline, peak.peak, after, honest
+        )
         assert answers == ["fetching"] * 4
         assert peak.peak < RSS_CEILING, (baseline, peak.peak, during)
         assert peak.peak_fds < fds + 40, (fds, peak.peak_fds, during_fds)
