@@ -4,7 +4,10 @@ serves the daemon, tests on bytes alone, and any other implementation that
 wants to check itself against ours. ``SPEC.md`` describes the format."""
 
 from .connection import (
+    FRAME_CAPS,
+    MAX_OPEN_FETCHES,
     NEED_DATA,
+    PRE_SESSION_FRAME,
     TRANSITIONS,
     Connection,
     ConnectionClosed,
@@ -53,9 +56,11 @@ from .messages import (
 )
 
 __all__ = [
+    "FRAME_CAPS",
     "MAGIC",
     "MAX_CLAIM",
     "MAX_HEADER",
+    "MAX_OPEN_FETCHES",
     "MAX_PAYLOAD",
     "MAX_PRESENCE_BATCH",
     "MAX_REVOKED_BATCH",
@@ -64,6 +69,7 @@ __all__ = [
     "MAX_TOPOLOGY_BATCH",
     "MESSAGE_CLASSES",
     "NEED_DATA",
+    "PRE_SESSION_FRAME",
     "PROTOCOL_VERSION",
     "TRANSITIONS",
     "Chunk",

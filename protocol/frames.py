@@ -61,6 +61,9 @@ class FrameDecoder:
         self._buf = bytearray()
         self._max_payload = max_payload
         self._need: tuple[int, int] | None = None
+        #: Cap on header plus payload of the next frame, over the two caps
+        #: above; the connection lowers it until a session is established.
+        self.max_frame: int | None = None
 
     @property
     def buffered(self) -> int:
@@ -69,23 +72,42 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
+    def discard(self) -> None:
+        """Drop everything buffered (the peer broke the rules: nothing it
+        sent is read any more)."""
+        self._buf = bytearray()
+        self._need = None
+
+    def check_prefix(self) -> None:
+        """Check the lengths of the frame being received against the caps
+        as soon as its prefix is here, so a frame over the cap is refused
+        before its body is buffered."""
+        if self._need is not None or len(self._buf) < PREFIX.size:
+            return
+        hlen, plen = PREFIX.unpack_from(self._buf)
+        if hlen == 0 or hlen > MAX_HEADER:
+            raise RemoteProtocolError(
+                f"frame header of {hlen} bytes outside 1..{MAX_HEADER}",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+        if plen > self._max_payload:
+            raise RemoteProtocolError(
+                f"frame payload of {plen} bytes over the cap of {self._max_payload}",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+        if self.max_frame is not None and hlen + plen > self.max_frame:
+            raise RemoteProtocolError(
+                f"frame of {hlen + plen} bytes over the cap of {self.max_frame} "
+                "before the session is established",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+        self._need = (hlen, plen)
+
     def next_message(self) -> Message | None:
         """The next complete message, or ``None`` if more bytes are needed."""
+        self.check_prefix()
         if self._need is None:
-            if len(self._buf) < PREFIX.size:
-                return None
-            hlen, plen = PREFIX.unpack_from(self._buf)
-            if hlen == 0 or hlen > MAX_HEADER:
-                raise RemoteProtocolError(
-                    f"frame header of {hlen} bytes outside 1..{MAX_HEADER}",
-                    ErrorCode.FRAME_TOO_LARGE,
-                )
-            if plen > self._max_payload:
-                raise RemoteProtocolError(
-                    f"frame payload of {plen} bytes over the cap of {self._max_payload}",
-                    ErrorCode.FRAME_TOO_LARGE,
-                )
-            self._need = (hlen, plen)
+            return None
         hlen, plen = self._need
         end = PREFIX.size + hlen + plen
         if len(self._buf) < end:

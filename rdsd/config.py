@@ -161,6 +161,9 @@ class NodeConfig:
     per_child_rate: float = 0.0
     transfer_windows: tuple[tuple[int, int], ...] = ()
     install_windows: tuple[tuple[int, int], ...] = ()
+    max_handshakes: int = 128
+    connections_per_node: int = 4
+    fetches_per_session: int = 2
 
     log_level: str = "info"
     log_format: str = "console"

@@ -285,7 +285,11 @@ class Setting:
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("node", "Who this node is and where it connects."),
     ("transfer", "How packages move between nodes."),
-    ("limits", "Bandwidth limits on package data; reloaded on SIGHUP and by rdsd reload."),
+    (
+        "limits",
+        "Bandwidth limits on package data (reloaded on SIGHUP and by rdsd reload), "
+        "and what one peer may hold of a server or relay at once.",
+    ),
     ("windows", "When this node transfers and installs (local time); reloaded like [limits]."),
     ("timeouts", "How long to wait before giving up on a peer or a command."),
     ("reconnect", "Waiting between attempts to reach the parent: min, doubling up to max."),
@@ -460,6 +464,30 @@ SCHEMA: tuple[Setting, ...] = (
         _duration(0.1, _DAY),
         60.0,
         "The longest the expiry timer sleeps; packages go at their expiry, by a timer.",
+    ),
+    Setting(
+        "limits",
+        "handshakes",
+        "max_handshakes",
+        _integer(1, 65536),
+        128,
+        "Connections between accept and WELCOME at once (TCP, TLS, HELLO); the rest wait.",
+    ),
+    Setting(
+        "limits",
+        "connections_per_node",
+        "connections_per_node",
+        _integer(1, 1024),
+        4,
+        "Open connections one certificate may have here; more are refused with a reason.",
+    ),
+    Setting(
+        "limits",
+        "fetches_per_session",
+        "fetches_per_session",
+        _integer(1, 64),
+        2,
+        "Package fetches served at once on one connection; its further fetches wait their turn.",
     ),
     Setting(
         "log",

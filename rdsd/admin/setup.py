@@ -31,7 +31,7 @@ def _fresh_home(home: Path) -> HomePaths:
         raise AdminError(f"{home} is already an rdsd home")
     if home.exists() and not home.is_dir():
         raise AdminError(f"{home} exists and is not a directory")
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.tls.mkdir(mode=0o700, exist_ok=True)
     return paths
 

@@ -2,7 +2,8 @@
 
 Process tuning lives here and nowhere else: the open-file limit (a relay
 holds one socket per child), glibc's mmap threshold (idle sessions' memory),
-the pid file (one daemon per home, by lock) and uvloop.
+the umask and the check of the home's modes (private state), the pid file
+(one daemon per home, by lock) and uvloop.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import structlog
 
 from ..config import NodeConfig, default_home
 from ..errors import AdminError, ConfigError
-from ..util.fsutil import try_lock
+from ..util.fsutil import loose_modes, try_lock
 from ..util.logs import configure
+from .output import PRIVATE_UMASK
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 log = structlog.get_logger("rdsd.daemon")
-
 
 def _raise_fd_limit() -> None:
     """A relay holds one socket per child: allow as many as the hard limit."""
@@ -51,6 +52,24 @@ def _pin_mmap_threshold() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def check_modes(cfg: NodeConfig) -> list[tuple[Path, int]]:
+    """Warn once, at start, about anything in the home that group or others
+    may read or enter (a home copied with ``cp -r``, a package manager's
+    0755 directory): the job database and packages are private. Only
+    warned: the operator decides, the daemon does not chmod behind them."""
+    loose = loose_modes(cfg.home)
+    if loose:
+        structlog.get_logger("rdsd.daemon").warning(
+            "home.permissions_loose",
+            node=cfg.name,
+            home=str(cfg.home),
+            count=len(loose),
+            paths=[f"{path} {mode:04o}" for path, mode in loose[:20]],
+            fix=f"chmod -R go-rwx {cfg.home}",
+        )
+    return loose
+
+
 def run_config(args: argparse.Namespace) -> NodeConfig:
     """The home's configuration with ``--log-format``/``--log-level``, where
     given, over ``[log]`` of its ``rdsd.toml`` for this run."""
@@ -62,10 +81,12 @@ def run_config(args: argparse.Namespace) -> NodeConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     configure(cfg.log_format, cfg.log_level)
+    os.umask(PRIVATE_UMASK)  # run_cli set it too; a daemon must not depend on that
+    check_modes(cfg)
     _raise_fd_limit()
     _pin_mmap_threshold()
     pidfile = cfg.paths.pidfile
-    fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(pidfile, os.O_RDWR | os.O_CREAT, 0o600)
     if not try_lock(fd):
         os.close(fd)
         raise AdminError(f"a daemon is already running on {cfg.home}")

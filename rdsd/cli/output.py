@@ -33,6 +33,8 @@ from typing import Any, NoReturn, TypeVar
 from ..errors import ConfigError, RdsdError
 from ..util.logs import configure
 
+#: Files and directories rdsd creates are for their owner only.
+PRIVATE_UMASK = 0o077
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE in sysexits.h
@@ -109,6 +111,10 @@ def run_cli(prog: str, args: argparse.Namespace) -> int:
     # Commands print their results on stdout; library events are for the
     # daemon's log, so here only warnings and errors show, on stderr.
     configure("console", "warning")
+    # Everything rdsd writes in a home (keys, the job database and its WAL,
+    # packages, envelopes, logs) is its owner's alone; install commands get
+    # the conventional umask back (node/supervise.py).
+    os.umask(PRIVATE_UMASK)
     # Past a file-size limit a write should fail with EFBIG (which the store
     # turns into a clean "disk full" failure), not kill the process.
     if hasattr(signal, "SIGXFSZ"):

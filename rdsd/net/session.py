@@ -28,6 +28,7 @@ from protocol import (
     ProtocolError,
     RemoteProtocolError,
     Side,
+    State,
     Welcome,
 )
 
@@ -211,12 +212,23 @@ class Session:
             self.conn.receive_data(data)
 
     async def fail(self, exc: ProtocolError) -> None:
-        """Tell the peer why we hang up, then hang up."""
+        """Tell the peer why we hang up, then hang up. A peer that broke
+        the wire rules before its session is established is dropped after
+        the ERROR rather than closed gracefully."""
         self.log.warning("session.error", reason=str(exc), code=int(exc.code))
+        established = self.conn.state is State.OPEN
         if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
                 self._writer.writelines(self.conn.send_error(exc))
-        await self.close(str(exc))
+        if isinstance(exc, RemoteProtocolError) and not established:
+            # A graceful TLS close reads and decrypts whatever the peer keeps
+            # pouring in, for up to 2 s, while it holds a handshake slot
+            # (measured: 150 peers pouring in a 17 MiB frame took the server
+            # to 170 MB with the graceful close, under 100 MB without). A
+            # HELLO refused for what it says still gets the graceful close.
+            self.abort(str(exc))
+        else:
+            await self.close(str(exc))
 
     async def goodbye(self, reason: str = "") -> None:
         if not self.closed and not self._partial:  # never inside a half-written frame
@@ -232,9 +244,15 @@ class Session:
         if self._close_started:
             return
         self._close_started = True
-        with contextlib.suppress(Exception):
+        try:
             self._writer.close()
             await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), 2)
+        except Exception as exc:
+            # The stream keeps this error (a reset, say) in its close future;
+            # its traceback holds this frame and so the session and the
+            # stream: a cycle that kept each reset connection's TLS state
+            # until the next full garbage collection. Drop the traceback.
+            exc.__traceback__ = None
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (revocation, shutdown)."""

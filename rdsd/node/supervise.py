@@ -29,11 +29,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+#: The umask install commands run with: the daemon's own is 0o077 (its
+#: files are private), which would make what a command installs unreadable.
+INSTALL_UMASK = 0o022
+
 
 def write_outcome(path: Path, outcome: dict[str, Any]) -> None:
     """Write ``outcome`` so a reader sees no file or the whole one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, json.dumps(outcome).encode())
         os.fsync(fd)
@@ -62,7 +66,10 @@ def supervise(
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    with log.open("ab") as out:
+    # The install log is private to the node's owner, like everything in
+    # the home; the install command itself runs with the conventional umask,
+    # so what it installs for everyone is readable by everyone.
+    with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
         try:
             proc = subprocess.Popen(
                 command,
@@ -71,6 +78,7 @@ def supervise(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 process_group=0,
+                umask=INSTALL_UMASK,
             )
         except OSError as exc:
             return {"error": f"install command could not start: {exc}"}

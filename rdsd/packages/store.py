@@ -10,6 +10,12 @@ envelope found under it is debris from a crash or a failed commit and goes
 at once, while one another live process is committing is left alone.
 Downloads in progress live in ``partial/`` (see ``download.py``).
 
+An entry whose envelope fails verification (signed by another key,
+malformed, or for another package than its name says) is set aside: both
+files move to the home's ``quarantine/`` folder, one line is logged with the
+package and the reason, and the store reads as if the package were not
+there, so one bad file never stops holdings, expiry or reports.
+
 Who uses a package: readers (serving children), the download filling it,
 and leases that jobs of this node hold while they fetch, extract and
 install it. Expiry and the end of an install delete a package only when
@@ -57,8 +63,16 @@ def _pid_alive(text: str) -> bool:
 class Store:
     """Complete packages plus the downloads in progress, in one directory."""
 
-    def __init__(self, root: Path, envelopes: Envelopes, refetchable: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        envelopes: Envelopes,
+        refetchable: bool = True,
+        quarantine_dir: Path | None = None,
+    ) -> None:
         self.root = root
+        # Entries that failed verification go here (HOME/quarantine by default).
+        self.quarantine_dir = quarantine_dir or root.parent / "quarantine"
         # A relay or client can fetch a damaged package again from its parent;
         # the server's storehouse cannot, so it leaves a bad package in place.
         self.refetchable = refetchable
@@ -157,14 +171,44 @@ class Store:
             return None
 
     def manifest(self, package: str) -> Manifest | None:
-        """The verified manifest of a complete package (cached by envelope)."""
+        """The verified manifest of a complete package (cached by envelope).
+        An envelope that fails verification is set aside and the package
+        counts as absent (a node with a parent fetches it again)."""
         env = self.envelope(package)
         if env is None:
             return None
         try:
-            return self.envelopes.open(env)
+            return self.envelopes.open_for(env, package)
         except ManifestError as exc:
-            raise StoreError(f"{package}: stored manifest rejected: {exc}") from None
+            self.set_aside(package, env, f"stored manifest rejected: {exc}")
+            return None
+
+    def set_aside(self, package: str, envelope: bytes, reason: str) -> None:
+        """Move ``package``'s files to the quarantine folder, under the store
+        lock and only if its envelope is still ``envelope`` (another process
+        may have replaced or set it aside meanwhile); log it once."""
+        moved: list[str] = []
+        with self.committing():
+            if self.envelope(package) != envelope:
+                return
+            self.quarantine_dir.mkdir(mode=0o700, exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            # Envelope first: from that moment the package no longer counts.
+            for path in (self.envelope_path(package), self.data_path(package)):
+                target = self.quarantine_dir / f"{path.name}.{stamp}-{os.getpid()}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, target)
+                    moved.append(str(target))
+            fsync_dir(self.root)
+            fsync_dir(self.quarantine_dir)
+        log.error(
+            "store.set_aside",
+            store=str(self.root),
+            package=package,
+            reason=reason,
+            moved_to=moved,
+        )
+        self.notify()
 
     def manifests(self) -> list[Manifest]:
         out = []

@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ from ..net.session import Session
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
+from ..util.memory import give_back
 from ..util.windows import pace_to_wire
 from ..validate import Invalid, check_time, clean_text
 from .handlers import ChildHandlers
@@ -61,8 +63,9 @@ from .routing import (
 )
 
 log = structlog.get_logger("rdsd.downlinks")
-#: Connections between accept and WELCOME at once; the rest wait in the
-#: listen backlog (the kernel caps it at net.core.somaxconn).
+#: Connections between accept and WELCOME at once (TCP accepted, TLS, the
+#: preamble and HELLO); the rest wait in the listen backlog (the kernel caps
+#: it at net.core.somaxconn). The default of ``[limits] handshakes``.
 MAX_HANDSHAKES = 128
 LISTEN_BACKLOG = 4096
 #: Fetches served at once; the rest wait their turn (first come, first
@@ -70,13 +73,23 @@ LISTEN_BACKLOG = 4096
 #: buffer, so this bounds what fan-out to many children costs in memory.
 MAX_SERVES = 64
 
+# What a child's stream buffers before reading from its socket pauses (it
+# holds twice this at most). Children send only control frames, so a small
+# buffer costs nothing, and a connection that pours in bytes before it has
+# even said HELLO holds at most this much before it is refused.
+STREAM_LIMIT = 64 * 1024
 # Failed TLS handshakes are logged at most once per this many seconds per
 # peer host, and at most HANDSHAKE_LOG_BURST lines per interval in all: a
 # scanner or a misconfigured fleet must not flood the log.
-STREAM_LIMIT = 1024 * 1024
 HANDSHAKE_LOG_INTERVAL = 10.0
 HANDSHAKE_LOG_BURST = 20
+#: Failures held back by the rate limit are summed up in one line this
+#: long after the first of them.
+HANDSHAKE_SUMMARY_INTERVAL = 60.0
 _HANDSHAKE_HOSTS_KEPT = 4096
+#: Once connections have ended, this long later the memory they freed goes
+#: back to the system (``util.memory``); again at most this often.
+GIVE_BACK_DELAY = 2.0
 
 
 class HandshakeLog:
@@ -87,6 +100,9 @@ class HandshakeLog:
         self._hosts: dict[str, tuple[float, int]] = {}
         self._window = -float("inf")
         self._lines = 0
+        # Held back since the last summary: failures, and from how many hosts.
+        self.unlogged = 0
+        self.unlogged_hosts: set[str] = set()
 
     def admit(self, host: str, now: float) -> int | None:
         """None to stay silent, else how many failures of ``host`` went unlogged."""
@@ -95,12 +111,23 @@ class HandshakeLog:
         last, held = self._hosts.get(host, (-float("inf"), 0))
         if now - last < HANDSHAKE_LOG_INTERVAL or self._lines >= HANDSHAKE_LOG_BURST:
             self._hosts[host] = (last, held + 1)
+            self.unlogged += 1
+            if len(self.unlogged_hosts) < _HANDSHAKE_HOSTS_KEPT:
+                self.unlogged_hosts.add(host)
             return None
         if len(self._hosts) >= _HANDSHAKE_HOSTS_KEPT:
             self._hosts.clear()
         self._hosts[host] = (now, 0)
         self._lines += 1
         return held
+
+    def summary(self) -> tuple[int, int]:
+        """Failures held back since the last summary and from how many
+        hosts; starts the count again."""
+        out = (self.unlogged, len(self.unlogged_hosts))
+        self.unlogged = 0
+        self.unlogged_hosts = set()
+        return out
 
 
 @dataclass
@@ -111,6 +138,9 @@ class Child:
     purpose: HelloPurpose
     pushed: Pushed = field(default_factory=dict)
     serving: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    # Fetches this session may have served at once; the rest wait here, in
+    # order, without reading anything (``[limits] fetches_per_session``).
+    fetch_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     revoked_sent: list[str] | None = None
 
@@ -178,7 +208,9 @@ class Downlinks:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_HANDSHAKES)
+        self._slots = asyncio.Semaphore(cfg.max_handshakes)
+        # Open connections per certificate name, after HELLO.
+        self.connections: Counter[str] = Counter()
         self.serve_slots = asyncio.Semaphore(MAX_SERVES)
         # Upload limits, shared by every fetch served; a reload changes them.
         self.pacing = LinkPacing(cfg.upload_rate, cfg.per_child_rate)
@@ -188,6 +220,8 @@ class Downlinks:
         self._envelopes: dict[str, bytes] = {}
         self._handshakes = HandshakeLog()
         self.keys = Keys()  # loaded public keys, for checking claims
+        self._summary: asyncio.TimerHandle | None = None
+        self._give_back: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -213,6 +247,11 @@ class Downlinks:
             self._listener.close()
         for child in list(self.children.values()):
             child.session.abort("shutting down")
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summarise()
+        if self._give_back is not None:
+            self._give_back.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -251,19 +290,39 @@ class Downlinks:
             self.spawn(self._accept(sock, _format_address(addr), _Slot(self._slots)))
 
     async def _accept(self, sock: socket.socket, address: str, slot: _Slot) -> None:
+        # One deadline for TLS, the preamble and HELLO together: a peer that
+        # trickles a byte at a time cannot stretch it read by read.
+        deadline = asyncio.get_running_loop().time() + self.cfg.handshake_timeout
         try:
             streams = await self._start_tls(sock, address)
             if streams is None:
                 return
             reader, writer = streams
             try:
-                await self._handle(reader, writer, slot)
+                await self._handle(reader, writer, slot, deadline)
             except Exception:
                 self.log.exception("child.crashed", peer_address=address)
             finally:
                 writer.close()
         finally:
             slot.release()
+            self._ended()
+
+    def _ended(self) -> None:
+        """A connection ended: what it used goes back to the system shortly,
+        with whatever else ends meanwhile (one trim per burst)."""
+        if self._give_back is None:
+            self._give_back = asyncio.get_running_loop().call_later(
+                GIVE_BACK_DELAY, self._give_back_now
+            )
+
+    def _give_back_now(self) -> None:
+        self._give_back = None
+        started = time.perf_counter()
+        if give_back():
+            self.log.debug(
+                "memory.given_back", took_ms=round((time.perf_counter() - started) * 1e3, 2)
+            )
 
     async def _start_tls(
         self, sock: socket.socket, address: str
@@ -285,17 +344,38 @@ class Downlinks:
             held = self._handshakes.admit(address.rsplit(":", 1)[0], time.monotonic())
             if held is not None:
                 reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+                if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+                    # Which check failed: an expired certificate, another CA.
+                    reason = f"{reason}: {exc.verify_message}"
                 self.log.warning(
                     "child.tls_failed",
                     peer_address=address,
                     reason=str(reason) or type(exc).__name__,
                     unlogged_before=held,
                 )
+            elif self._summary is None:
+                self._summary = loop.call_later(HANDSHAKE_SUMMARY_INTERVAL, self._summarise)
             return None
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
+    def _summarise(self) -> None:
+        """One line for the TLS failures the rate limit held back."""
+        self._summary = None
+        count, hosts = self._handshakes.summary()
+        if count:
+            self.log.warning(
+                "child.tls_failed_summary",
+                unlogged=count,
+                hosts=hosts,
+                interval=HANDSHAKE_SUMMARY_INTERVAL,
+            )
+
     async def _handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slot: _Slot
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        slot: _Slot,
+        deadline: float,
     ) -> None:
         address = _address(writer)
         try:
@@ -305,10 +385,18 @@ class Downlinks:
             return
         session = Session(reader, writer, Side.PARENT, peer, self.cfg.idle_timeout, self.observer)
         try:
-            hello = await session.recv(self.cfg.handshake_timeout)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    hello = await session.recv(self.cfg.handshake_timeout)
+            except TimeoutError:
+                raise ProtocolError(
+                    f"no HELLO within {self.cfg.handshake_timeout:g}s of connecting",
+                    ErrorCode.TIMEOUT,
+                ) from None
             purpose = self._check_hello(session, hello)
             assert isinstance(hello, Hello)
             attach = self._check_attach(session, hello)
+            self._check_connections(peer.name, purpose)
         except SessionClosed as exc:
             self.log.warning(
                 "child.handshake_failed", peer=peer.name, peer_address=address, reason=str(exc)
@@ -320,7 +408,35 @@ class Downlinks:
             return
         session.send_nowait(Welcome(node=self.cfg.name, role=self.cfg.role, time=time.time()))
         slot.release()  # authenticated: the next handshake may start
-        child = Child(session, purpose)
+        child = Child(session, purpose, fetch_slots=asyncio.Semaphore(self.cfg.fetches_per_session))
+        self.connections[peer.name] += 1
+        try:
+            await self._serve_child(child, hello, attach, address)
+        finally:
+            self.connections[peer.name] -= 1
+            if self.connections[peer.name] <= 0:
+                del self.connections[peer.name]
+
+    def _check_connections(self, name: str, purpose: HelloPurpose) -> None:
+        """At most ``connections_per_node`` connections per certificate. A
+        new session of a node that has one replaces it (a node whose link
+        died silently must get back in at once), so it never counts extra;
+        any other connection over the cap is refused with the reason."""
+        if purpose is HelloPurpose.SESSION and name in self.children:
+            return
+        cap = self.cfg.connections_per_node
+        if self.connections[name] >= cap:
+            raise ProtocolError(
+                f"{name} already has {self.connections[name]} connections here, "
+                f"the most one node may have ([limits] connections_per_node = {cap})",
+                ErrorCode.UNAUTHORIZED,
+            )
+
+    async def _serve_child(
+        self, child: Child, hello: Message, attach: Attach, address: str
+    ) -> None:
+        """A welcomed child's session, until it ends."""
+        session, peer, purpose = child.session, child.session.peer, child.purpose
         known = self.db.node(peer.name)
         if purpose is HelloPurpose.SESSION:
             old = self.children.get(peer.name)

@@ -445,10 +445,12 @@ class ChildHandlers:
                     )
                     session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
                     return
-                # A bounded number of serves at once: each holds a chunk or
-                # two and a transport buffer, and a relay with a thousand
-                # children fetching together must not hold a thousand.
-                async with p.serve_slots:
+                # A bounded number of serves at once, per session and in all:
+                # each holds a chunk or two and a transport buffer. A child
+                # that opens many fetches and reads none holds no more than
+                # its own few, and a relay with a thousand children fetching
+                # together does not hold a thousand.
+                async with child.fetch_slots, p.serve_slots:
                     pacer = p.pacing.for_fetch(
                         child.name, p.db.package_rate(fetch.package), _asked_rate(fetch.rate)
                     )

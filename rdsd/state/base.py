@@ -9,6 +9,7 @@ in one transaction.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -91,6 +92,9 @@ class Database:
         self.path = path
         self.source = ""
         self._sink: Callable[[Event], None] | None = None
+        # Private whatever the umask (an embedder's process): SQLite gives its
+        # WAL and shared-memory files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,8 +30,9 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(target: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``target`` with ``data`` so that readers see old or new, whole."""
+def atomic_write(target: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``target`` with ``data`` so that readers see old or new, whole
+    (private to the owner unless ``mode`` says otherwise)."""
     tmp = temp_name(target)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -48,6 +50,36 @@ def atomic_write(target: Path, data: bytes, mode: int = 0o644) -> None:
             tmp.unlink()
         raise
     fsync_dir(target.parent)
+
+
+def loose_modes(root: Path, depth: int = 2, limit: int = 10_000) -> list[tuple[Path, int]]:
+    """Files and directories under ``root`` (itself included, ``depth``
+    levels down, at most ``limit`` looked at) that group or others may
+    read, write or enter, with their permission bits. Symbolic links are
+    not followed. A home holds keys, the job database and packages: only
+    its owner has any business there."""
+    found: list[tuple[Path, int]] = []
+    seen = 0
+    level = [root]
+    for _ in range(depth + 1):
+        following: list[Path] = []
+        for path in level:
+            seen += 1
+            if seen > limit:
+                return found
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if st.st_mode & 0o077:
+                found.append((path, stat.S_IMODE(st.st_mode)))
+            if stat.S_ISDIR(st.st_mode):
+                with contextlib.suppress(OSError):
+                    following.extend(sorted(path.iterdir()))
+        level = following
+    return found
 
 
 def commit_file(tmp: Path, target: Path) -> None:

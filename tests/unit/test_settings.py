@@ -47,6 +47,9 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "reconnect_max": ('"5m"', 300.0),
     "poll_interval": ('"100ms"', 0.1),
     "sweep_interval": ('"10m"', 600.0),
+    "max_handshakes": ("512", 512),
+    "connections_per_node": ("2", 2),
+    "fetches_per_session": ("8", 8),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
 }
@@ -156,6 +159,7 @@ def test_value_spellings(tmp_path: Path, text: str, name: str, value: Any) -> No
         ("[limits]\nupload_rate = '20MB'\n", ["limits.upload_rate '20MB' needs '/s'"]),
         ("[limits]\nupload_rate = -1\n", ["limits.upload_rate -1 must not be negative"]),
         ("[limits]\nrate = 1\n", ["unknown key 'rate' in [limits]", "per_child_rate"]),
+        ("[limits]\nfetches_per_session = 0\n", ["limits.fetches_per_session 0 is out of range"]),
         ("[windows]\ninstall = '22:00-06:00'\n", ["windows.install must be an array"]),
         ("[windows]\ntransfer = ['22:00-22:00']\n", ["starts and ends at the same time"]),
         ("[windows]\ntransfer = ['25:00-06:00']\n", ["has the clock '25:00'"]),

@@ -453,9 +453,10 @@ def test_caps_apply_in_open_state_too() -> None:
 
 
 def test_limits_themselves_are_allowed() -> None:
+    # Once the session is open: before it, the pre-session cap applies.
     for hlen, plen in [(MAX_HEADER, 0), (1, MAX_PAYLOAD)]:
-        conn = Connection(P)
-        conn.receive_data(MAGIC + PREFIX.pack(hlen, plen))
+        conn = open_child()
+        conn.receive_data(PREFIX.pack(hlen, plen))
         assert conn.next_event() is NEED_DATA
 
 
@@ -810,7 +811,11 @@ def test_remote_error_is_sticky() -> None:
     for _ in range(3):
         with pytest.raises(RemoteProtocolError) as again:
             conn.next_event()
-        assert again.value is first.value
+        # The same error, as a fresh exception: the one kept holds no
+        # traceback (which would hold the connection in a cycle).
+        assert type(again.value) is type(first.value)
+        assert str(again.value) == str(first.value)
+        assert again.value.code is first.value.code
     conn.receive_data(b"")
     with pytest.raises(RemoteProtocolError):
         conn.next_event()
