@@ -89,7 +89,9 @@ async def fetch_flood(address: Address, home: Path, ca: Path, count: int) -> lis
     answers = []
     for _ in range(count):
         child = await RawChild.connect(address, home)
-        await child.send(Hello(node=name, role="client", purpose="query"))
+        await child.send(
+            Hello(node=name, role="client", purpose="query", attach=child.attach(name, "client"))
+        )
         welcome = await child.recv()
         if not isinstance(welcome, Welcome):
             answers.append(answer_of(welcome))

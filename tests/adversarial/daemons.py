@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from protocol import Chunk, Fetch, FetchEnd, FetchFail, Hello, Ping, Pong, Welcome
+from protocol import Chunk, Fetch, FetchEnd, FetchFail, Ping, Pong
 from rdsd.config import NodeConfig
 from rdsd.domain import Role
 from tests.helpers import FAST, Deployment, RawChild, rdsd_cmd
@@ -171,8 +171,7 @@ class Honest:
     async def connect(cls, deployment: Deployment, d: Daemon, name: str = "honest") -> Honest:
         cfg = deployment.configs.get(name) or deployment.add_node(name, Role.CLIENT, d.address)
         child = await RawChild.connect(d.address, cfg.home)
-        await child.send(Hello(node=name, role="client", purpose="session"))
-        assert isinstance(await child.recv(), Welcome)
+        await child.handshake(name, purpose="session")
         return cls(child)
 
     async def ping(self, within: float = PING_WITHIN) -> float:

@@ -23,7 +23,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from protocol import ConnectionClosed, Error, ErrorCode, Hello, Welcome
+from protocol import ConnectionClosed, Error, ErrorCode, Hello
 from rdsd.admin import Admin
 from rdsd.domain import Role
 from tests.helpers import Deployment, RawChild, make_payload_dir
@@ -189,8 +189,7 @@ async def test_handshakes_in_progress_are_capped(deployment: Deployment) -> None
                     raise AssertionError("a fifth handshake started with every slot taken")
                 late = await RawChild.connect(d.address, other.home)  # waits for a slot
                 waited = time.monotonic() - started
-                await late.send(Hello(node="other", role="client", purpose="query"))
-                assert isinstance(await late.recv(), Welcome)
+                await late.handshake("other", purpose="query")
                 await late.close()
             assert 1.5 < waited < 6.0, waited
             for reader, _ in holders:  # each was cut at the handshake timeout
@@ -218,7 +217,14 @@ async def test_connections_per_certificate_are_capped(deployment: Deployment) ->
                 await child.handshake("mallory", purpose="query")
                 held.append(child)
             third = await RawChild.connect(d.address, mallory.home)
-            await third.send(Hello(node="mallory", role="client", purpose="query"))
+            await third.send(
+                Hello(
+                    node="mallory",
+                    role="client",
+                    purpose="query",
+                    attach=third.attach("mallory", "client"),
+                )
+            )
             answer = await third.recv()
             assert isinstance(answer, Error), answer
             assert answer.code == ErrorCode.UNAUTHORIZED
