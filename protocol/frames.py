@@ -15,12 +15,13 @@ hostile peer cannot make us allocate more than one frame's worth.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 import msgpack
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import Message, from_wire, to_wire
+from .messages import Message, MessageType, from_wire, to_wire
 
 PREFIX = struct.Struct(">II")
 MAGIC = b"RDS\x01"
@@ -55,26 +56,75 @@ def _unpack_header(raw: bytes) -> Any:
 
 
 class FrameDecoder:
-    """Accumulates bytes and yields whole messages, enforcing the caps."""
+    """Takes the peer's bytes as they come and yields whole messages,
+    enforcing the caps.
+
+    Received buffers are queued as they are (no copy); prefixes and headers,
+    which are small, are gathered from them, and a payload is copied once,
+    straight into a buffer of its own sized from the checked prefix. A CHUNK
+    message's data is a memoryview of that buffer, so the bytes go on to the
+    hash and the file without another copy; nothing is ever accumulated,
+    sliced off the front and deleted.
+    """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
+        self._segments: deque[memoryview] = deque()
+        self._queued = 0
         self._max_payload = max_payload
         self._need: tuple[int, int] | None = None
+        self._header: Any = None
+        self._payload: bytearray | None = None
+        self._got = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes received that are not part of a message handed out yet."""
+        return self._queued + self._got + (0 if self._need is None else PREFIX.size + self._need[0])
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        """Queue ``data``; the caller must not change it afterwards."""
+        if data:
+            self._segments.append(memoryview(data).cast("B"))
+            self._queued += len(data)
+
+    def _take(self, n: int) -> bytes:
+        """Remove the next ``n`` queued bytes (n <= queued) and return them."""
+        first = self._segments[0]
+        if len(first) >= n:
+            out = bytes(first[:n])
+            self._consume(n)
+            return out
+        parts = bytearray()
+        while len(parts) < n:
+            seg = self._segments[0]
+            k = min(n - len(parts), len(seg))
+            parts += seg[:k]
+            self._consume(k)
+        return bytes(parts)
+
+    def _consume(self, n: int) -> None:
+        seg = self._segments[0]
+        if n == len(seg):
+            self._segments.popleft()
+        else:
+            self._segments[0] = seg[n:]
+        self._queued -= n
+
+    def _peek(self, n: int) -> bytes:
+        """The next ``n`` queued bytes (n <= queued), left in the queue."""
+        out = bytearray()
+        for seg in self._segments:
+            out += seg[: n - len(out)]
+            if len(out) >= n:
+                break
+        return bytes(out)
 
     def next_message(self) -> Message | None:
         """The next complete message, or ``None`` if more bytes are needed."""
         if self._need is None:
-            if len(self._buf) < PREFIX.size:
+            if self._queued < PREFIX.size:
                 return None
-            hlen, plen = PREFIX.unpack_from(self._buf)
+            hlen, plen = PREFIX.unpack(self._peek(PREFIX.size))
             if hlen == 0 or hlen > MAX_HEADER:
                 raise RemoteProtocolError(
                     f"frame header of {hlen} bytes outside 1..{MAX_HEADER}",
@@ -87,22 +137,45 @@ class FrameDecoder:
                 )
             self._need = (hlen, plen)
         hlen, plen = self._need
-        end = PREFIX.size + hlen + plen
-        if len(self._buf) < end:
-            return None
-        header = _unpack_header(bytes(self._buf[PREFIX.size : PREFIX.size + hlen]))
-        payload = bytes(self._buf[PREFIX.size + hlen : end])
-        del self._buf[:end]
-        self._need = None
-        return from_wire(header, payload)
+        if self._payload is None:
+            if self._queued < PREFIX.size + hlen:
+                return None
+            self._take(PREFIX.size)
+            self._header = _unpack_header(self._take(hlen))
+            # Sized from the checked prefix; filled as the payload arrives.
+            self._payload = bytearray(plen)
+            self._got = 0
+        payload = self._payload
+        if self._got < plen:
+            view = memoryview(payload)
+            while self._segments and self._got < plen:
+                seg = self._segments[0]
+                k = min(plen - self._got, len(seg))
+                view[self._got : self._got + k] = seg[:k]
+                self._got += k
+                self._consume(k)
+            if self._got < plen:
+                return None
+        header = self._header
+        self._need, self._header, self._payload, self._got = None, None, None, 0
+        return from_wire(header, memoryview(payload) if _is_chunk(header) else bytes(payload))
 
     def take_magic(self) -> bool | None:
         """Check the connection preamble: True once seen, None if incomplete."""
-        if len(self._buf) < len(MAGIC):
-            if not MAGIC.startswith(bytes(self._buf)):
-                raise RemoteProtocolError("not an rdsd peer (bad preamble)")
-            return None
-        if bytes(self._buf[: len(MAGIC)]) != MAGIC:
+        got = self._peek(min(self._queued, len(MAGIC)))
+        if not MAGIC.startswith(got):
             raise RemoteProtocolError("not an rdsd peer (bad preamble)")
-        del self._buf[: len(MAGIC)]
+        if len(got) < len(MAGIC):
+            return None
+        self._take(len(MAGIC))
         return True
+
+
+def _is_chunk(header: Any) -> bool:
+    """Does this header say CHUNK (whose data stays a view of its buffer)?"""
+    return (
+        isinstance(header, list)
+        and bool(header)
+        and type(header[0]) is int
+        and header[0] == MessageType.CHUNK
+    )

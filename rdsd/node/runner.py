@@ -30,7 +30,6 @@ from ..child.fetcher import Fetcher
 from ..config import NodeConfig, iso
 from ..domain import Dest, DestState, Job, JobType, Role, progress_detail
 from ..errors import IllegalTransition, ManifestError, RdsdError, StoreError, TransferFailed
-from ..packages.download import in_thread
 from ..packages.manifest import Envelopes, Manifest
 from ..packages.store import Store
 from ..state import JobDB
@@ -337,7 +336,9 @@ class Runner:
             await self._outcome(job, done.result)
             return
         try:
-            await in_thread(self.store.verify, manifest.id)
+            # Hashed again only if it may have changed at rest since every
+            # chunk was checked (a restart, a write to the file, a day).
+            await self.store.verify_at_rest(manifest.id)
         except StoreError as exc:
             self.store.delete(manifest.id)
             await self._record(job, DestState.FAILED, f"not installed: {exc}")

@@ -1,0 +1,156 @@
+"""The store's data path: each byte hashed once, verification at rest only
+when a package may have changed, one disk read per chunk for many readers,
+and chunks of a running download forwarded from memory (cut-through)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rdsd.admin import Admin
+from rdsd.config import HomePaths, NodeConfig
+from rdsd.errors import CorruptChunk
+from rdsd.packages.manifest import Envelopes, Manifest
+from rdsd.packages.store import CACHE_BYTES, Store
+from rdsd.security import Verifier
+from tests.helpers import Deployment, make_payload_dir
+
+MiB = 1024 * 1024
+CHUNK = 256 * 1024
+
+
+def server_store(dep: Deployment, size: int) -> tuple[Store, Manifest, bytes]:
+    """A fresh Store over the server's storehouse holding one package of
+    ``size`` payload bytes in 256 KiB chunks, as a restarted node sees it."""
+    home = dep.server.home
+    replace(NodeConfig.load(home), chunk_size=CHUNK).save()
+    src = make_payload_dir(dep.root / "src", size)
+    with Admin(home) as admin:
+        pid = admin.add_package(src, "tool", "1.0")
+    store = new_store(HomePaths(home).store, home)
+    m = store.manifest(pid)
+    env = store.envelope(pid)
+    assert m is not None and env is not None
+    return store, m, env
+
+
+def new_store(root: Path, home: Path) -> Store:
+    paths = HomePaths(home)
+    store = Store(root, Envelopes(Verifier(paths.signing_pub.read_bytes())))
+    store.prepare()
+    return store
+
+
+def file_bytes(store: Store, pid: str) -> bytes:
+    return store.data_path(pid).read_bytes()
+
+
+async def read_all(store: Store, pid: str, offset: int = 0) -> bytes:
+    out = bytearray()
+    async for pos, data in store.chunks(pid, offset):
+        assert pos == offset + len(out)
+        out += data
+    return bytes(out)
+
+
+def flip(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+async def test_first_serve_verifies_and_later_serves_do_not_hash(deployment: Deployment) -> None:
+    store, m, _ = server_store(deployment, 2 * MiB)
+    assert not store.verified(m.id), "a package found at start is not trusted yet"
+    assert await read_all(store, m.id) == file_bytes(store, m.id)
+    assert store.verified(m.id), "a whole first serve checked every chunk"
+    # Verified: an install does not hash it again in this run.
+    assert await store.verify_at_rest(m.id) is False
+    # A restart (a new Store over the same files) trusts nothing it did not check.
+    again = new_store(store.root, deployment.server.home)
+    assert not again.verified(m.id)
+    assert await again.verify_at_rest(m.id) is True
+    assert again.verified(m.id)
+
+
+async def test_partial_first_serve_does_not_count_as_verification(
+    deployment: Deployment,
+) -> None:
+    store, m, _ = server_store(deployment, 2 * MiB)
+    await read_all(store, m.id, offset=4 * CHUNK)
+    assert not store.verified(m.id), "only a pass from byte zero covers every chunk"
+
+
+async def test_tampering_after_verification_is_caught_at_the_next_serve_and_install(
+    deployment: Deployment,
+) -> None:
+    store, m, _ = server_store(deployment, 2 * MiB)
+    store.verify(m.id)
+    assert store.verified(m.id)
+    await read_all(store, m.id)  # fills the shared cache with good chunks
+    bad = 5 * CHUNK + 17
+    flip(store.data_path(m.id), bad)
+    assert not store.verified(m.id), "a write to the file moves its ctime"
+    with pytest.raises(CorruptChunk) as caught:
+        await read_all(store, m.id)
+    assert caught.value.offset == 5 * CHUNK
+    with pytest.raises(CorruptChunk):
+        await store.verify_at_rest(m.id)
+    assert not store.verified(m.id)
+
+
+async def test_fan_out_reads_each_chunk_from_disk_once(deployment: Deployment) -> None:
+    size = 3 * CACHE_BYTES  # more than the shared cache holds at once
+    store, m, _ = server_store(deployment, size)
+    want = file_bytes(store, m.id)
+    got = await asyncio.gather(*(read_all(store, m.id) for _ in range(8)))
+    assert all(g == want for g in got)
+    assert store.disk_reads == len(m.chunks), (store.disk_reads, len(m.chunks))
+
+
+async def test_cut_through_serves_a_running_download_from_memory(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A relay's children follow its download: every chunk they get comes
+    from memory as soon as it is verified, none from the relay's disk."""
+    server, m, env = server_store(deployment, 3 * MiB)
+    want = file_bytes(server, m.id)
+    relay = new_store(tmp_path / "relay-store", deployment.server.home)
+    dl = await relay.begin_download(env, m, resume=False)
+    readers = [asyncio.create_task(read_all(relay, m.id)) for _ in range(3)]
+    await asyncio.sleep(0)
+    async for pos, data in server.chunks(m.id, 0):
+        await dl.write_chunk(pos, bytes(data))
+        await dl.flush()
+        await asyncio.sleep(0)  # let the readers take it while it is fresh
+    await dl.finish()
+    got = await asyncio.wait_for(asyncio.gather(*readers), 10)
+    assert all(g == want for g in got)
+    assert relay.disk_reads == 0, "followers read the relay's disk"
+    # Finished in this run with every chunk checked and fsynced: verified, no re-hash.
+    assert relay.verified(m.id)
+    assert hashlib.sha256((relay.data_path(m.id)).read_bytes()).digest() == m.sha256
+
+
+async def test_a_bad_chunk_is_never_cached_nor_written(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    server, m, env = server_store(deployment, 1 * MiB)
+    relay = new_store(tmp_path / "relay-store", deployment.server.home)
+    dl = await relay.begin_download(env, m, resume=False)
+    with server.data_path(m.id).open("rb") as f:
+        good = f.read(CHUNK)
+    await dl.write_chunk(0, good)
+    await dl.flush()
+    with pytest.raises(CorruptChunk):
+        await dl.write_chunk(CHUNK, b"\0" * CHUNK)
+        await dl.flush()
+    assert dl.verified == CHUNK
+    assert relay.cache.get(m.id, 1) is None
+    assert relay.cache.get(m.id, 0) is not None
