@@ -27,6 +27,9 @@ PREFIX = struct.Struct(">II")
 MAGIC = b"RDS\x01"
 MAX_HEADER = 1024 * 1024
 MAX_PAYLOAD = 16 * 1024 * 1024
+#: Size of a receive buffer handed out between payloads (headers, control
+#: frames, the start of a payload): TLS records are at most 16 KiB.
+RECV_BUFFER = 64 * 1024
 
 
 def encode(msg: Message, max_payload: int = MAX_PAYLOAD) -> list[bytes | memoryview]:
@@ -65,6 +68,12 @@ class FrameDecoder:
     message's data is a memoryview of that buffer, so the bytes go on to the
     hash and the file without another copy; nothing is ever accumulated,
     sliced off the front and deleted.
+
+    A reader that can receive into a buffer (``recv_into``, asyncio's
+    ``BufferedProtocol``) asks ``get_buffer`` where to put the next bytes
+    and reports how many with ``buffer_updated``: while a payload is being
+    received that is the rest of the payload's own buffer, so its bytes are
+    written there once (by the TLS layer, decrypting) and never copied.
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
@@ -75,11 +84,45 @@ class FrameDecoder:
         self._header: Any = None
         self._payload: bytearray | None = None
         self._got = 0
+        # The buffer last handed out by get_buffer, unless it was a payload's.
+        self._into: bytearray | None = None
+        self._direct = False
 
     @property
     def buffered(self) -> int:
         """Bytes received that are not part of a message handed out yet."""
         return self._queued + self._got + (0 if self._need is None else PREFIX.size + self._need[0])
+
+    @property
+    def unread(self) -> int:
+        """Bytes received beyond what the payload in progress still needs,
+        plus a payload complete and not yet taken: what a reader should stop
+        receiving at (backpressure), since nothing else bounds it."""
+        done = self._payload is not None and self._got == len(self._payload)
+        return self._queued + (self._got if done else 0)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes may be written (then ``buffer_updated``)."""
+        payload = self._payload
+        if payload is not None and not self._segments and self._got < len(payload):
+            self._direct = True
+            return memoryview(payload)[self._got :]
+        self._direct = False
+        if self._into is None:
+            self._into = bytearray(RECV_BUFFER)
+        return memoryview(self._into)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer``."""
+        if nbytes <= 0:
+            return
+        if self._direct:
+            self._got += nbytes
+            self._direct = False
+            return
+        into, self._into = self._into, None
+        assert into is not None, "buffer_updated without get_buffer"
+        self.feed(memoryview(into)[:nbytes])
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; the caller must not change it afterwards."""

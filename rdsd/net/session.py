@@ -1,9 +1,13 @@
 """The thin asyncio adapter: one TLS stream, one ``protocol.Connection``.
 
 It moves bytes between the socket and the sans-IO state machine and nothing
-else: no policy lives here. The peer's identity comes from its certificate
-(``peer``), never from what it says in HELLO; the roles check that the two
-agree.
+else: no policy lives here. Receiving is a ``BufferedProtocol`` (``Stream``):
+the TLS layer decrypts straight into the buffer the connection hands out,
+which during a chunk is the chunk's own payload buffer, so a received byte
+is not copied again in user space before it is hashed and written. Reading
+pauses while more than ``READ_AHEAD`` bytes wait for the session's reader.
+The peer's identity comes from its certificate (``peer``), never from what
+it says in HELLO; the roles check that the two agree.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 
@@ -35,7 +40,10 @@ from ..errors import PeerError, SecurityError, SessionClosed
 from ..security import peer_identity
 from .observe import TrafficObserver
 
-READ_SIZE = 1024 * 1024
+#: Received bytes that may wait for the session's reader (beyond the payload
+#: being received) before the transport stops reading: backpressure, and
+#: the bound on what one peer can make us hold.
+READ_AHEAD = 2 * 1024 * 1024
 # Two chunks may wait in a transport: enough to keep the link busy, small
 # enough that many slow children cannot add up to much memory.
 WRITE_BUFFER = 2 * 1024 * 1024
@@ -48,6 +56,88 @@ CONTROL_BACKLOG = 8 * 1024 * 1024
 # connection (measured under uvloop: 1 MiB writes left about 1 MiB per
 # connection after the transfer, 64 KiB slices about 64 KiB).
 WRITE_SLICE = 64 * 1024
+
+
+class Stream(asyncio.BufferedProtocol):
+    """The transport's protocol for one connection: hands the connection's
+    receive buffers to the TLS layer, wakes the session's reader, pauses
+    reading while the reader is behind, and keeps flow control for writes."""
+
+    def __init__(self, side: Side) -> None:
+        self.conn = Connection(side)
+        self.transport: asyncio.Transport | None = None
+        self._wake: asyncio.Event = asyncio.Event()
+        self._reading_paused = False
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost_reason: Exception | None = None
+
+    # -- asyncio.BufferedProtocol ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's do not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        self._wake.set()
+        if self.conn.unread > READ_AHEAD and not self._reading_paused:
+            assert self.transport is not None
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._wake.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_reason = exc
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.conn.receive_data(b"")
+        self._wake.set()
+        self._wake_writer(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer(None)
+
+    # -- used by Session ------------------------------------------------------
+
+    async def wait_data(self) -> None:
+        """Until new bytes (or the end) arrived; reading resumes first."""
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if not self._wake.is_set():
+            await self._wake.wait()
+        self._wake.clear()
+
+    async def drain(self) -> None:
+        """Until the transport takes more (or the connection is gone)."""
+        if self.lost.done():
+            raise ConnectionResetError(str(self.lost_reason or "connection lost"))
+        if not self._write_paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drained = waiter
+        await waiter
+
+    def _wake_writer(self, exc: Exception | None) -> None:
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            if exc is None and not self.lost.done():
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(ConnectionResetError(str(exc or "connection lost")))
 
 
 @dataclass(frozen=True)
@@ -63,19 +153,18 @@ class Session:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        side: Side,
+        stream: Stream,
         peer: Peer,
         idle_timeout: float,
         observer: TrafficObserver | None = None,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        assert stream.transport is not None, "the stream is not connected"
+        self._stream = stream
+        self.transport: asyncio.Transport = stream.transport
         # Let a few chunks queue in the transport so the sender is never idle
         # waiting for a full flush between chunks.
-        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
-        self.conn = Connection(side)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER)
+        self.conn = stream.conn
         self.peer = peer
         self.idle_timeout = idle_timeout
         self.closed = False
@@ -87,15 +176,15 @@ class Session:
         self._sending = asyncio.Lock()
         self._partial = False
         self._held: list[bytes | memoryview] = []
-        addr = writer.get_extra_info("peername")
+        addr = self.transport.get_extra_info("peername")
         self.log = structlog.get_logger("rdsd.session").bind(
             peer=peer.name,
             peer_address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unknown",
         )
 
     @staticmethod
-    def identify(writer: asyncio.StreamWriter) -> Peer:
-        obj = writer.get_extra_info("ssl_object")
+    def identify(transport: asyncio.BaseTransport) -> Peer:
+        obj = transport.get_extra_info("ssl_object")
         if not isinstance(obj, ssl.SSLObject):
             raise SecurityError("connection is not TLS")
         name, role, _ = peer_identity(obj.getpeercert(binary_form=True))
@@ -108,7 +197,7 @@ class Session:
         left more than CONTROL_BACKLOG unread is dropped as stalled."""
         if self.closed:
             raise SessionClosed(self.close_reason or "session closed")
-        transport = self._writer.transport
+        transport = self.transport
         if transport.is_closing():
             self._mark_closed("connection closing")
             raise SessionClosed(self.close_reason)
@@ -118,7 +207,7 @@ class Session:
         if self._partial:
             self._held.extend(buffers)
         else:
-            self._writer.writelines(buffers)
+            self.transport.writelines(buffers)
         held = sum(len(b) for b in self._held)
         if transport.get_write_buffer_size() + held > CONTROL_BACKLOG:
             self.abort(f"peer left {CONTROL_BACKLOG // (1024 * 1024)} MiB unread")
@@ -135,7 +224,7 @@ class Session:
                 self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
             try:
                 if sum(len(b) for b in buffers) <= WRITE_SLICE:
-                    self._writer.writelines(buffers)
+                    self.transport.writelines(buffers)
                     await self._drain()
                 else:
                     await self._write_sliced(buffers)
@@ -143,14 +232,14 @@ class Session:
                 self._partial = False
                 held, self._held = self._held, []
                 if held and not self.closed:
-                    self._writer.writelines(held)
+                    self.transport.writelines(held)
 
     async def _write_sliced(self, buffers: list[bytes | memoryview]) -> None:
         self._partial = True
         for buf in buffers:
             view = memoryview(buf)
             for start in range(0, len(view), WRITE_SLICE):
-                self._writer.write(view[start : start + WRITE_SLICE])
+                self.transport.write(view[start : start + WRITE_SLICE])
                 await self._drain()
 
     async def _drain(self) -> None:
@@ -158,7 +247,7 @@ class Session:
         for the idle timeout is dropped."""
         try:
             async with asyncio.timeout(self.idle_timeout):
-                await self._writer.drain()
+                await self._stream.drain()
         except TimeoutError:
             # The peer stopped reading: free what we hold for it.
             self.abort(f"peer read nothing for {self.idle_timeout:.0f}s")
@@ -193,27 +282,24 @@ class Session:
                 raise SessionClosed(self.close_reason)
             try:
                 async with asyncio.timeout(limit):
-                    data = await self._reader.read(READ_SIZE)
+                    await self._stream.wait_data()
             except TimeoutError:
                 await self.fail(ProtocolError(f"no data for {limit:.0f}s", ErrorCode.TIMEOUT))
                 raise SessionClosed(self.close_reason) from None
-            except (ConnectionError, OSError, ssl.SSLError) as exc:
-                self._mark_closed(f"read failed: {exc}")
-                raise SessionClosed(self.close_reason) from None
-            self.conn.receive_data(data)
+
 
     async def fail(self, exc: ProtocolError) -> None:
         """Tell the peer why we hang up, then hang up."""
         self.log.warning("session.error", reason=str(exc), code=int(exc.code))
         if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
-                self._writer.writelines(self.conn.send_error(exc))
+                self.transport.writelines(self.conn.send_error(exc))
         await self.close(str(exc))
 
     async def goodbye(self, reason: str = "") -> None:
         if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
-                self._writer.writelines(self.conn.send(Goodbye(reason=reason)))
+                self.transport.writelines(self.conn.send(Goodbye(reason=reason)))
         await self.close(reason or "goodbye")
 
     async def close(self, reason: str = "") -> None:
@@ -225,14 +311,13 @@ class Session:
             return
         self._close_started = True
         with contextlib.suppress(Exception):
-            self._writer.close()
-            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), 2)
+            self.transport.close()
+            await asyncio.wait_for(asyncio.shield(self._stream.lost), 2)
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (revocation, shutdown)."""
         self._mark_closed(reason)
-        transport = self._writer.transport
-        transport.abort()
+        self.transport.abort()
 
     def _mark_closed(self, reason: str) -> None:
         if not self.closed:
@@ -251,9 +336,12 @@ async def open_child_session(
 ) -> tuple[Session, Welcome]:
     """Connect to a parent, check it is a server or relay of our deployment,
     and exchange HELLO/WELCOME within ``timeout``."""
+    loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         try:
-            reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
+            _, stream = await loop.create_connection(
+                lambda: Stream(Side.CHILD), host, port, ssl=ctx
+            )
         except ssl.SSLCertVerificationError:
             # OpenSSL's words ("self-signed certificate in certificate chain")
             # name the mechanism; a person needs to know which side is wrong.
@@ -262,14 +350,15 @@ async def open_child_session(
                 f"the parent at {where} belongs to another deployment: its certificate is "
                 "not signed by this node's CA (check --parent, or enrol this node there)"
             ) from None
+        assert stream.transport is not None
         try:
-            peer = Session.identify(writer)
+            peer = Session.identify(stream.transport)
             if peer.role not in (Role.SERVER, Role.RELAY):
                 raise SecurityError(f"parent {peer.name} presents a {peer.role} certificate")
         except SecurityError:
-            writer.close()
+            stream.transport.close()
             raise
-        session = Session(reader, writer, Side.CHILD, peer, idle_timeout, observer)
+        session = Session(stream, peer, idle_timeout, observer)
         await session.send(hello)
         msg = await session.recv(timeout)
     if not isinstance(msg, Welcome):

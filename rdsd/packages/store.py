@@ -424,7 +424,8 @@ class Store:
         ident = FileId.of(fd) if check else None
         self._readers[package] = self._readers.get(package, 0) + 1
         ahead: deque[asyncio.Future[Data]] = deque()
-        mine: list[asyncio.Future[Data]] = []
+        # Reads this reader started and that still run (they use its descriptor).
+        mine: set[asyncio.Future[Data]] = set()
         try:
             pos = ahead_pos = offset
             while pos < m.size:
@@ -453,7 +454,7 @@ class Store:
                 self.mark_verified(package, ident)
         finally:
             # Reads this reader started use its descriptor: let them finish first.
-            for fut in mine:
+            for fut in list(mine):
                 with contextlib.suppress(BaseException):
                     await fut
             os.close(fd)
@@ -468,7 +469,7 @@ class Store:
         index: int,
         pos: int,
         check: bool,
-        mine: list[asyncio.Future[Data]],
+        mine: set[asyncio.Future[Data]],
     ) -> asyncio.Future[Data]:
         """Chunk ``index``: from the shared cache when another reader (or the
         download) has it, else read (and checked if ``check``) in a thread."""
@@ -479,7 +480,8 @@ class Store:
             None, self._read_chunk, fd, m, index, pos, check
         )
         fut.add_done_callback(_retrieved)
-        mine.append(fut)
+        mine.add(fut)
+        fut.add_done_callback(mine.discard)
         self.cache.put(m.id, index, fut, m.chunk_length(index))
         return fut
 

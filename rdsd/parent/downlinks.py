@@ -43,7 +43,7 @@ from ..domain import DestState, HelloPurpose, JobHead, Role
 from ..errors import SecurityError, SessionClosed
 from ..events import ChildConnected, ChildDisconnected, EventBus
 from ..net.observe import TrafficObserver
-from ..net.session import Session
+from ..net.session import Session, Stream
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
@@ -63,7 +63,6 @@ MAX_SERVES = 64
 # Failed TLS handshakes are logged at most once per this many seconds per
 # peer host, and at most HANDSHAKE_LOG_BURST lines per interval in all: a
 # scanner or a misconfigured fleet must not flood the log.
-STREAM_LIMIT = 1024 * 1024
 HANDSHAKE_LOG_INTERVAL = 10.0
 HANDSHAKE_LOG_BURST = 20
 _HANDSHAKE_HOSTS_KEPT = 4096
@@ -237,29 +236,26 @@ class Downlinks:
 
     async def _accept(self, sock: socket.socket, address: str, slot: _Slot) -> None:
         try:
-            streams = await self._start_tls(sock, address)
-            if streams is None:
+            stream = await self._start_tls(sock, address)
+            if stream is None:
                 return
-            reader, writer = streams
             try:
-                await self._handle(reader, writer, slot)
+                await self._handle(stream, slot)
             except Exception:
                 self.log.exception("child.crashed", peer_address=address)
             finally:
-                writer.close()
+                if stream.transport is not None:
+                    stream.transport.close()
         finally:
             slot.release()
 
-    async def _start_tls(
-        self, sock: socket.socket, address: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    async def _start_tls(self, sock: socket.socket, address: str) -> Stream | None:
         """The TLS handshake, bounded by the handshake timeout; a failure is
         logged (rate-limited per host) with the peer's address and reason."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        protocol = Stream(Side.PARENT)
         try:
-            transport, _ = await loop.connect_accepted_socket(
+            await loop.connect_accepted_socket(
                 lambda: protocol,
                 sock,
                 ssl=self.ctx,
@@ -277,18 +273,17 @@ class Downlinks:
                     unlogged_before=held,
                 )
             return None
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+        return protocol
 
-    async def _handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slot: _Slot
-    ) -> None:
-        address = _address(writer)
+    async def _handle(self, stream: Stream, slot: _Slot) -> None:
+        assert stream.transport is not None
+        address = _address(stream.transport)
         try:
-            peer = Session.identify(writer)
+            peer = Session.identify(stream.transport)
         except (SecurityError, ValueError) as exc:
             self.log.warning("child.refused", peer_address=address, reason=str(exc))
             return
-        session = Session(reader, writer, Side.PARENT, peer, self.cfg.idle_timeout, self.observer)
+        session = Session(stream, peer, self.cfg.idle_timeout, self.observer)
         try:
             hello = await session.recv(self.cfg.handshake_timeout)
             purpose = self._check_hello(session, hello)
@@ -563,9 +558,9 @@ class Downlinks:
         return found
 
 
-def _address(writer: asyncio.StreamWriter) -> str:
+def _address(transport: asyncio.BaseTransport) -> str:
     """``host:port`` of the peer, for log lines about this connection."""
-    return _format_address(writer.get_extra_info("peername"))
+    return _format_address(transport.get_extra_info("peername"))
 
 
 class _Slot:
