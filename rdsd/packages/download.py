@@ -23,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,8 @@ class Download:
         self.error: str | None = None
         self._fd = -1
         self._changed = asyncio.Event()
+        # For readers in other threads (extraction overlapping the download).
+        self.progress = threading.Condition()
         # One writer thread per file keeps writes in order while several
         # chunks are in flight.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"rdsd-write-{manifest.id}")
@@ -259,6 +262,16 @@ class Download:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        with self.progress:
+            self.progress.notify_all()
+
+    def wait_verified(self, beyond: int, timeout: float) -> bool:
+        """From another thread: wait up to ``timeout`` until more than
+        ``beyond`` bytes are verified or the download ended; False if not."""
+        with self.progress:
+            return self.progress.wait_for(
+                lambda: self.verified > beyond or self.done or self.error is not None, timeout
+            )
 
     async def wait_beyond(self, offset: int, timeout: float) -> None:
         """Wait until more than ``offset`` bytes are verified, or it ended."""

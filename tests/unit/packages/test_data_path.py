@@ -13,8 +13,10 @@ import pytest
 
 from rdsd.admin import Admin
 from rdsd.config import HomePaths, NodeConfig
-from rdsd.errors import CorruptChunk
+from rdsd.errors import CorruptChunk, PackingError
+from rdsd.node.install import EarlyExtract
 from rdsd.packages.manifest import Envelopes, Manifest
+from rdsd.packages.packing import safe_extract, safe_extract_stream
 from rdsd.packages.store import CACHE_BYTES, Store
 from rdsd.security import Verifier
 from tests.helpers import Deployment, make_payload_dir
@@ -154,3 +156,112 @@ async def test_a_bad_chunk_is_never_cached_nor_written(
     assert dl.verified == CHUNK
     assert relay.cache.get(m.id, 1) is None
     assert relay.cache.get(m.id, 0) is not None
+
+
+# -- extraction overlapped with the download -------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every path under ``root`` with its mode and (for files) content."""
+    out: dict[str, tuple[int, bytes | None]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        out[str(path.relative_to(root))] = (
+            st.st_mode,
+            path.read_bytes() if path.is_file() else None,
+        )
+    return out
+
+
+def nested_source(root: Path) -> Path:
+    src = make_payload_dir(root, 1 * MiB + 77)
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "sub" / "deeper" / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (src / "sub" / "deeper" / "tool").chmod(0o755)
+    (src / "sub" / "empty").mkdir()
+    (src / "sub" / "note.txt").write_text("words\n" * 1000)
+    return src
+
+
+async def test_overlapped_extraction_gives_the_tree_a_whole_extraction_gives(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    home = deployment.server.home
+    replace(NodeConfig.load(home), chunk_size=CHUNK).save()
+    with Admin(home) as admin:
+        pid = admin.add_package(nested_source(deployment.root / "nested"), "nested", "1.0")
+    server = new_store(HomePaths(home).store, home)
+    m, env = server.manifest(pid), server.envelope(pid)
+    assert m is not None and env is not None
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    safe_extract(server.data_path(pid), whole)
+
+    client = new_store(tmp_path / "client-store", home)
+    dl = await client.begin_download(env, m, resume=False)
+    work = tmp_path / "work"
+    early = EarlyExtract.start(client, m, work, "c1", "job1")
+    assert early is not None
+    async for pos, data in server.chunks(pid, 0):
+        await dl.write_chunk(pos, bytes(data))
+        await dl.flush()
+        await asyncio.sleep(0.01)  # the extractor works while "later chunks arrive"
+        assert not early._fut.done() or pos + len(data) >= m.size - 2 * CHUNK
+    await dl.finish()
+    assert await asyncio.wait_for(early.result(), 10)
+    assert tree(early.staging) == tree(whole)
+    await early.discard()
+    assert not early.staging.exists()
+
+
+async def test_overlapped_extraction_never_sees_a_bad_chunk(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A chunk that does not match its digest is refused by the download and
+    never reaches the extractor: the extraction gives up with nothing left
+    behind, and the install extracts from the stored archive later."""
+    server, m, env = server_store(deployment, 2 * MiB)
+    client = new_store(tmp_path / "client-store", deployment.server.home)
+    dl = await client.begin_download(env, m, resume=False)
+    early = EarlyExtract.start(client, m, tmp_path / "work", "c1", "job1")
+    assert early is not None
+    chunks = [bytes(d) async for _, d in server.chunks(m.id, 0)]
+    await dl.write_chunk(0, chunks[0])
+    await dl.flush()
+    bad = bytearray(chunks[1])
+    bad[100] ^= 0xFF
+    with pytest.raises(CorruptChunk):
+        await dl.write_chunk(CHUNK, bytes(bad))
+        await dl.flush()
+    dl.fail("corrupt chunk", keep_partial=True)
+    assert await asyncio.wait_for(early.result(), 10) is False
+    assert list(early.staging.iterdir()) == [], "a partial tree was left"
+    # What the extractor read is what was verified: the bad bytes are not on disk.
+    with dl.path.open("rb") as f:
+        f.seek(CHUNK)
+        assert f.read(CHUNK) != bytes(bad)
+    await early.discard()
+    assert not early.staging.exists()
+
+
+def test_streaming_extraction_refuses_a_bad_member_after_good_ones(tmp_path: Path) -> None:
+    """A member that breaks the rules after others were written: everything
+    written so far goes, and the error names the member."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in ("a.txt", "b.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"hello"))
+        link = tarfile.TarInfo("evil")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with archive.open("rb") as raw, pytest.raises(PackingError, match="evil"):
+        safe_extract_stream(raw, dest, archive)
+    assert list(dest.iterdir()) == []
