@@ -177,7 +177,9 @@ class Download:
             raise
         # Verified and written: readers following the download (children of
         # a relay) take it from memory rather than from the file.
-        self.store.cache.put_data(self.manifest.id, self.verified // self.manifest.chunk_size, data)
+        if self.store.followed(self.manifest.id):
+            index = self.verified // self.manifest.chunk_size
+            self.store.cache.put_data(self.manifest.id, index, data)
         self.verified += len(data)
         self._notify()
 

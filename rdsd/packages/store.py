@@ -295,6 +295,10 @@ class Store:
                 out.append(m)
         return out
 
+    def followed(self, package: str) -> bool:
+        """Is anyone reading ``package`` (children being served) right now?"""
+        return self._readers.get(package, 0) > 0
+
     def in_use(self, package: str, besides: str | None = None, download: bool = True) -> bool:
         """Is ``package`` read, downloaded (unless ``download`` is false) or
         leased (by a holder other than ``besides``) in this process?"""

@@ -1236,6 +1236,17 @@ async def daemons(b: Bench) -> None:
         ]
         t2, tl2, s2 = await one_job(b, watch, ["clientP2"], b.pkg, size)
         peak = {n: vm_hwm(p.pid) for n, p in procs.items()}
+        # Fan-out between processes: K client daemons behind the relay, which
+        # holds the package now, against nginx serving the file to K curls.
+        k = b.args.clients
+        fans = [f"fanP{i}" for i in range(1, k + 1)]
+        for name in fans:
+            await start(name, b.dep.add_node(name, Role.CLIENT, relay_addr).home)
+        await wait_routed_db(server, dict.fromkeys(fans, "relayP"))
+        relay_cpu = cpu_seconds(procs["relayP"].pid)
+        tk, _, _ = await one_job(b, [("server", server, fans)], fans, b.pkg, size)
+        relay_cpu = cpu_seconds(procs["relayP"].pid) - relay_cpu
+        peak.update({n: vm_hwm(procs[n].pid) for n in ("relayP", *fans)})
         one_hop_rows(b, rows, t1, tl1, s1, "clientP1")
         two_hop_rows(rows, size, t2, t1)
         rows.append(breakdown(tl2, "clientP2", s2, size))
@@ -1256,11 +1267,32 @@ async def daemons(b: Bench) -> None:
                     v,
                 )
             )
+        agg = rate(k * size, tk)
+        r, tg, v = "n/a", "", ""
+        if "fan_bps" in b.nginx:
+            r, tg, v = judged(agg / b.nginx["fan_bps"], 0.7, True)
+        rows.append(
+            Row(
+                f"fan-out: relay daemon to {k} client daemons, aggregate (job to installed)",
+                f"{agg / MB:,.0f} MB/s  ({secs(tk)})",
+                r,
+                f"{tg} x nginx to {k} curls",
+                v,
+            )
+        )
+        rows.append(
+            note(f"  relay CPU {relay_cpu / (k * size / GiB):.2f} s per GiB sent to its clients")
+        )
         worst = max(peak.values())
         _, _, v = judged(worst, 64, False)
         rows.append(Row("peak RSS of any node (VmHWM)", f"{worst:.0f} MiB", "", "< 64 MiB", v))
         for name in procs:
-            rows.append(Row(f"  {name}", f"{idle[name]:.0f} MiB idle, {peak[name]:.0f} MiB peak"))
+            if name in idle:
+                rows.append(
+                    Row(f"  {name}", f"{idle[name]:.0f} MiB idle, {peak[name]:.0f} MiB peak")
+                )
+        fan_peak = max(peak[n] for n in fans)
+        rows.append(Row(f"  {k} fan-out clients, worst", f"{fan_peak:.0f} MiB peak"))
         times, said = await time_rdsft(c1)
         t = statistics.median(times)
         _, _, v = judged(t, 0.5, False)

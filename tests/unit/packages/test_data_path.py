@@ -13,7 +13,7 @@ import pytest
 
 from rdsd.admin import Admin
 from rdsd.config import HomePaths, NodeConfig
-from rdsd.errors import CorruptChunk, PackingError
+from rdsd.errors import CorruptChunk, PackingError, StoreError
 from rdsd.node.install import EarlyExtract
 from rdsd.packages.manifest import Envelopes, Manifest
 from rdsd.packages.packing import safe_extract, safe_extract_stream
@@ -146,6 +146,8 @@ async def test_a_bad_chunk_is_never_cached_nor_written(
     server, m, env = server_store(deployment, 1 * MiB)
     relay = new_store(tmp_path / "relay-store", deployment.server.home)
     dl = await relay.begin_download(env, m, resume=False)
+    follower = asyncio.create_task(read_all(relay, m.id))  # a child being served
+    await asyncio.sleep(0)
     with server.data_path(m.id).open("rb") as f:
         good = f.read(CHUNK)
     await dl.write_chunk(0, good)
@@ -156,6 +158,23 @@ async def test_a_bad_chunk_is_never_cached_nor_written(
     assert dl.verified == CHUNK
     assert relay.cache.get(m.id, 1) is None
     assert relay.cache.get(m.id, 0) is not None
+    dl.fail("corrupt chunk", keep_partial=True)
+    with pytest.raises(StoreError, match="upstream fetch failed"):
+        await asyncio.wait_for(follower, 10)
+
+
+async def test_a_download_nobody_follows_caches_nothing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A client's own download is not kept in memory: only a relay's
+    children following it need the chunks there."""
+    server, m, env = server_store(deployment, 1 * MiB)
+    client = new_store(tmp_path / "client-store", deployment.server.home)
+    dl = await client.begin_download(env, m, resume=False)
+    async for pos, data in server.chunks(m.id, 0):
+        await dl.write_chunk(pos, bytes(data))
+    await dl.finish()
+    assert all(client.cache.get(m.id, i) is None for i in range(len(m.chunks)))
 
 
 # -- extraction overlapped with the download -------------------------------------------------
