@@ -182,6 +182,37 @@ class Store:
         await asyncio.get_running_loop().run_in_executor(None, self.verify, package)
         return True
 
+    async def verify_stored(self, every: float = RECHECK_AFTER) -> None:
+        """Re-check, one at a time in a thread, every complete package not
+        known good: all of them after a start, then each ``every`` seconds
+        those verified longest ago. A bad one is quarantined (where the node
+        can fetch it again) and logged, so a damaged package is found before
+        a child asks for it and a serve rarely has to hash."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for package in self.ids():
+                if self.verified(package) or package in self._downloads:
+                    continue
+                try:
+                    await loop.run_in_executor(None, self.verify, package)
+                except CorruptChunk as exc:
+                    log.error(
+                        "store.corrupt_at_rest",
+                        store=str(self.root),
+                        package=package,
+                        offset=exc.offset,
+                    )
+                    if not self.followed(package):
+                        self.quarantine(package, exc.offset)
+                except (StoreError, OSError) as exc:  # deleted meanwhile, unreadable
+                    log.warning(
+                        "store.verify_failed",
+                        store=str(self.root),
+                        package=package,
+                        reason=str(exc),
+                    )
+            await asyncio.sleep(every)
+
     def verified(self, package: str) -> bool:
         """Did the whole package match its manifest in this process, and is
         its data file still the one that matched?"""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,6 +106,48 @@ async def test_tampering_after_verification_is_caught_at_the_next_serve_and_inst
     with pytest.raises(CorruptChunk):
         await store.verify_at_rest(m.id)
     assert not store.verified(m.id)
+
+
+async def test_stored_packages_are_checked_after_a_start_in_the_background(
+    deployment: Deployment,
+) -> None:
+    """After a start the store checks what it holds on its own (and again on
+    a schedule): a good package is then served without hashing, a damaged
+    one is taken out of service before anyone asks for it."""
+    store, m, _ = server_store(deployment, 1 * MiB)
+    relay = Store(store.root, store.envelopes, refetchable=True)
+    flip(relay.data_path(m.id), 3 * CHUNK + 5)
+    task = asyncio.create_task(relay.verify_stored(every=3600))
+    try:
+        await wait_until_true(lambda: not relay.has(m.id))
+    finally:
+        task.cancel()
+    part = relay.partial_dir / f"{m.id}.part"
+    assert part.stat().st_size == 3 * CHUNK, "the good prefix is kept for a resume"
+
+    good, m2, _ = server_store_again(deployment)
+    task = asyncio.create_task(good.verify_stored(every=3600))
+    try:
+        await wait_until_true(lambda: good.verified(m2.id))
+    finally:
+        task.cancel()
+
+
+async def wait_until_true(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def server_store_again(dep: Deployment) -> tuple[Store, Manifest, bytes]:
+    """A second package in the same storehouse, seen by a fresh Store."""
+    src = make_payload_dir(dep.root / "src2", 512 * 1024)
+    with Admin(dep.server.home) as admin:
+        pid = admin.add_package(src, "other", "1.0")
+    store = new_store(HomePaths(dep.server.home).store, dep.server.home)
+    m, env = store.manifest(pid), store.envelope(pid)
+    assert m is not None and env is not None
+    return store, m, env
 
 
 async def test_fan_out_reads_each_chunk_from_disk_once(deployment: Deployment) -> None:
