@@ -121,6 +121,11 @@ class Stream(asyncio.BufferedProtocol):
             await self._wake.wait()
         self._wake.clear()
 
+    @property
+    def writable(self) -> bool:
+        """The transport takes more now: no need to wait."""
+        return not self._write_paused and not self.lost.done()
+
     async def drain(self) -> None:
         """Until the transport takes more (or the connection is gone)."""
         if self.lost.done():
@@ -245,6 +250,8 @@ class Session:
     async def _drain(self) -> None:
         """Wait until the transport takes more; a peer that reads nothing
         for the idle timeout is dropped."""
+        if self._stream.writable:
+            return  # the common case, per slice: no timer to arm
         try:
             async with asyncio.timeout(self.idle_timeout):
                 await self._stream.drain()
