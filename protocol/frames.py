@@ -87,6 +87,9 @@ class FrameDecoder:
         # The buffer last handed out by get_buffer, unless it was a payload's.
         self._into: bytearray | None = None
         self._direct = False
+        # Frames start once the preamble is taken; an error found early waits here.
+        self._framing = False
+        self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
@@ -123,6 +126,15 @@ class FrameDecoder:
         into, self._into = self._into, None
         assert into is not None, "buffer_updated without get_buffer"
         self.feed(memoryview(into)[:nbytes])
+        if self._framing and self._payload is None and self._error is None:
+            # Read the next frame's prefix and header now, so the rest of its
+            # payload is received straight into its buffer even if the
+            # reader takes the message later. A bad frame is reported by
+            # next_message, as if it were found there.
+            try:
+                self._advance()
+            except RemoteProtocolError as exc:
+                self._error = exc
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; the caller must not change it afterwards."""
@@ -164,9 +176,21 @@ class FrameDecoder:
 
     def next_message(self) -> Message | None:
         """The next complete message, or ``None`` if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        if not self._advance():
+            return None
+        header, payload = self._header, self._payload
+        assert payload is not None
+        self._need, self._header, self._payload, self._got = None, None, None, 0
+        return from_wire(header, memoryview(payload) if _is_chunk(header) else bytes(payload))
+
+    def _advance(self) -> bool:
+        """Check the prefix, decode the header and fill the payload from
+        what is queued, as far as the bytes go; True once the frame is whole."""
         if self._need is None:
             if self._queued < PREFIX.size:
-                return None
+                return False
             hlen, plen = PREFIX.unpack(self._peek(PREFIX.size))
             if hlen == 0 or hlen > MAX_HEADER:
                 raise RemoteProtocolError(
@@ -182,7 +206,7 @@ class FrameDecoder:
         hlen, plen = self._need
         if self._payload is None:
             if self._queued < PREFIX.size + hlen:
-                return None
+                return False
             self._take(PREFIX.size)
             self._header = _unpack_header(self._take(hlen))
             # Sized from the checked prefix; filled as the payload arrives.
@@ -197,11 +221,7 @@ class FrameDecoder:
                 view[self._got : self._got + k] = seg[:k]
                 self._got += k
                 self._consume(k)
-            if self._got < plen:
-                return None
-        header = self._header
-        self._need, self._header, self._payload, self._got = None, None, None, 0
-        return from_wire(header, memoryview(payload) if _is_chunk(header) else bytes(payload))
+        return self._got == plen
 
     def take_magic(self) -> bool | None:
         """Check the connection preamble: True once seen, None if incomplete."""
@@ -211,6 +231,7 @@ class FrameDecoder:
         if len(got) < len(MAGIC):
             return None
         self._take(len(MAGIC))
+        self._framing = True
         return True
 
 

@@ -139,7 +139,9 @@ def test_unread_counts_what_waits_for_the_reader() -> None:
         buf[:n] = wire[pos : pos + n]
         conn.buffer_updated(n)
         pos += n
-    assert conn.unread == len(wire), "nothing was taken: every byte waits"
+    # Nothing was taken: every byte waits (but the first frame's prefix and
+    # header, read as they came so its payload could be received in place).
+    assert len(wire) - 64 <= conn.unread <= len(wire)
     out: list[Message] = []
     drain(conn, out)
     assert conn.unread == 0
