@@ -240,12 +240,22 @@ class Session:
                     self.transport.writelines(held)
 
     async def _write_sliced(self, buffers: list[bytes | memoryview]) -> None:
+        """Write one frame in slices, waiting for the peer between them. A
+        frame once begun is always finished: cancelled between slices (a
+        FETCH_CANCEL, a stop), the rest goes to the transport at once, since
+        a half-written frame would turn the next frame into payload."""
         self._partial = True
-        for buf in buffers:
-            view = memoryview(buf)
+        views = [memoryview(b) for b in buffers]
+        for i, view in enumerate(views):
             for start in range(0, len(view), WRITE_SLICE):
                 self.transport.write(view[start : start + WRITE_SLICE])
-                await self._drain()
+                try:
+                    await self._drain()
+                except asyncio.CancelledError:
+                    if not self.closed:
+                        rest = [view[start + WRITE_SLICE :], *views[i + 1 :]]
+                        self.transport.writelines([r for r in rest if len(r)])
+                    raise
 
     async def _drain(self) -> None:
         """Wait until the transport takes more; a peer that reads nothing

@@ -5,6 +5,9 @@ prefix, and the child below starts over from byte zero."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import socket
 import time
 from dataclasses import replace
@@ -13,7 +16,9 @@ from typing import Any
 import pytest
 
 import rdsd.packages.download as download_mod
+from protocol import Chunk, Fetch, FetchFail, Hello, Side, Welcome
 from rdsd.domain import Role
+from rdsd.net.session import Peer, Session, Stream
 from tests.helpers import Deployment, running, traffic, wait_routed, wait_state, wait_until
 from tests.integration import test_faults
 from tests.integration.test_faults import (
@@ -116,3 +121,54 @@ async def test_relay_restart_mid_cut_through_recovers(
     assert cut_at <= relay_starts[1] < m.size
     # ... and below the relay every attempt starts over from byte zero.
     assert len(client_starts) >= 2 and set(client_starts) == {0}
+
+
+async def test_a_send_cancelled_mid_frame_still_finishes_the_frame() -> None:
+    """A chunk is being written in slices to a peer that does not read, and
+    the sending task is cancelled (a FETCH_CANCEL, a stop): the frame is
+    finished anyway, so the next message is read as itself, not as payload."""
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[Stream] = loop.create_future()
+
+    def parent_side() -> Stream:
+        stream = Stream(Side.PARENT)
+        loop.call_soon(accepted.set_result, stream)
+        return stream
+
+    server = await loop.create_server(parent_side, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, child_stream = await loop.create_connection(lambda: Stream(Side.CHILD), "127.0.0.1", port)
+    parent_stream = await asyncio.wait_for(accepted, 5)
+    child = Session(child_stream, Peer("p", Role.SERVER), idle_timeout=10)
+    parent = Session(parent_stream, Peer("c", Role.CLIENT), idle_timeout=10)
+    try:
+        await child.send(Hello(node="c", role="client"))
+        assert isinstance(await parent.recv(5), Hello)
+        await parent.send(Welcome(node="p", role="server"))
+        assert isinstance(await child.recv(5), Welcome)
+        await child.send(Fetch(fetch_id=1, package="a-1", offset=0))
+        assert isinstance(await parent.recv(5), Fetch)
+        # Chunks fill the child's buffers (nobody reads) until a send waits
+        # mid-frame; that one is cancelled.
+        sent: list[bytes] = []
+        for _ in range(8):
+            data = os.urandom(8 * MiB)
+            chunk = Chunk(fetch_id=1, offset=len(sent) * 8 * MiB, data=data)
+            sent.append(data)
+            sending = asyncio.create_task(parent.send(chunk))
+            done, _ = await asyncio.wait({sending}, timeout=0.3)
+            if not done:
+                break
+        assert not sending.done(), "the peer took every chunk: nothing to cancel"
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        parent.send_nowait(FetchFail(fetch_id=1, reason="cancelled"))
+        for data in sent:
+            got = await child.recv(10)
+            assert isinstance(got, Chunk) and bytes(got.data) == data
+        assert isinstance(await child.recv(10), FetchFail)
+    finally:
+        child.abort("done")
+        parent.abort("done")
+        server.close()
