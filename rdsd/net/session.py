@@ -301,17 +301,22 @@ class Session:
                 async with asyncio.timeout(limit):
                     await self._stream.wait_data()
             except TimeoutError:
-                await self.fail(ProtocolError(f"no data for {limit:.0f}s", ErrorCode.TIMEOUT))
+                # A peer silent for the whole timeout will not answer the TLS
+                # close either: do not wait for it (the link comes back sooner).
+                await self.fail(
+                    ProtocolError(f"no data for {limit:.0f}s", ErrorCode.TIMEOUT), wait=False
+                )
                 raise SessionClosed(self.close_reason) from None
 
 
-    async def fail(self, exc: ProtocolError) -> None:
-        """Tell the peer why we hang up, then hang up."""
+    async def fail(self, exc: ProtocolError, wait: bool = True) -> None:
+        """Tell the peer why we hang up, then hang up (``wait``: for the
+        peer's side of the TLS close, bounded)."""
         self.log.warning("session.error", reason=str(exc), code=int(exc.code))
         if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
                 self.transport.writelines(self.conn.send_error(exc))
-        await self.close(str(exc))
+        await self.close(str(exc), wait)
 
     async def goodbye(self, reason: str = "") -> None:
         if not self.closed and not self._partial:  # never inside a half-written frame
@@ -319,17 +324,20 @@ class Session:
                 self.transport.writelines(self.conn.send(Goodbye(reason=reason)))
         await self.close(reason or "goodbye")
 
-    async def close(self, reason: str = "") -> None:
+    async def close(self, reason: str = "", wait: bool = True) -> None:
         """Close once; later calls return at once. The wait for the peer's
         side of the TLS close is bounded and shielded, so a peer that never
-        answers cannot leave the stream's shared close future cancelled."""
+        answers cannot leave the stream's shared close future cancelled;
+        without ``wait`` the close goes on in the background (bounded by the
+        TLS shutdown timeout)."""
         self._mark_closed(reason)
         if self._close_started:
             return
         self._close_started = True
         with contextlib.suppress(Exception):
             self.transport.close()
-            await asyncio.wait_for(asyncio.shield(self._stream.lost), 2)
+            if wait:
+                await asyncio.wait_for(asyncio.shield(self._stream.lost), 2)
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (revocation, shutdown)."""
