@@ -201,6 +201,26 @@ class Connection:
             self._error = _bare(exc)
             self._decoder.discard()
 
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A buffer to receive the peer's next bytes into, for readers that
+        can (``recv_into``, ``BufferedProtocol``); report the count with
+        ``buffer_updated``. During a CHUNK payload it is the payload's own
+        buffer, so the bytes land where the message will carry them."""
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` from the peer were written into the last ``get_buffer``;
+        after a violation they are dropped, as ``receive_data`` drops them."""
+        self._decoder.buffer_updated(nbytes)
+        if self._error is not None:
+            self._decoder.discard()
+
+    @property
+    def unread(self) -> int:
+        """Bytes received and not yet handed out as messages, beyond the
+        payload in progress: a reader pauses while this is large."""
+        return self._decoder.unread
+
     def next_event(self) -> Message | NeedData | ConnectionClosed:
         """The next message from the peer, ``NEED_DATA``, or ``ConnectionClosed``."""
         if self._error is not None:

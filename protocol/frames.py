@@ -15,17 +15,21 @@ hostile peer cannot make us allocate more than one frame's worth.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 import msgpack
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import Message, from_wire, to_wire
+from .messages import Message, MessageType, from_wire, to_wire
 
 PREFIX = struct.Struct(">II")
 MAGIC = b"RDS\x01"
 MAX_HEADER = 1024 * 1024
 MAX_PAYLOAD = 16 * 1024 * 1024
+#: Size of a receive buffer handed out between payloads (headers, control
+#: frames, the start of a payload): TLS records are at most 16 KiB.
+RECV_BUFFER = 64 * 1024
 
 
 def encode(msg: Message, max_payload: int = MAX_PAYLOAD) -> list[bytes | memoryview]:
@@ -55,36 +59,154 @@ def _unpack_header(raw: bytes) -> Any:
 
 
 class FrameDecoder:
-    """Accumulates bytes and yields whole messages, enforcing the caps."""
+    """Takes the peer's bytes as they come and yields whole messages,
+    enforcing the caps.
+
+    Received buffers are queued as they are (no copy); prefixes and headers,
+    which are small, are gathered from them, and a payload is copied once,
+    straight into a buffer of its own sized from the checked prefix. A CHUNK
+    message's data is a memoryview of that buffer, so the bytes go on to the
+    hash and the file without another copy; nothing is ever accumulated,
+    sliced off the front and deleted.
+
+    A reader that can receive into a buffer (``recv_into``, asyncio's
+    ``BufferedProtocol``) asks ``get_buffer`` where to put the next bytes
+    and reports how many with ``buffer_updated``: while a payload is being
+    received that is the rest of the payload's own buffer, so its bytes are
+    written there once (by the TLS layer, decrypting) and never copied.
+    """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
+        self._segments: deque[memoryview] = deque()
+        self._queued = 0
         self._max_payload = max_payload
         self._need: tuple[int, int] | None = None
         #: Cap on header plus payload of the next frame, over the two caps
         #: above; the connection lowers it until a session is established.
         self.max_frame: int | None = None
+        self._header: Any = None
+        self._payload: bytearray | None = None
+        self._got = 0
+        # The buffer last handed out by get_buffer, unless it was a payload's.
+        self._into: bytearray | None = None
+        self._direct = False
+        # Frames start once the preamble is taken; an error found early waits here.
+        self._framing = False
+        self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes received that are not part of a message handed out yet."""
+        return self._queued + self._got + (0 if self._need is None else PREFIX.size + self._need[0])
+
+    @property
+    def unread(self) -> int:
+        """Bytes received beyond what the payload in progress still needs,
+        plus a payload complete and not yet taken: what a reader should stop
+        receiving at (backpressure), since nothing else bounds it."""
+        done = self._payload is not None and self._got == len(self._payload)
+        return self._queued + (self._got if done else 0)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes may be written (then ``buffer_updated``)."""
+        payload = self._payload
+        if payload is not None and not self._segments and self._got < len(payload):
+            self._direct = True
+            return memoryview(payload)[self._got :]
+        self._direct = False
+        if self._into is None:
+            self._into = bytearray(RECV_BUFFER)
+        return memoryview(self._into)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer``."""
+        if nbytes <= 0:
+            return
+        if self._direct:
+            self._got += nbytes
+            self._direct = False
+            return
+        into, self._into = self._into, None
+        assert into is not None, "buffer_updated without get_buffer"
+        if self._error is not None:
+            return  # the peer broke the rules: nothing more it sends is kept
+        self.feed(memoryview(into)[:nbytes])
+        if self._framing and self._payload is None and self._error is None:
+            # Read the next frame's prefix and header now, so the rest of its
+            # payload is received straight into its buffer even if the
+            # reader takes the message later. A bad frame is reported by
+            # next_message, as if it were found there.
+            try:
+                self._advance()
+            except RemoteProtocolError as exc:
+                self._error = exc
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        """Queue ``data``; the caller must not change it afterwards."""
+        if data:
+            self._segments.append(memoryview(data).cast("B"))
+            self._queued += len(data)
+
+    def _take(self, n: int) -> bytes:
+        """Remove the next ``n`` queued bytes (n <= queued) and return them."""
+        first = self._segments[0]
+        if len(first) >= n:
+            out = bytes(first[:n])
+            self._consume(n)
+            return out
+        parts = bytearray()
+        while len(parts) < n:
+            seg = self._segments[0]
+            k = min(n - len(parts), len(seg))
+            parts += seg[:k]
+            self._consume(k)
+        return bytes(parts)
+
+    def _consume(self, n: int) -> None:
+        seg = self._segments[0]
+        if n == len(seg):
+            self._segments.popleft()
+        else:
+            self._segments[0] = seg[n:]
+        self._queued -= n
+
+    def _peek(self, n: int) -> bytes:
+        """The next ``n`` queued bytes (n <= queued), left in the queue."""
+        out = bytearray()
+        for seg in self._segments:
+            out += seg[: n - len(out)]
+            if len(out) >= n:
+                break
+        return bytes(out)
 
     def discard(self) -> None:
         """Drop everything buffered (the peer broke the rules: nothing it
         sent is read any more)."""
-        self._buf = bytearray()
-        self._need = None
+        self._segments.clear()
+        self._queued = 0
+        self._need, self._header, self._payload, self._got = None, None, None, 0
+        self._into, self._direct = None, False
 
     def check_prefix(self) -> None:
         """Check the lengths of the frame being received against the caps
         as soon as its prefix is here, so a frame over the cap is refused
         before its body is buffered."""
-        if self._need is not None or len(self._buf) < PREFIX.size:
-            return
-        hlen, plen = PREFIX.unpack_from(self._buf)
+        if self._need is None and self._queued >= PREFIX.size:
+            self._need = self._checked(*PREFIX.unpack(self._peek(PREFIX.size)))
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or ``None`` if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        if not self._advance():
+            return None
+        header, payload = self._header, self._payload
+        assert payload is not None
+        self._need, self._header, self._payload, self._got = None, None, None, 0
+        return from_wire(header, memoryview(payload) if _is_chunk(header) else bytes(payload))
+
+    def _checked(self, hlen: int, plen: int) -> tuple[int, int]:
+        """The prefix's lengths, if they are within the caps."""
         if hlen == 0 or hlen > MAX_HEADER:
             raise RemoteProtocolError(
                 f"frame header of {hlen} bytes outside 1..{MAX_HEADER}",
@@ -101,30 +223,52 @@ class FrameDecoder:
                 "before the session is established",
                 ErrorCode.FRAME_TOO_LARGE,
             )
-        self._need = (hlen, plen)
+        return hlen, plen
 
-    def next_message(self) -> Message | None:
-        """The next complete message, or ``None`` if more bytes are needed."""
-        self.check_prefix()
+    def _advance(self) -> bool:
+        """Check the prefix, decode the header and fill the payload from
+        what is queued, as far as the bytes go; True once the frame is whole."""
         if self._need is None:
-            return None
+            if self._queued < PREFIX.size:
+                return False
+            self._need = self._checked(*PREFIX.unpack(self._peek(PREFIX.size)))
         hlen, plen = self._need
-        end = PREFIX.size + hlen + plen
-        if len(self._buf) < end:
-            return None
-        header = _unpack_header(bytes(self._buf[PREFIX.size : PREFIX.size + hlen]))
-        payload = bytes(self._buf[PREFIX.size + hlen : end])
-        del self._buf[:end]
-        self._need = None
-        return from_wire(header, payload)
+        if self._payload is None:
+            if self._queued < PREFIX.size + hlen:
+                return False
+            self._take(PREFIX.size)
+            self._header = _unpack_header(self._take(hlen))
+            # Sized from the checked prefix; filled as the payload arrives.
+            self._payload = bytearray(plen)
+            self._got = 0
+        payload = self._payload
+        if self._got < plen:
+            view = memoryview(payload)
+            while self._segments and self._got < plen:
+                seg = self._segments[0]
+                k = min(plen - self._got, len(seg))
+                view[self._got : self._got + k] = seg[:k]
+                self._got += k
+                self._consume(k)
+        return self._got == plen
 
     def take_magic(self) -> bool | None:
         """Check the connection preamble: True once seen, None if incomplete."""
-        if len(self._buf) < len(MAGIC):
-            if not MAGIC.startswith(bytes(self._buf)):
-                raise RemoteProtocolError("not an rdsd peer (bad preamble)")
-            return None
-        if bytes(self._buf[: len(MAGIC)]) != MAGIC:
+        got = self._peek(min(self._queued, len(MAGIC)))
+        if not MAGIC.startswith(got):
             raise RemoteProtocolError("not an rdsd peer (bad preamble)")
-        del self._buf[: len(MAGIC)]
+        if len(got) < len(MAGIC):
+            return None
+        self._take(len(MAGIC))
+        self._framing = True
         return True
+
+
+def _is_chunk(header: Any) -> bool:
+    """Does this header say CHUNK (whose data stays a view of its buffer)?"""
+    return (
+        isinstance(header, list)
+        and bool(header)
+        and type(header[0]) is int
+        and header[0] == MessageType.CHUNK
+    )

@@ -495,7 +495,7 @@ def to_wire(msg: Message) -> list[Any]:
     return [int(msg.TYPE), fields]
 
 
-def from_wire(obj: Any, payload: bytes) -> Message:
+def from_wire(obj: Any, payload: bytes | memoryview) -> Message:
     """Build a message from a decoded header and its payload, checking every
     field; anything unexpected is the peer's fault."""
     if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[1], dict)):

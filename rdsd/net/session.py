@@ -1,9 +1,13 @@
 """The thin asyncio adapter: one TLS stream, one ``protocol.Connection``.
 
 It moves bytes between the socket and the sans-IO state machine and nothing
-else: no policy lives here. The peer's identity comes from its certificate
-(``peer``), never from what it says in HELLO; the roles check that the two
-agree.
+else: no policy lives here. Receiving is a ``BufferedProtocol`` (``Stream``):
+the TLS layer decrypts straight into the buffer the connection hands out,
+which during a chunk is the chunk's own payload buffer, so a received byte
+is not copied again in user space before it is hashed and written. Reading
+pauses while more than ``READ_AHEAD`` bytes wait for the session's reader.
+The peer's identity comes from its certificate (``peer``), never from what
+it says in HELLO; the roles check that the two agree.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 
@@ -38,7 +43,10 @@ from ..errors import PeerError, SecurityError, SessionClosed
 from ..security import peer_identity
 from .observe import TrafficObserver
 
-READ_SIZE = 1024 * 1024
+#: Received bytes that may wait for the session's reader (beyond the payload
+#: being received) before the transport stops reading: backpressure, and
+#: the bound on what one peer can make us hold.
+READ_AHEAD = 2 * 1024 * 1024
 # Two chunks may wait in a transport: enough to keep the link busy, small
 # enough that many slow children cannot add up to much memory.
 WRITE_BUFFER = 2 * 1024 * 1024
@@ -51,6 +59,94 @@ CONTROL_BACKLOG = 8 * 1024 * 1024
 # connection (measured under uvloop: 1 MiB writes left about 1 MiB per
 # connection after the transfer, 64 KiB slices about 64 KiB).
 WRITE_SLICE = 64 * 1024
+
+
+class Stream(asyncio.BufferedProtocol):
+    """The transport's protocol for one connection: hands the connection's
+    receive buffers to the TLS layer, wakes the session's reader, pauses
+    reading while the reader is behind, and keeps flow control for writes."""
+
+    def __init__(self, side: Side, read_ahead: int = READ_AHEAD) -> None:
+        self.conn = Connection(side)
+        self.read_ahead = read_ahead
+        self.transport: asyncio.Transport | None = None
+        self._wake: asyncio.Event = asyncio.Event()
+        self._reading_paused = False
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost_reason: Exception | None = None
+
+    # -- asyncio.BufferedProtocol ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's do not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        self._wake.set()
+        if self.conn.unread > self.read_ahead and not self._reading_paused:
+            assert self.transport is not None
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._wake.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_reason = exc
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.conn.receive_data(b"")
+        self._wake.set()
+        self._wake_writer(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer(None)
+
+    # -- used by Session ------------------------------------------------------
+
+    async def wait_data(self) -> None:
+        """Until new bytes (or the end) arrived; reading resumes first."""
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if not self._wake.is_set():
+            await self._wake.wait()
+        self._wake.clear()
+
+    @property
+    def writable(self) -> bool:
+        """The transport takes more now: no need to wait."""
+        return not self._write_paused and not self.lost.done()
+
+    async def drain(self) -> None:
+        """Until the transport takes more (or the connection is gone)."""
+        if self.lost.done():
+            raise ConnectionResetError(str(self.lost_reason or "connection lost"))
+        if not self._write_paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drained = waiter
+        await waiter
+
+    def _wake_writer(self, exc: Exception | None) -> None:
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            if exc is None and not self.lost.done():
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(ConnectionResetError(str(exc or "connection lost")))
 
 
 @dataclass(frozen=True)
@@ -70,19 +166,18 @@ class Session:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        side: Side,
+        stream: Stream,
         peer: Peer,
         idle_timeout: float,
         observer: TrafficObserver | None = None,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        assert stream.transport is not None, "the stream is not connected"
+        self._stream = stream
+        self.transport: asyncio.Transport = stream.transport
         # Let a few chunks queue in the transport so the sender is never idle
         # waiting for a full flush between chunks.
-        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
-        self.conn = Connection(side)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER)
+        self.conn = stream.conn
         self.peer = peer
         self.idle_timeout = idle_timeout
         self.closed = False
@@ -94,15 +189,15 @@ class Session:
         self._sending = asyncio.Lock()
         self._partial = False
         self._held: list[bytes | memoryview] = []
-        addr = writer.get_extra_info("peername")
+        addr = self.transport.get_extra_info("peername")
         self.log = structlog.get_logger("rdsd.session").bind(
             peer=peer.name,
             peer_address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unknown",
         )
 
     @staticmethod
-    def identify(writer: asyncio.StreamWriter) -> Peer:
-        obj = writer.get_extra_info("ssl_object")
+    def identify(transport: asyncio.BaseTransport) -> Peer:
+        obj = transport.get_extra_info("ssl_object")
         if not isinstance(obj, ssl.SSLObject):
             raise SecurityError("connection is not TLS")
         der = obj.getpeercert(binary_form=True)
@@ -117,7 +212,7 @@ class Session:
         left more than CONTROL_BACKLOG unread is dropped as stalled."""
         if self.closed:
             raise SessionClosed(self.close_reason or "session closed")
-        transport = self._writer.transport
+        transport = self.transport
         if transport.is_closing():
             self._mark_closed("connection closing")
             raise SessionClosed(self.close_reason)
@@ -127,7 +222,7 @@ class Session:
         if self._partial:
             self._held.extend(buffers)
         else:
-            self._writer.writelines(buffers)
+            self.transport.writelines(buffers)
         held = sum(len(b) for b in self._held)
         if transport.get_write_buffer_size() + held > CONTROL_BACKLOG:
             self.abort(f"peer left {CONTROL_BACKLOG // (1024 * 1024)} MiB unread")
@@ -144,7 +239,7 @@ class Session:
                 self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
             try:
                 if sum(len(b) for b in buffers) <= WRITE_SLICE:
-                    self._writer.writelines(buffers)
+                    self.transport.writelines(buffers)
                     await self._drain()
                 else:
                     await self._write_sliced(buffers)
@@ -152,22 +247,34 @@ class Session:
                 self._partial = False
                 held, self._held = self._held, []
                 if held and not self.closed:
-                    self._writer.writelines(held)
+                    self.transport.writelines(held)
 
     async def _write_sliced(self, buffers: list[bytes | memoryview]) -> None:
+        """Write one frame in slices, waiting for the peer between them. A
+        frame once begun is always finished: cancelled between slices (a
+        FETCH_CANCEL, a stop), the rest goes to the transport at once, since
+        a half-written frame would turn the next frame into payload."""
         self._partial = True
-        for buf in buffers:
-            view = memoryview(buf)
+        views = [memoryview(b) for b in buffers]
+        for i, view in enumerate(views):
             for start in range(0, len(view), WRITE_SLICE):
-                self._writer.write(view[start : start + WRITE_SLICE])
-                await self._drain()
+                self.transport.write(view[start : start + WRITE_SLICE])
+                try:
+                    await self._drain()
+                except asyncio.CancelledError:
+                    if not self.closed:
+                        rest = [view[start + WRITE_SLICE :], *views[i + 1 :]]
+                        self.transport.writelines([r for r in rest if len(r)])
+                    raise
 
     async def _drain(self) -> None:
         """Wait until the transport takes more; a peer that reads nothing
         for the idle timeout is dropped."""
+        if self._stream.writable:
+            return  # the common case, per slice: no timer to arm
         try:
             async with asyncio.timeout(self.idle_timeout):
-                await self._writer.drain()
+                await self._stream.drain()
         except TimeoutError:
             # The peer stopped reading: free what we hold for it.
             self.abort(f"peer read nothing for {self.idle_timeout:.0f}s")
@@ -202,24 +309,25 @@ class Session:
                 raise SessionClosed(self.close_reason)
             try:
                 async with asyncio.timeout(limit):
-                    data = await self._reader.read(READ_SIZE)
+                    await self._stream.wait_data()
             except TimeoutError:
-                await self.fail(ProtocolError(f"no data for {limit:.0f}s", ErrorCode.TIMEOUT))
+                # A peer silent for the whole timeout will not answer the TLS
+                # close either: do not wait for it (the link comes back sooner).
+                await self.fail(
+                    ProtocolError(f"no data for {limit:.0f}s", ErrorCode.TIMEOUT), wait=False
+                )
                 raise SessionClosed(self.close_reason) from None
-            except (ConnectionError, OSError, ssl.SSLError) as exc:
-                self._mark_closed(f"read failed: {exc}")
-                raise SessionClosed(self.close_reason) from None
-            self.conn.receive_data(data)
 
-    async def fail(self, exc: ProtocolError) -> None:
-        """Tell the peer why we hang up, then hang up. A peer that broke
-        the wire rules before its session is established is dropped after
-        the ERROR rather than closed gracefully."""
+    async def fail(self, exc: ProtocolError, wait: bool = True) -> None:
+        """Tell the peer why we hang up, then hang up (``wait``: for the
+        peer's side of the TLS close, bounded). A peer that broke the wire
+        rules before its session is established is dropped after the ERROR
+        rather than closed gracefully."""
         self.log.warning("session.error", reason=str(exc), code=int(exc.code))
         established = self.conn.state is State.OPEN
         if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
-                self._writer.writelines(self.conn.send_error(exc))
+                self.transport.writelines(self.conn.send_error(exc))
         if isinstance(exc, RemoteProtocolError) and not established:
             # A graceful TLS close reads and decrypts whatever the peer keeps
             # pouring in, for up to 2 s, while it holds a handshake slot
@@ -228,37 +336,37 @@ class Session:
             # HELLO refused for what it says still gets the graceful close.
             self.abort(str(exc))
         else:
-            await self.close(str(exc))
+            await self.close(str(exc), wait)
 
     async def goodbye(self, reason: str = "") -> None:
         if not self.closed and not self._partial:  # never inside a half-written frame
             with contextlib.suppress(Exception):
-                self._writer.writelines(self.conn.send(Goodbye(reason=reason)))
+                self.transport.writelines(self.conn.send(Goodbye(reason=reason)))
         await self.close(reason or "goodbye")
 
-    async def close(self, reason: str = "") -> None:
+    async def close(self, reason: str = "", wait: bool = True) -> None:
         """Close once; later calls return at once. The wait for the peer's
         side of the TLS close is bounded and shielded, so a peer that never
-        answers cannot leave the stream's shared close future cancelled."""
+        answers cannot leave the stream's shared close future cancelled;
+        without ``wait`` the close goes on in the background (bounded by the
+        TLS shutdown timeout)."""
         self._mark_closed(reason)
         if self._close_started:
             return
         self._close_started = True
         try:
-            self._writer.close()
-            await asyncio.wait_for(asyncio.shield(self._writer.wait_closed()), 2)
+            self.transport.close()
+            if wait:
+                await asyncio.wait_for(asyncio.shield(self._stream.lost), 2)
         except Exception as exc:
-            # The stream keeps this error (a reset, say) in its close future;
-            # its traceback holds this frame and so the session and the
-            # stream: a cycle that kept each reset connection's TLS state
-            # until the next full garbage collection. Drop the traceback.
+            # A kept traceback would hold this frame and so the session and
+            # its TLS state until the next full garbage collection.
             exc.__traceback__ = None
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (revocation, shutdown)."""
         self._mark_closed(reason)
-        transport = self._writer.transport
-        transport.abort()
+        self.transport.abort()
 
     def _mark_closed(self, reason: str) -> None:
         if not self.closed:
@@ -278,9 +386,12 @@ async def open_child_session(
     """Connect to a parent, check it is a server or relay of our deployment,
     and exchange HELLO/WELCOME within ``timeout``. ``hello`` may be made
     from the parent's identity (a child's attach claim names its parent)."""
+    loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         try:
-            reader, writer = await asyncio.open_connection(host, port, ssl=ctx, limit=READ_SIZE)
+            _, stream = await loop.create_connection(
+                lambda: Stream(Side.CHILD), host, port, ssl=ctx
+            )
         except ssl.SSLCertVerificationError:
             # OpenSSL's words ("self-signed certificate in certificate chain")
             # name the mechanism; a person needs to know which side is wrong.
@@ -289,14 +400,15 @@ async def open_child_session(
                 f"the parent at {where} belongs to another deployment: its certificate is "
                 "not signed by this node's CA (check --parent, or enrol this node there)"
             ) from None
+        assert stream.transport is not None
         try:
-            peer = Session.identify(writer)
+            peer = Session.identify(stream.transport)
             if peer.role not in (Role.SERVER, Role.RELAY):
                 raise SecurityError(f"parent {peer.name} presents a {peer.role} certificate")
         except SecurityError:
-            writer.close()
+            stream.transport.close()
             raise
-        session = Session(reader, writer, Side.CHILD, peer, idle_timeout, observer)
+        session = Session(stream, peer, idle_timeout, observer)
         await session.send(hello if isinstance(hello, Hello) else hello(peer))
         msg = await session.recv(timeout)
     if not isinstance(msg, Welcome):

@@ -1,11 +1,12 @@
 """Moving one package across one hop, both ends.
 
-The sending end streams chunks out of the store (each re-checked against its
-signed digest on the way out) and the receiving end writes each chunk only
-after it matches. How a failed transfer continues depends on the hop, as the
-design says: below the managing server (and between relays) the receiver
-keeps its verified prefix and asks again from that byte offset; below a
-relay, a client throws its partial copy away and starts from byte zero.
+The sending end streams chunks out of the store (checked against their
+signed digests only when the package may have changed at rest: see
+``store``) and the receiving end writes each chunk only after it matches.
+How a failed transfer continues depends on the hop, as the design says:
+below the managing server (and between relays) the receiver keeps its
+verified prefix and asks again from that byte offset; below a relay, a
+client throws its partial copy away and starts from byte zero.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from .pace import Pacer
 from .session import Session
 
 log = structlog.get_logger("rdsd.transfer")
-QUEUE_DEPTH = 8
+#: Chunks that may wait between the session reader and a fetch: with the
+#: download's own IN_FLIGHT and the socket's buffers, enough to keep the link busy.
+QUEUE_DEPTH = 4
 #: How long a fetch may wait for a chunk while its session lives: the parent
 #: may be serving as many children as it serves at once, and a parent that
 #: paces (its upload limits are not known here) may wait between chunks.
@@ -62,6 +65,7 @@ async def serve_fetch(
     sent = 0
     try:
         async for offset, data in store.chunks(fetch.package, fetch.offset):
+            # One chunk per turn: this is where sending is paced, per chunk.
             if pacer is not None:
                 await pacer.take(len(data))
             await session.send(Chunk(fetch_id=fetch.fetch_id, offset=offset, data=data))
@@ -178,6 +182,8 @@ async def receive(
                 await _store_step(dl.flush())
                 raise TransferFailed(f"link lost: {session.close_reason}")
             if isinstance(msg, Chunk):
+                # One chunk per turn: checked, then written by the download's
+                # thread while the next arrives (the gate between chunks).
                 try:
                     await _store_step(dl.write_chunk(msg.offset, msg.data))
                 except TransferFailed:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,10 @@ from typing import Any
 import structlog
 
 from ..errors import PackingError
+from ..packages.download import Download
 from ..packages.manifest import Manifest
-from ..packages.packing import safe_extract
+from ..packages.packing import safe_extract, safe_extract_stream
+from ..packages.store import Store
 from ..util.fsutil import atomic_write, try_lock
 
 log = structlog.get_logger("rdsd.install")
@@ -315,6 +319,123 @@ def forget(workdir: Path, job: str) -> None:
         old.unlink(missing_ok=True)
 
 
+class _Stopped(Exception):
+    """The overlapped extraction was told to stop."""
+
+
+class _Following(io.RawIOBase):
+    """A download's file as far as it is verified: a read waits until the
+    bytes it wants have matched their signed digests, and fails if the
+    download ends without them. Only verified bytes are ever read."""
+
+    def __init__(self, dl: Download, stopped: Callable[[], bool]) -> None:
+        super().__init__()
+        self._dl = dl
+        self._size = dl.manifest.size
+        self._stopped = stopped
+        self._fd = os.open(dl.path, os.O_RDONLY)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        want = min(len(view), self._size - self._pos)
+        if want <= 0:
+            return 0
+        dl = self._dl
+        while dl.verified <= self._pos:
+            if self._stopped():
+                raise _Stopped()
+            if dl.error is not None:
+                raise OSError(f"the download ended: {dl.error}")
+            dl.wait_verified(self._pos, 0.5)
+        n = os.preadv(self._fd, [view[: min(want, dl.verified - self._pos)]], self._pos)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+
+class EarlyExtract:
+    """Extraction overlapped with the download: verified chunks stream into
+    the extractor (in a thread of its own) while later ones arrive, into a
+    staging directory beside the install's. The install takes the tree only
+    if the whole archive was extracted and checked; otherwise (a bad archive,
+    a download that failed and was retried) it extracts as usual. A chunk
+    that does not match its digest is never written as verified, so it
+    never reaches the extractor, and nothing runs before the last byte."""
+
+    def __init__(self, dl: Download, staging: Path, node: str, job: str) -> None:
+        self.staging = staging
+        self._dl = dl
+        self._node = node
+        self._job = job
+        self._stop = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"rdsd-extract-{job}")
+        self._fut = asyncio.get_running_loop().run_in_executor(self._pool, self._run)
+        self._fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    @classmethod
+    def start(
+        cls, store: Store, manifest: Manifest, workdir: Path, node: str, job: str
+    ) -> EarlyExtract | None:
+        """Begin extracting ``manifest``'s running download, if there is one."""
+        dl = store.active(manifest.id)
+        if dl is None or dl.error is not None:
+            return None
+        staging = workdir / f"{job}-{manifest.id}.early"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        log.info("extract.early", node=node, job=job, package=manifest.id)
+        return cls(dl, staging, node, job)
+
+    def _run(self) -> None:
+        follow = _Following(self._dl, lambda: self._stop)
+        with io.BufferedReader(follow, buffer_size=1024 * 1024) as raw:
+            safe_extract_stream(raw, self.staging, self._dl.path)
+
+    async def result(self) -> bool:
+        """Wait for the extraction: True if the whole tree is in ``staging``."""
+        try:
+            await asyncio.shield(self._fut)
+        except (PackingError, OSError, _Stopped) as exc:
+            log.info(
+                "extract.early_abandoned",
+                node=self._node,
+                job=self._job,
+                package=self._dl.manifest.id,
+                reason=str(exc) or type(exc).__name__,
+            )
+            return False
+        return True
+
+    async def discard(self) -> None:
+        """Stop it (if running) and remove what it wrote."""
+        self._stop = True
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._fut)
+        self._pool.shutdown(wait=False)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
 async def install(
     archive: Path,
     manifest: Manifest,
@@ -323,16 +444,18 @@ async def install(
     job: str,
     timeout: float,
     generation: int = 0,
+    early: EarlyExtract | None = None,
 ) -> InstallResult:
-    """Extract ``archive`` and run the install command under a supervisor;
-    never raises for a failure of the package itself, only reports it. If
+    """Extract ``archive`` (or take the tree ``early`` extracted while it
+    downloaded) and run the install command under a supervisor; never
+    raises for a failure of the package itself, only reports it. If
     cancelled, the command is stopped and its outcome recorded on disk
     before the cancellation goes on (``read_outcome`` tells the caller)."""
     package_fd = os.open(package_lock_path(workdir, manifest.id), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         await _take_package_lock(package_fd, node, job, manifest.id)
         return await _install_locked(
-            archive, manifest, workdir, node, job, timeout, generation, package_fd
+            archive, manifest, workdir, node, job, timeout, generation, early, package_fd
         )
     finally:
         os.close(package_fd)  # a supervisor that was started holds it from here on
@@ -346,6 +469,7 @@ async def _install_locked(
     job: str,
     timeout: float,
     generation: int,
+    early: EarlyExtract | None,
     package_fd: int,
 ) -> InstallResult:
     target = workdir / f"{job}-{manifest.id}"
@@ -353,10 +477,17 @@ async def _install_locked(
     exit_path = workdir / f"{job}-{manifest.id}.exit"
     if target.exists():
         shutil.rmtree(target)
-    target.mkdir(parents=True)
+    extracted = early is not None and await early.result()
+    if early is not None and extracted:
+        os.replace(early.staging, target)  # whole and checked
+    else:
+        if early is not None:
+            await early.discard()
+        target.mkdir(parents=True)
     loop = asyncio.get_running_loop()
     try:
-        await loop.run_in_executor(None, safe_extract, archive, target)
+        if not extracted:
+            await loop.run_in_executor(None, safe_extract, archive, target)
     except PackingError as exc:
         shutil.rmtree(target, ignore_errors=True)
         return InstallResult(False, f"archive refused: {exc}")

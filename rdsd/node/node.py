@@ -177,6 +177,10 @@ class Node:
         if self.uplink is not None:
             self._spawn(self.uplink.run(), "uplink")
         self._spawn(self.housekeeping.poll(), "poll")
+        if parts.parent_half:
+            # What this node serves is checked at rest after each start and
+            # on a schedule, so serves need not hash it.
+            self._spawn(self.store.verify_stored(), "verify-at-rest")
         self.log.info("node.started")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -39,7 +39,6 @@ from ..errors import (
     TransferFailed,
     WindowClosed,
 )
-from ..packages.download import in_thread
 from ..packages.manifest import Envelopes, Manifest
 from ..packages.store import Store
 from ..state import JobDB
@@ -47,7 +46,15 @@ from ..util.backoff import Backoff
 from ..util.fsutil import file_lock
 from ..util.parse import format_rate
 from ..util.windows import describe_hold
-from .install import INTERRUPTED, InstallResult, forget, install, read_outcome, settle
+from .install import (
+    INTERRUPTED,
+    EarlyExtract,
+    InstallResult,
+    forget,
+    install,
+    read_outcome,
+    settle,
+)
 
 log = structlog.get_logger("rdsd.runner")
 
@@ -259,6 +266,7 @@ class Runner:
             return
         if job.type is JobType.TRANSFER:
             self._refresh_keep(manifest, job.manifest)
+        early: EarlyExtract | None = None
         if not self.store.has(manifest.id):
             before = self.db.dest(job.id, self.cfg.name)
             if before is None or before.state is not DestState.INSTALLING:
@@ -266,23 +274,38 @@ class Runner:
             watcher = asyncio.create_task(self._report_progress(job, manifest))
             watcher.add_done_callback(_log_failure(job))
             try:
+                if job.type is JobType.INSTALL and await self.fetcher.started(
+                    manifest, job.manifest
+                ):
+                    # Extract while it downloads: the install starts right
+                    # after the last byte instead of after a whole extraction.
+                    early = EarlyExtract.start(
+                        self.store, manifest, self.cfg.paths.work, self.cfg.name, job.id
+                    )
                 await self.fetcher.get(manifest, job.manifest)
             except TransferFailed as exc:
                 await self._record(job, DestState.FAILED, str(exc))
+                await _discard(early)
                 return
+            except BaseException:
+                await _discard(early)
+                raise
             finally:
                 watcher.cancel()
-        current = self.db.dest(job.id, self.cfg.name)
-        if current is None or current.state is DestState.CANCELLED:
-            return  # cancelled while it was transferring
-        if job.type is JobType.TRANSFER:
-            await self._record(job, DestState.STORED, f"kept until {iso(manifest.expires)}")
-        elif job.type is JobType.OFFER and current.state is not DestState.INSTALLING:
-            await self._record(job, DestState.OFFERED)
-        else:
-            if current.state is not DestState.INSTALLING:
-                await self._install_window(job)
-            await self.install(job, manifest)
+        try:
+            current = self.db.dest(job.id, self.cfg.name)
+            if current is None or current.state is DestState.CANCELLED:
+                return  # cancelled while it was transferring
+            if job.type is JobType.TRANSFER:
+                await self._record(job, DestState.STORED, f"kept until {iso(manifest.expires)}")
+            elif job.type is JobType.OFFER and current.state is not DestState.INSTALLING:
+                await self._record(job, DestState.OFFERED)
+            else:
+                if current.state is not DestState.INSTALLING:
+                    await self._install_window(job)
+                await self.install(job, manifest, early)
+        finally:
+            await _discard(early)
 
     async def _install_window(self, job: Job) -> None:
         """Hold the install until the node's install windows and the job's
@@ -375,12 +398,16 @@ class Runner:
             else:
                 self._turns[package] = (lock, users - 1)
 
-    async def install(self, job: Job, manifest: Manifest) -> None:
+    async def install(
+        self, job: Job, manifest: Manifest, early: EarlyExtract | None = None
+    ) -> None:
         async with self._turn(manifest.id):
             with self.store.lease(manifest.id, job.id):
-                await self._install(job, manifest)
+                await self._install(job, manifest, early)
 
-    async def _install(self, job: Job, manifest: Manifest) -> None:
+    async def _install(
+        self, job: Job, manifest: Manifest, early: EarlyExtract | None = None
+    ) -> None:
         work = self.cfg.paths.work
         dest = self.db.dest(job.id, self.cfg.name)
         generation = dest.generation if dest is not None else 0
@@ -392,7 +419,9 @@ class Runner:
             await self._outcome(job, done.result)
             return
         try:
-            await in_thread(self.store.verify, manifest.id)
+            # Hashed again only if it may have changed at rest since every
+            # chunk was checked (a restart, a write to the file, a day).
+            await self.store.verify_at_rest(manifest.id)
         except StoreError as exc:
             self.store.delete(manifest.id)
             await self._record(job, DestState.FAILED, f"not installed: {exc}")
@@ -407,6 +436,7 @@ class Runner:
                 job.id,
                 self.cfg.install_timeout,
                 generation,
+                early,
             )
         except asyncio.CancelledError:
             self._after_stop(job, manifest.id)
@@ -466,6 +496,12 @@ class Runner:
                         self.cfg.name,
                         report=False,
                     )
+
+
+async def _discard(early: EarlyExtract | None) -> None:
+    """Drop an overlapped extraction nobody took (a no-op once installed)."""
+    if early is not None:
+        await early.discard()
 
 
 def _log_failure(job: Job) -> Callable[[asyncio.Task[None]], None]:

@@ -6,7 +6,14 @@ while the next ones arrive. Only the verified prefix is ever trusted: on
 resume the partial file is re-read chunk by chunk and cut back at the first
 chunk that does not match, so a torn or garbled tail left by a crash is
 fetched again. Readers (a relay serving its children) can follow the
-download chunk by chunk, which is how a relay serves while it fetches.
+download chunk by chunk, which is how a relay serves while it fetches: each
+verified chunk also goes into the store's shared chunk cache, so waiting
+children get it from memory (cut-through).
+
+Each byte is hashed once: the signed chunk digests cover every byte, so once
+every chunk matched as it was written (and the file was fsynced) the package
+is complete and verified; there is no second whole-file pass, and the store
+records it as verified so the install does not hash it again in this run.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from ..errors import CorruptChunk, DiskFull, ExpiredPackage, StoreError
-from ..util.fsutil import atomic_write, commit_file, try_lock
+from ..util.fsutil import FileId, atomic_write, commit_file, try_lock
 from .manifest import Manifest
 
 if TYPE_CHECKING:
@@ -66,13 +74,14 @@ class Download:
         self.verified = 0
         self.done = False
         self.error: str | None = None
-        self._hash = hashlib.sha256()
         self._fd = -1
         self._changed = asyncio.Event()
-        # One writer thread per file keeps writes (and the running whole-file
-        # hash) in order while several chunks are in flight.
+        # For readers in other threads (extraction overlapping the download).
+        self.progress = threading.Condition()
+        # One writer thread per file keeps writes in order while several
+        # chunks are in flight.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"rdsd-write-{manifest.id}")
-        self._inflight: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._inflight: deque[tuple[asyncio.Future[None], bytes | memoryview]] = deque()
         self._submitted = 0
         self._broken = False
 
@@ -125,7 +134,6 @@ class Download:
             data = os.pread(self._fd, length, good)
             if len(data) != length or hashlib.sha256(data).digest() != digest:
                 break
-            self._hash.update(data)
             good += length
         os.ftruncate(self._fd, good)
         return good
@@ -145,7 +153,7 @@ class Download:
             raise CorruptChunk(m.id, offset, "wrong length")
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._writer, self._write, index, offset, data)
-        self._inflight.append((fut, len(data)))
+        self._inflight.append((fut, data))
         self._submitted += len(data)
         while self._inflight and (len(self._inflight) > IN_FLIGHT or self._inflight[0][0].done()):
             await self._settle_one()
@@ -156,7 +164,7 @@ class Download:
             await self._settle_one()
 
     async def _settle_one(self) -> None:
-        fut, length = self._inflight.popleft()
+        fut, data = self._inflight.popleft()
         try:
             await fut
         except BaseException:
@@ -167,7 +175,12 @@ class Download:
             self._inflight.clear()
             self._submitted = self.verified
             raise
-        self.verified += length
+        # Verified and written: readers following the download (children of
+        # a relay) take it from memory rather than from the file.
+        if self.store.followed(self.manifest.id):
+            index = self.verified // self.manifest.chunk_size
+            self.store.cache.put_data(self.manifest.id, index, data)
+        self.verified += len(data)
         self._notify()
 
     def _write(self, index: int, offset: int, data: bytes | memoryview) -> None:
@@ -189,18 +202,16 @@ class Download:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise DiskFull(f"{self.manifest.id}: disk full writing at {offset}: {exc}") from exc
             raise StoreError(f"{self.manifest.id}: write failed at {offset}: {exc}") from exc
-        self._hash.update(data)
 
     async def finish(self) -> None:
-        """Check the whole-file digest, make it durable and move it into the
-        store. Afterwards the package is complete for every reader."""
+        """Make the file durable and move it into the store. Every chunk has
+        matched its signed digest, which together cover every byte, so the
+        package is recorded as verified without hashing it again. Afterwards
+        the package is complete for every reader."""
         m = self.manifest
         await self.flush()
         if self.verified != m.size:
             raise StoreError(f"{m.id}: {self.verified} of {m.size} bytes received")
-        if self._hash.digest() != m.sha256:
-            self.fail("whole-file digest mismatch", keep_partial=False)
-            raise CorruptChunk(m.id, 0, "whole file")
         if self.store.expired(m):
             self.fail("expired", keep_partial=False)
             raise ExpiredPackage(f"{m.id} expired while it was received: not stored")
@@ -218,6 +229,7 @@ class Download:
                 raise _store_error(env, exc) from exc
         with contextlib.suppress(FileNotFoundError):
             (store.partial_dir / f"{m.id}.env").unlink()
+        store.mark_verified(m.id, FileId.of(self._fd))
         self._close()
         self.done = True
         store.forget(self)
@@ -252,6 +264,16 @@ class Download:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        with self.progress:
+            self.progress.notify_all()
+
+    def wait_verified(self, beyond: int, timeout: float) -> bool:
+        """From another thread: wait up to ``timeout`` until more than
+        ``beyond`` bytes are verified or the download ended; False if not."""
+        with self.progress:
+            return self.progress.wait_for(
+                lambda: self.verified > beyond or self.done or self.error is not None, timeout
+            )
 
     async def wait_beyond(self, offset: int, timeout: float) -> None:
         """Wait until more than ``offset`` bytes are verified, or it ended."""

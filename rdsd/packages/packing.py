@@ -461,3 +461,56 @@ def safe_extract(archive: Path, dest: Path, limits: ExtractLimits = ExtractLimit
             # ValueError: tarfile lets some malformed header values through
             # (e.g. an undecodable hdrcharset or GNU sparse map).
             raise PackingError(f"{archive}: unreadable or unsafe archive: {exc}") from exc
+
+
+def safe_extract_stream(
+    raw: BinaryIO, dest: Path, name: Path, limits: ExtractLimits = ExtractLimits()
+) -> None:
+    """Extract the archive read from ``raw`` into the empty ``dest`` member
+    by member, as its bytes become readable: what lets extraction overlap a
+    download (``raw`` blocks until the next verified bytes are there).
+
+    Each member is checked by the same rules as :func:`safe_extract` before
+    it is written (name, type, duplicates, member count, declared total
+    size), and the end-of-archive marker is required at the end; what
+    cannot be known before the whole archive has been seen (a bad member
+    after good ones, a truncation) is found later, so on any failure
+    ``dest`` is emptied before the error propagates. Nothing may use
+    ``dest`` before this returns. ``name`` names the archive in errors.
+    The tree written is the one :func:`safe_extract` writes."""
+    _require_empty_dir(dest)
+    try:
+        with tarfile.open(fileobj=_CappedReader(raw, name), mode="r:", errorlevel=2) as tar:
+            seen: set[str] = set()
+            total = 0
+            dirs: list[tarfile.TarInfo] = []
+            for count, member in enumerate(tar, 1):
+                if count > limits.max_members:
+                    raise PackingError(f"{name}: more than {limits.max_members} members")
+                _check_member(member, seen)
+                if member.isreg():
+                    total += member.size
+                    if total > limits.max_total_size:
+                        raise PackingError(
+                            f"member {member.name!r}: archive declares more than "
+                            f"{limits.max_total_size} bytes of file data"
+                        )
+                # The data filter as extractall applies it; directories get
+                # their attributes last, as extractall sets them.
+                kept = tarfile.data_filter(member, str(dest))
+                if kept.isdir():
+                    dirs.append(kept)
+                tar.extract(
+                    kept, dest, set_attrs=not kept.isdir(), filter=tarfile.fully_trusted_filter
+                )
+            _check_end(raw, tar.offset, name)
+            for kept in sorted(dirs, key=lambda d: d.name, reverse=True):
+                path = os.path.join(dest, kept.name)
+                tar.chmod(kept, path)
+                tar.utime(kept, path)
+    except (tarfile.TarError, ValueError) as exc:
+        _empty_dir(dest)
+        raise PackingError(f"{name}: unreadable or unsafe archive: {exc}") from exc
+    except BaseException:
+        _empty_dir(dest)
+        raise

@@ -21,6 +21,23 @@ and leases that jobs of this node hold while they fetch, extract and
 install it. Expiry and the end of an install delete a package only when
 nothing uses it. Expiry is by this node's clock: an expired package is
 never served (checked at every chunk) nor stored again.
+
+Verification at rest: each chunk is hashed once on the way in (``download``)
+and a complete package is re-hashed only when it may have changed at rest:
+the first time this process serves or installs it (after a restart, or a
+package an admin command stored), when the data file's identity (inode,
+size, mtime, ctime) is not the one recorded when it was last verified, and
+once ``RECHECK_AFTER`` has passed. Any write to the file through the
+filesystem moves its ctime, so tampering after verification is caught by
+the next serve or install. A serve that finds the package unverified hashes
+each chunk as it reads it (and records the package as verified once a whole
+pass from byte zero matched); a verified package is served without hashing.
+
+Fan-out: chunks read for serving go through a small shared cache
+(``ChunkCache``), so children fetching the same package at about the same
+time share one disk read (and one check) per chunk, and a download in
+progress puts each verified chunk there as it is written, so a relay
+forwards chunks to waiting children from memory (cut-through).
 """
 
 from __future__ import annotations
@@ -30,7 +47,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -39,12 +56,69 @@ import structlog
 from protocol import is_package_id
 
 from ..errors import CorruptChunk, ExpiredPackage, ManifestError, StoreError
-from ..util.fsutil import atomic_write, file_lock, fsync_dir
+from ..util.fsutil import FileId, atomic_write, file_lock, fsync_dir
 from .download import Download
 from .manifest import Envelopes, Manifest
 
 READ_AHEAD = 2  # chunks read and checked ahead of the one being sent
+#: A package verified this long ago is hashed again at its next serve or install.
+RECHECK_AFTER = 24 * 3600.0
+#: Bytes of recently read or received chunks kept for other readers (fan-out,
+#: cut-through); shared by the whole store, so memory does not grow per peer.
+CACHE_BYTES = 4 * 1024 * 1024
 log = structlog.get_logger("rdsd.store")
+#: A chunk's bytes as they are passed around without copying.
+Data = bytes | memoryview
+
+
+class ChunkCache:
+    """Recently read or received chunks, shared by every reader of a store.
+
+    An entry is a future, so readers asking for a chunk that is still being
+    read wait for that one read instead of starting another. Entries are
+    evicted oldest first beyond ``limit`` bytes (chunks still being read
+    count at their manifest length); a reader that falls that far behind
+    reads from disk again."""
+
+    def __init__(self, limit: int = CACHE_BYTES) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[tuple[str, int], tuple[asyncio.Future[Data], int]] = (
+            OrderedDict()
+        )
+        self._bytes = 0
+
+    def get(self, package: str, index: int) -> asyncio.Future[Data] | None:
+        entry = self._entries.get((package, index))
+        if entry is None:
+            return None
+        fut = entry[0]
+        if fut.done() and (fut.cancelled() or fut.exception() is not None):
+            self._drop((package, index))
+            return None
+        return fut
+
+    def put(self, package: str, index: int, fut: asyncio.Future[Data], length: int) -> None:
+        key = (package, index)
+        self._drop(key)
+        self._entries[key] = (fut, length)
+        self._bytes += length
+        while self._bytes > self.limit and len(self._entries) > 1:
+            self._drop(next(iter(self._entries)))
+
+    def put_data(self, package: str, index: int, data: Data) -> None:
+        fut: asyncio.Future[Data] = asyncio.get_running_loop().create_future()
+        fut.set_result(data)
+        self.put(package, index, fut, len(data))
+
+    def forget(self, package: str) -> None:
+        """Drop every chunk of ``package`` (it changed, or is gone)."""
+        for key in [k for k in self._entries if k[0] == package]:
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1]
 
 
 def _pid_alive(text: str) -> bool:
@@ -81,24 +155,102 @@ class Store:
         self._downloads: dict[str, Download] = {}
         self._readers: dict[str, int] = {}
         self._leases: dict[str, list[str]] = {}
+        # package -> (data file identity, monotonic time) when it last matched
+        # its manifest in full, in this process.
+        self._verified: dict[str, tuple[FileId, float]] = {}
+        self.cache = ChunkCache()
+        #: Chunks read from disk to serve (a test hook: fan-out reads each once).
+        self.disk_reads = 0
         # Called when the set of packages or their expiry may have changed,
         # or a package stopped being used (the expiry timer re-arms).
         self.watchers: list[Callable[[], None]] = []
 
     def verify(self, package: str) -> None:
-        """Re-check a complete package against its manifest (before it is
-        installed): raises CorruptChunk at the first bad chunk."""
+        """Re-check a complete package against its manifest, always: raises
+        CorruptChunk at the first bad chunk. A full match is recorded, so
+        serves and installs after it need not hash again (``verified``)."""
         m = self.manifest(package)
         if m is None:
             raise StoreError(f"{package} is not in the store")
         # The signed chunk digests cover every byte, so one pass suffices.
         with self.data_path(package).open("rb") as f:
+            # Taken before reading: a write during the pass moves the ctime,
+            # so the recorded identity no longer matches and it is hashed again.
+            ident = FileId.of(f.fileno())
             for index in range(len(m.chunks)):
                 data = f.read(m.chunk_length(index))
                 if hashlib.sha256(data).digest() != m.chunks[index]:
+                    self._verified.pop(package, None)
                     raise CorruptChunk(package, index * m.chunk_size, "at rest")
             if f.read(1):
+                self._verified.pop(package, None)
                 raise CorruptChunk(package, m.size, "trailing bytes at rest")
+        self.mark_verified(package, ident)
+
+    async def verify_at_rest(self, package: str) -> bool:
+        """Re-check ``package`` (in a thread) unless it was verified in this
+        process and its file has not changed since (nor ``RECHECK_AFTER``
+        passed); what runs before an install. True if it hashed the package."""
+        if self.verified(package):
+            return False
+        await asyncio.get_running_loop().run_in_executor(None, self.verify, package)
+        return True
+
+    async def verify_stored(self, every: float = RECHECK_AFTER) -> None:
+        """Re-check, one at a time in a thread, every complete package not
+        known good: all of them after a start, then each ``every`` seconds
+        those verified longest ago. A bad one is quarantined (where the node
+        can fetch it again) and logged, so a damaged package is found before
+        a child asks for it and a serve rarely has to hash."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for package in self.ids():
+                if self.verified(package) or package in self._downloads:
+                    continue
+                try:
+                    await loop.run_in_executor(None, self.verify, package)
+                except CorruptChunk as exc:
+                    log.error(
+                        "store.corrupt_at_rest",
+                        store=str(self.root),
+                        package=package,
+                        offset=exc.offset,
+                    )
+                    if not self.followed(package):
+                        self.quarantine(package, exc.offset)
+                except (StoreError, OSError) as exc:  # deleted meanwhile, unreadable
+                    log.warning(
+                        "store.verify_failed",
+                        store=str(self.root),
+                        package=package,
+                        reason=str(exc),
+                    )
+            await asyncio.sleep(every)
+
+    def verified(self, package: str) -> bool:
+        """Did the whole package match its manifest in this process, and is
+        its data file still the one that matched?"""
+        known = self._verified.get(package)
+        if known is None:
+            return False
+        ident, when = known
+        try:
+            now_ident = FileId.of(self.data_path(package))
+        except FileNotFoundError:
+            now_ident = None
+        if now_ident != ident or time.monotonic() - when > RECHECK_AFTER:
+            self.unverified(package)
+            return False
+        return True
+
+    def mark_verified(self, package: str, ident: FileId) -> None:
+        """Every chunk of ``package`` matched while its file was ``ident``."""
+        self._verified[package] = (ident, time.monotonic())
+
+    def unverified(self, package: str) -> None:
+        """Forget that ``package`` was verified: its next serve or install hashes it."""
+        self._verified.pop(package, None)
+        self.cache.forget(package)
 
     @property
     def lock_path(self) -> Path:
@@ -218,6 +370,10 @@ class Store:
                 out.append(m)
         return out
 
+    def followed(self, package: str) -> bool:
+        """Is anyone reading ``package`` (children being served) right now?"""
+        return self._readers.get(package, 0) > 0
+
     def in_use(self, package: str, besides: str | None = None, download: bool = True) -> bool:
         """Is ``package`` read, downloaded (unless ``download`` is false) or
         leased (by a holder other than ``besides``) in this process?"""
@@ -260,6 +416,7 @@ class Store:
 
     def delete(self, package: str) -> None:
         """Envelope first: from that moment the package no longer counts."""
+        self.unverified(package)
         for path in (self.envelope_path(package), self.data_path(package)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -271,6 +428,7 @@ class Store:
         take it out of service and keep its good prefix as a partial
         download, so a node with a parent fetches only the rest again."""
         env = self.envelope(package)
+        self.unverified(package)
         if not self.refetchable or env is None or package in self._downloads:
             return
         part = self.partial_dir / f"{package}.part"
@@ -304,6 +462,7 @@ class Store:
             # An archive a failed commit left without its envelope goes now,
             # not at some later start.
             self._drop_debris(manifest.id)
+        self.unverified(manifest.id)
         dl = Download(self, manifest, envelope)
         self._downloads[manifest.id] = dl
         try:
@@ -321,10 +480,12 @@ class Store:
 
     async def chunks(
         self, package: str, offset: int, wait_timeout: float = 60.0
-    ) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(offset, data)`` from ``offset`` to the end, each chunk
-        checked against its signed digest before it leaves the store. Follows
-        a download in progress chunk by chunk."""
+    ) -> AsyncIterator[tuple[int, Data]]:
+        """Yield ``(offset, data)`` from ``offset`` to the end. Follows a
+        download in progress chunk by chunk (its chunks were checked as they
+        arrived). A complete package not verified in this process since its
+        file last changed has each chunk checked against its signed digest
+        before it leaves the store; a verified one is read without hashing."""
         dl = self._downloads.get(package)
         if dl is not None:
             m, path = dl.manifest, dl.path
@@ -338,23 +499,24 @@ class Store:
         if self.expired(m):
             raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
         fd = os.open(path, os.O_RDONLY)
+        check = dl is None and not self.verified(package)
+        ident = FileId.of(fd) if check else None
         self._readers[package] = self._readers.get(package, 0) + 1
-        loop = asyncio.get_running_loop()
-        ahead: deque[asyncio.Future[bytes]] = deque()
+        ahead: deque[asyncio.Future[Data]] = deque()
+        # Reads this reader started and that still run (they use its descriptor).
+        mine: set[asyncio.Future[Data]] = set()
         try:
             pos = ahead_pos = offset
             while pos < m.size:
-                # Read and check the next chunks in threads while this one is
-                # sent, but never beyond what a running download has verified.
+                # Read the next chunks in threads while this one is sent, but
+                # never beyond what a running download has verified.
                 while (
                     len(ahead) < READ_AHEAD
                     and ahead_pos < m.size
                     and (dl is None or dl.done or dl.verified > ahead_pos)
                 ):
                     index = ahead_pos // m.chunk_size
-                    ahead.append(
-                        loop.run_in_executor(None, self._read_chunk, fd, m, index, ahead_pos)
-                    )
+                    ahead.append(self._chunk(fd, m, index, ahead_pos, check, mine))
                     ahead_pos += m.chunk_length(index)
                 if not ahead:
                     assert dl is not None
@@ -367,8 +529,11 @@ class Store:
                     raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
                 yield pos, data
                 pos += len(data)
+            if ident is not None and offset == 0:
+                self.mark_verified(package, ident)
         finally:
-            for fut in ahead:  # let reads finish before the descriptor closes
+            # Reads this reader started use its descriptor: let them finish first.
+            for fut in list(mine):
                 with contextlib.suppress(BaseException):
                     await fut
             os.close(fd)
@@ -376,13 +541,42 @@ class Store:
             if self.expired(m):  # the expiry timer spared it for this reader
                 self.notify()
 
-    @staticmethod
-    def _read_chunk(fd: int, m: Manifest, index: int, pos: int) -> bytes:
+    def _chunk(
+        self,
+        fd: int,
+        m: Manifest,
+        index: int,
+        pos: int,
+        check: bool,
+        mine: set[asyncio.Future[Data]],
+    ) -> asyncio.Future[Data]:
+        """Chunk ``index``: from the shared cache when another reader (or the
+        download) has it, else read (and checked if ``check``) in a thread."""
+        fut = self.cache.get(m.id, index)
+        if fut is not None:
+            return fut
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, self._read_chunk, fd, m, index, pos, check
+        )
+        fut.add_done_callback(_retrieved)
+        mine.add(fut)
+        fut.add_done_callback(mine.discard)
+        self.cache.put(m.id, index, fut, m.chunk_length(index))
+        return fut
+
+    def _read_chunk(self, fd: int, m: Manifest, index: int, pos: int, check: bool) -> Data:
         length = m.chunk_length(index)
+        self.disk_reads += 1
         data = os.pread(fd, length, pos)
-        if len(data) != length or hashlib.sha256(data).digest() != m.chunks[index]:
+        if len(data) != length or (check and hashlib.sha256(data).digest() != m.chunks[index]):
             raise CorruptChunk(m.id, pos, "at rest")
         return data
+
+
+def _retrieved(fut: asyncio.Future[Data]) -> None:
+    """A shared read's failure is seen by whoever awaits it, maybe nobody."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _iso(ts: float) -> str:

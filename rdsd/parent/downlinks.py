@@ -44,7 +44,7 @@ from ..errors import SecurityError, SessionClosed
 from ..events import ChildConnected, ChildDisconnected, EventBus
 from ..net.observe import TrafficObserver
 from ..net.pace import LinkPacing
-from ..net.session import Session
+from ..net.session import Session, Stream
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
@@ -73,8 +73,8 @@ LISTEN_BACKLOG = 4096
 #: buffer, so this bounds what fan-out to many children costs in memory.
 MAX_SERVES = 64
 
-# What a child's stream buffers before reading from its socket pauses (it
-# holds twice this at most). Children send only control frames, so a small
+# What a child's stream buffers, beyond the frame in progress, before
+# reading from its socket pauses. Children send only control frames, so a small
 # buffer costs nothing, and a connection that pours in bytes before it has
 # even said HELLO holds at most this much before it is refused.
 STREAM_LIMIT = 64 * 1024
@@ -294,16 +294,16 @@ class Downlinks:
         # trickles a byte at a time cannot stretch it read by read.
         deadline = asyncio.get_running_loop().time() + self.cfg.handshake_timeout
         try:
-            streams = await self._start_tls(sock, address)
-            if streams is None:
+            stream = await self._start_tls(sock, address)
+            if stream is None:
                 return
-            reader, writer = streams
             try:
-                await self._handle(reader, writer, slot, deadline)
+                await self._handle(stream, slot, deadline)
             except Exception:
                 self.log.exception("child.crashed", peer_address=address)
             finally:
-                writer.close()
+                if stream.transport is not None:
+                    stream.transport.close()
         finally:
             slot.release()
             self._ended()
@@ -324,16 +324,13 @@ class Downlinks:
                 "memory.given_back", took_ms=round((time.perf_counter() - started) * 1e3, 2)
             )
 
-    async def _start_tls(
-        self, sock: socket.socket, address: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    async def _start_tls(self, sock: socket.socket, address: str) -> Stream | None:
         """The TLS handshake, bounded by the handshake timeout; a failure is
         logged (rate-limited per host) with the peer's address and reason."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        protocol = Stream(Side.PARENT, read_ahead=STREAM_LIMIT)
         try:
-            transport, _ = await loop.connect_accepted_socket(
+            await loop.connect_accepted_socket(
                 lambda: protocol,
                 sock,
                 ssl=self.ctx,
@@ -356,7 +353,7 @@ class Downlinks:
             elif self._summary is None:
                 self._summary = loop.call_later(HANDSHAKE_SUMMARY_INTERVAL, self._summarise)
             return None
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+        return protocol
 
     def _summarise(self) -> None:
         """One line for the TLS failures the rate limit held back."""
@@ -370,20 +367,15 @@ class Downlinks:
                 interval=HANDSHAKE_SUMMARY_INTERVAL,
             )
 
-    async def _handle(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        slot: _Slot,
-        deadline: float,
-    ) -> None:
-        address = _address(writer)
+    async def _handle(self, stream: Stream, slot: _Slot, deadline: float) -> None:
+        assert stream.transport is not None
+        address = _address(stream.transport)
         try:
-            peer = Session.identify(writer)
+            peer = Session.identify(stream.transport)
         except (SecurityError, ValueError) as exc:
             self.log.warning("child.refused", peer_address=address, reason=str(exc))
             return
-        session = Session(reader, writer, Side.PARENT, peer, self.cfg.idle_timeout, self.observer)
+        session = Session(stream, peer, self.cfg.idle_timeout, self.observer)
         try:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -757,9 +749,9 @@ class Downlinks:
         return found
 
 
-def _address(writer: asyncio.StreamWriter) -> str:
+def _address(transport: asyncio.BaseTransport) -> str:
     """``host:port`` of the peer, for log lines about this connection."""
-    return _format_address(writer.get_extra_info("peername"))
+    return _format_address(transport.get_extra_info("peername"))
 
 
 class _Slot:

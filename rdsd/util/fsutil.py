@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 
 def fsync_dir(path: Path) -> None:
@@ -122,3 +123,18 @@ def file_lock(path: Path, *, wait: bool = False) -> Iterator[bool]:
         yield try_lock(fd, wait=wait)
     finally:
         os.close(fd)
+
+
+class FileId(NamedTuple):
+    """What changes when a file is written to or replaced: compared with the
+    value recorded when a package was last verified."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path_or_fd: Path | int) -> FileId:
+        st = os.stat(path_or_fd)
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -210,7 +210,7 @@ async def test_a_stalled_child_does_not_delay_another_childs_notice(
                 admin.create_job("install", p_big, ["stalled"])
             await raw.send(Fetch(fetch_id=1, package=p_big))  # and never read again
             await wait_child(server, "stalled")
-            transport = children(server)["stalled"].session._writer.transport
+            transport = children(server)["stalled"].session.transport
             await wait_until(
                 lambda: transport.get_write_buffer_size() >= 2 * 1024 * 1024, 10, what="full"
             )
