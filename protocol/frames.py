@@ -139,7 +139,9 @@ class FrameDecoder:
             try:
                 self._advance()
             except RemoteProtocolError as exc:
-                self._error = exc
+                # Kept without its traceback, whose frames hold this decoder
+                # (a cycle that kept refused connections until a full GC).
+                self._error = type(exc)(str(exc), exc.code)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; the caller must not change it afterwards."""
@@ -197,7 +199,9 @@ class FrameDecoder:
     def next_message(self) -> Message | None:
         """The next complete message, or ``None`` if more bytes are needed."""
         if self._error is not None:
-            raise self._error
+            # A fresh copy each time: raising the kept one would give it a
+            # traceback, and with it a cycle through this decoder.
+            raise type(self._error)(str(self._error), self._error.code)
         if not self._advance():
             return None
         header, payload = self._header, self._payload

@@ -106,6 +106,11 @@ class Stream(asyncio.BufferedProtocol):
         self.conn.receive_data(b"")
         self._wake.set()
         self._wake_writer(exc)
+        # uvloop's TLS protocol keeps this protocol's bound methods and the
+        # transport keeps that protocol: with ours keeping the transport, a
+        # cycle the garbage collector cannot see into (Cython objects), which
+        # held every closed connection's buffers for good. Drop our side.
+        self.transport = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
