@@ -15,6 +15,7 @@ hostile peer cannot make us allocate more than one frame's worth.
 from __future__ import annotations
 
 import struct
+import threading
 from collections import deque
 from typing import Any
 
@@ -30,6 +31,20 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 #: Size of a receive buffer handed out between payloads (headers, control
 #: frames, the start of a payload): TLS records are at most 16 KiB.
 RECV_BUFFER = 64 * 1024
+
+# One such buffer per thread, shared by every decoder that thread runs: a
+# read between payloads is copied out of it at once (those bytes are small:
+# control frames, a chunk's header), so no connection keeps a buffer of its
+# own while idle and no read allocates one (a relay with thousands of idle
+# children held one each, and the heap kept the high-water of a storm).
+_scratch = threading.local()
+
+
+def _scratch_buffer() -> bytearray:
+    buf: bytearray | None = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = bytearray(RECV_BUFFER)
+    return buf
 
 
 def encode(msg: Message, max_payload: int = MAX_PAYLOAD) -> list[bytes | memoryview]:
@@ -87,7 +102,8 @@ class FrameDecoder:
         self._header: Any = None
         self._payload: bytearray | None = None
         self._got = 0
-        # The buffer last handed out by get_buffer, unless it was a payload's.
+        # The (shared) buffer last handed out by get_buffer, unless it was a
+        # payload's.
         self._into: bytearray | None = None
         self._direct = False
         # Frames start once the preamble is taken; an error found early waits here.
@@ -114,8 +130,7 @@ class FrameDecoder:
             self._direct = True
             return memoryview(payload)[self._got :]
         self._direct = False
-        if self._into is None:
-            self._into = bytearray(RECV_BUFFER)
+        self._into = _scratch_buffer()
         return memoryview(self._into)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -130,7 +145,7 @@ class FrameDecoder:
         assert into is not None, "buffer_updated without get_buffer"
         if self._error is not None:
             return  # the peer broke the rules: nothing more it sends is kept
-        self.feed(memoryview(into)[:nbytes])
+        self.feed(bytes(memoryview(into)[:nbytes]))  # the buffer is shared
         if self._framing and self._payload is None and self._error is None:
             # Read the next frame's prefix and header now, so the rest of its
             # payload is received straight into its buffer even if the
