@@ -146,13 +146,19 @@ class NodesMixin(Database):
 
     def may_fetch(self, package: str, child: str) -> bool:
         """Is some job for ``package`` addressed to ``child`` or to a node
-        reached through it?"""
+        reached through it? Asked on every fetch, so each part is an
+        index lookup that stops at the first match (the job's destination
+        row by its key; the child's nodes by ``nodes_via``), not a scan of
+        every destination of the package's jobs."""
+        closed = (DestState.CANCELLED, DestState.FAILED)
         row = self._db.execute(
-            "SELECT 1 FROM jobs j JOIN dests d ON d.job = j.id "
-            "LEFT JOIN nodes n ON n.name = d.node "
-            "WHERE j.package = ? AND (d.node = ? OR n.via = ?) "
-            "AND (j.at IS NULL OR j.at <= ?) AND d.state NOT IN (?, ?) LIMIT 1",
-            (package, child, child, time.time(), DestState.CANCELLED, DestState.FAILED),
+            "SELECT 1 FROM jobs j WHERE j.package = ? AND (j.at IS NULL OR j.at <= ?) AND ("
+            " EXISTS (SELECT 1 FROM dests d WHERE d.job = j.id AND d.node = ?"
+            "  AND d.state NOT IN (?, ?))"
+            " OR EXISTS (SELECT 1 FROM nodes n CROSS JOIN dests d"
+            "  ON d.job = j.id AND d.node = n.name WHERE n.via = ? AND d.state NOT IN (?, ?))"
+            ") LIMIT 1",
+            (package, time.time(), child, *closed, child, *closed),
         ).fetchone()
         return row is not None
 
