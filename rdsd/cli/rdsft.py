@@ -24,7 +24,7 @@ from protocol import JobCancel, JobNotice
 
 from .. import __version__
 from ..admin import cache_listing, offers_listing
-from ..admin.ops import check_package_ref, limits_listing, limits_text
+from ..admin.ops import check_package_ref, daemon_pid, limits_listing, limits_text
 from ..child.fetcher import Fetcher
 from ..child.gate import TransferGate
 from ..child.intake import JobIntake
@@ -37,7 +37,6 @@ from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..security import Verifier, client_context
 from ..state import JobDB
-from ..util.fsutil import try_lock
 from .completion import add_completion
 from .output import Parser, run_cli
 
@@ -232,17 +231,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def _daemon_pid(cfg: NodeConfig) -> int | None:
     """The running daemon's pid: it holds the pid file's lock while it runs."""
-    try:
-        fd = os.open(cfg.paths.pidfile, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        if try_lock(fd, shared=True):
-            return None
-        text = os.pread(fd, 32, 0).decode().strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
+    return daemon_pid(cfg.paths.pidfile)
 
 
 async def _probe(local: LocalNode) -> tuple[bool, str]:

@@ -395,20 +395,36 @@ def _check_end(raw: BinaryIO, offset: int, archive: Path) -> None:
 
 def _scan(tar: tarfile.TarFile, raw: BinaryIO, archive: Path, limits: ExtractLimits) -> None:
     """Look at every member header, refusing the archive before any write."""
-    seen: set[str] = set()
-    total = 0
-    for count, member in enumerate(tar, 1):
-        if count > limits.max_members:
-            raise PackingError(f"{archive}: more than {limits.max_members} members")
-        _check_member(member, seen)
+    tally = _Tally(limits, str(archive))
+    for member in tar:
+        tally.admit(member)
+    _check_end(raw, tar.offset, archive)
+
+
+class _Tally:
+    """The checks every member header passes, in order, whether the archive
+    is scanned whole before extraction or extracted as it streams in: its
+    name and type, and the caps on members and on declared file data."""
+
+    def __init__(self, limits: ExtractLimits, name: str) -> None:
+        self.limits = limits
+        self.name = name
+        self.seen: set[str] = set()
+        self.count = 0
+        self.total = 0
+
+    def admit(self, member: tarfile.TarInfo) -> None:
+        self.count += 1
+        if self.count > self.limits.max_members:
+            raise PackingError(f"{self.name}: more than {self.limits.max_members} members")
+        _check_member(member, self.seen)
         if member.isreg():
-            total += member.size
-            if total > limits.max_total_size:
+            self.total += member.size
+            if self.total > self.limits.max_total_size:
                 raise PackingError(
                     f"member {member.name!r}: archive declares more than "
-                    f"{limits.max_total_size} bytes of file data"
+                    f"{self.limits.max_total_size} bytes of file data"
                 )
-    _check_end(raw, tar.offset, archive)
 
 
 def _empty_dir(dest: Path) -> None:
@@ -481,20 +497,10 @@ def safe_extract_stream(
     _require_empty_dir(dest)
     try:
         with tarfile.open(fileobj=_CappedReader(raw, name), mode="r:", errorlevel=2) as tar:
-            seen: set[str] = set()
-            total = 0
+            tally = _Tally(limits, str(name))
             dirs: list[tarfile.TarInfo] = []
-            for count, member in enumerate(tar, 1):
-                if count > limits.max_members:
-                    raise PackingError(f"{name}: more than {limits.max_members} members")
-                _check_member(member, seen)
-                if member.isreg():
-                    total += member.size
-                    if total > limits.max_total_size:
-                        raise PackingError(
-                            f"member {member.name!r}: archive declares more than "
-                            f"{limits.max_total_size} bytes of file data"
-                        )
+            for member in tar:
+                tally.admit(member)
                 # The data filter as extractall applies it; directories get
                 # their attributes last, as extractall sets them.
                 kept = tarfile.data_filter(member, str(dest))
