@@ -231,7 +231,7 @@ class NodesMixin(Database):
         """Nodes ``name -> (parent, software)`` are connected now; the news
         came over the child session ``through``."""
         now = time.time()
-        with self._tx() as db:
+        with self._tx(durable=False) as db:  # presence is rebuilt at start
             db.executemany(
                 "INSERT INTO presence(name, parent, software, through, online, since, seen) "
                 "VALUES(?,?,?,?,1,?,?) ON CONFLICT(name) DO UPDATE SET parent=excluded.parent, "
@@ -246,7 +246,7 @@ class NodesMixin(Database):
         (all of them when ``names`` is None, except ``through`` itself unless
         asked). Returns the names that were online."""
         now = time.time()
-        with self._tx() as db:
+        with self._tx(durable=False) as db:  # presence is rebuilt at start
             online = [
                 r[0]
                 for r in db.execute(

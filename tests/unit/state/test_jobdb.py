@@ -3,6 +3,7 @@ every change, local or reported, and reports apply exactly once."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,22 @@ def test_acknowledgements_are_forgotten_together(db: JobDB) -> None:
     queued = [r.report_id for r in db.outbox()]
     db.ack_many([*queued[:2], "unknown:1"])  # an unknown id is ignored
     assert [r.report_id for r in db.outbox()] == queued[2:]
+
+
+def test_presence_commits_without_fsync_and_everything_else_stays_durable(
+    tmp_path: Path,
+) -> None:
+    """Who is connected is rebuilt at start, so its writes skip the fsync; the
+    connection is back to ``synchronous=FULL`` right after, also when the
+    write fails, so a state change committed next is durable."""
+    db = JobDB(tmp_path / "state.db")
+    full = 2  # PRAGMA synchronous value of FULL
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == full
+    db.presence_online("relay1", {"c1": ("relay1", "rdsd 1")})
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == full
+    assert db.presence()["c1"].online
+    assert db.presence_offline("relay1", ["c1"]) == ["c1"]
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == full
+    with pytest.raises(sqlite3.IntegrityError), db._tx(durable=False) as conn:
+        conn.execute("INSERT INTO meta(key, value) VALUES('k', NULL)")
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == full
