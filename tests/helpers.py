@@ -231,7 +231,7 @@ class RawChild:
         self.parent = ""
         self.counter = time.time_ns() // 1000
         with contextlib.suppress(Exception):
-            self.parent = Session.identify(writer).name
+            self.parent = Session.identify(writer.transport).name
 
     @classmethod
     async def connect(

@@ -48,7 +48,7 @@ import hashlib
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -480,7 +480,7 @@ class Store:
 
     async def chunks(
         self, package: str, offset: int, wait_timeout: float = 60.0
-    ) -> AsyncIterator[tuple[int, Data]]:
+    ) -> AsyncGenerator[tuple[int, Data], None]:
         """Yield ``(offset, data)`` from ``offset`` to the end. Follows a
         download in progress chunk by chunk (its chunks were checked as they
         arrived). A complete package not verified in this process since its

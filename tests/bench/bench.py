@@ -37,7 +37,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -353,7 +353,7 @@ def configure_logs(path: Path, events: list[dict[str, Any]]) -> io.TextIOWrapper
     out = path.open("w")
     keep = {"fetch.start", "fetch.failed", "fetch.done", "serve.done", "uplink.lost"}
 
-    def capture(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def capture(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         if event.get("event") in keep:
             events.append({**event, "t": time.perf_counter()})
         return event
@@ -489,7 +489,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex((LOCALHOST, port)) == 0:
                 return
@@ -516,12 +516,20 @@ def which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
 
 
-def time_scp(src: Path, work: Path, repeat: int) -> float | str:
-    """scp to a throw-away sshd on 127.0.0.1, then fsync the copy."""
-    tools = {n: which(n) for n in ("scp", "sshd", "ssh-keygen")}
-    missing = [n for n, p in tools.items() if p is None]
+def find_tools(*names: str) -> dict[str, str] | str:
+    """The paths of ``names``, or the table cell that says which are missing."""
+    found = {n: which(n) for n in names}
+    missing = [n for n, p in found.items() if p is None]
     if missing:
         return f"n/a (not installed: {', '.join(missing)})"
+    return {n: p for n, p in found.items() if p is not None}
+
+
+def time_scp(src: Path, work: Path, repeat: int) -> float | str:
+    """scp to a throw-away sshd on 127.0.0.1, then fsync the copy."""
+    tools = find_tools("scp", "sshd", "ssh-keygen")
+    if isinstance(tools, str):
+        return tools
     d = work / "sshd"
     d.mkdir()
     for key in ("host", "user"):
@@ -597,10 +605,9 @@ def time_curl_nginx(
     ``extra``, also one more run for CPU cost (nginx worker CPU-seconds per
     GiB, ``nginx_cpu``; curl plus ``sha256sum`` of the copy, ``curl_cpu``)
     and ``clients`` concurrent curls for the aggregate rate (``fan_bps``)."""
-    tools = {n: which(n) for n in ("curl", "nginx")}
-    missing = [n for n, p in tools.items() if p is None]
-    if missing:
-        return f"n/a (not installed: {', '.join(missing)})"
+    tools = find_tools("curl", "nginx")
+    if isinstance(tools, str):
+        return tools
     d = work / "nginx"
     (d / "www").mkdir(parents=True)
     (d / "logs").mkdir()
@@ -693,7 +700,7 @@ async def baselines(b: Bench) -> None:
         else:
             b.tls_write_bps = rate(size, t)
         rows.append(Row(f"asyncio mutual TLS 1.3 copy, {label}", f"{mbps(size, t)}  ({secs(t)})"))
-    for label, key, fn in (
+    copies: tuple[tuple[str, str, Callable[[], float | str]], ...] = (
         ("scp over loopback (sshd) + fsync", "scp", lambda: time_scp(src, work, b.args.repeat)),
         (
             "curl from nginx, HTTPS mutual TLS + fsync",
@@ -702,7 +709,8 @@ async def baselines(b: Bench) -> None:
                 src, work, server, tls_client, b.args.repeat, b.nginx, b.args.clients
             ),
         ),
-    ):
+    )
+    for label, key, fn in copies:
         try:
             got = fn()
         except Exception as exc:
@@ -1816,7 +1824,7 @@ def main(argv: list[str] | None = None) -> int:
             b.pkg = add_package(b.admin, root, "bench", f"{args.size_mib}m", args.size_mib * MiB)
             b.pkg_file = b.admin.store.data_path(b.pkg)
             b.pkg_size = b.pkg_file.stat().st_size
-        runner: Callable[[Awaitable[None]], None] = asyncio.run  # type: ignore[assignment]
+        runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
         if args.loop == "uvloop":
             with contextlib.suppress(ImportError):
                 import uvloop

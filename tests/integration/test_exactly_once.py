@@ -229,6 +229,24 @@ async def test_sigterm_while_adopting_stops_the_adopted_install(
     assert not lines(out / "effects-client1.txt")
 
 
+async def rdsft_ok(home: Path, env: dict[str, str], *args: str) -> str:
+    """Run ``rdsft ARGS --home HOME`` with ``env`` added; its output, once it
+    has succeeded (within 30 s)."""
+    proc = await asyncio.create_subprocess_exec(
+        *rdsft_cmd(),
+        *args,
+        "--home",
+        str(home),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    async with asyncio.timeout(30):
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
 async def test_rdsft_adopts_an_install_a_killed_daemon_left_running(
     deployment: Deployment, tmp_path: Path
 ) -> None:
@@ -250,19 +268,8 @@ async def test_rdsft_adopts_an_install_a_killed_daemon_left_running(
                 job = admin.create_job("install", pid, ["client1"])
                 await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
                 await client.kill(signal.SIGKILL)
-                proc = await asyncio.create_subprocess_exec(
-                    *rdsft_cmd(),
-                    "-a",
-                    "--home",
-                    str(cfg.home),
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env={**os.environ, **env},
-                )
-                async with asyncio.timeout(30):
-                    stdout, stderr = await proc.communicate()
-                assert proc.returncode == 0, stderr.decode()
-                assert f"{job} install {pid}: installed" in stdout.decode()
+                stdout = await rdsft_ok(cfg.home, env, "-a")
+                assert f"{job} install {pid}: installed" in stdout
                 assert dest_of(admin, job, "client1")["state"] == "installed"
     assert lines(events) == [f"start {job}", f"end {job}"]
     assert lines(out / "effects-client1.txt") == [job]
@@ -295,20 +302,8 @@ async def test_an_offer_installed_by_rdsft_waits_for_the_daemons_install_of_its_
                 )
                 job = admin.create_job("install", pid, ["client1"])
                 await wait_until(lambda: bool(lines(events)), 15, what="the install to start")
-                proc = await asyncio.create_subprocess_exec(
-                    *rdsft_cmd(),
-                    "install",
-                    pid,
-                    "--home",
-                    str(cfg.home),
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env={**os.environ, **env},
-                )
-                async with asyncio.timeout(30):
-                    stdout, stderr = await proc.communicate()
-                assert proc.returncode == 0, stderr.decode()
-                assert "installed" in stdout.decode(), stdout.decode()
+                stdout = await rdsft_ok(cfg.home, env, "install", pid)
+                assert "installed" in stdout, stdout
                 await wait_state(admin, job, "client1", {"installed"})
     assert lines(events) == [f"start {job}", f"end {job}", f"start {offer}", f"end {offer}"]
     assert not lines(out / "overlap-client1.txt")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import pytest
 
+import rdsd.net.transfer as transfer_mod
 import rdsd.parent.handlers as handlers_mod
 from rdsd.admin import Admin, parse_time
 from rdsd.config import iso
@@ -359,6 +360,7 @@ async def test_keep_change_updates_relay_expiry_without_resending(
         m = admin.store.manifest(pid)
         assert m is not None and m.keep == 200 * DAY
         assert info.expires == iso(m.added + 200 * DAY)
+        assert info.expires is not None
         assert isinstance(old, str) and parse_time(info.expires) > parse_time(old)
         # relays learn it only when it is transferred again
         assert cache(relay_home)[0]["expires"] == old
@@ -757,7 +759,7 @@ async def test_cancel_during_transfer_stops_it(
     fetching when the cancel reaches it must not go on to install."""
     pid = add_tool(deployment, package_src)
     gate = asyncio.Event()
-    original = handlers_mod.serve_fetch
+    original = transfer_mod.serve_fetch  # what the parent handlers call
 
     async def held_serve(*args: Any, **kwargs: Any) -> None:
         await gate.wait()  # the transfer stalls until the test lets it go

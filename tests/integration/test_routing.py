@@ -231,13 +231,14 @@ async def test_fetches_beyond_the_serve_slots_wait_their_turn(
     """A parent serves a bounded number of fetches at once (what fan-out to
     many children costs in memory); the others wait for their first chunk
     and are served in turn, and every child installs."""
+    import rdsd.net.transfer as transfer_mod
     import rdsd.parent.handlers as handlers_mod
 
     src = make_payload_dir(tmp_path / "p", size=3 * 1024 * 1024)
     with deployment.admin() as admin:
         pid = admin.add_package(src, "tool", "1.0", install="sh install.sh")
     running_now = peak = 0
-    original = handlers_mod.serve_fetch
+    original = transfer_mod.serve_fetch  # what the parent handlers call
 
     async def counted(*args: Any, **kwargs: Any) -> None:
         nonlocal running_now, peak

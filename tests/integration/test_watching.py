@@ -307,8 +307,8 @@ async def test_job_list_filters_in_sql(deployment: Deployment, package_src: Path
         newest_two = ids(limit=2)
         assert len(newest_two) == 2 and old_job not in newest_two
         assert ids(limit=1) == [ids()[-1]]
-        job = next(j for j in admin.jobs(state="failed"))
-        assert job["states"] == {"failed": 1, "installed": 1} and job["done"] is True
+        failed = next(j for j in admin.jobs(state="failed"))
+        assert failed["states"] == {"failed": 1, "installed": 1} and failed["done"] is True
         from rdsd.errors import AdminError
 
         with pytest.raises(AdminError):
