@@ -44,7 +44,7 @@ QUEUE_DEPTH = 4
 #: How long a fetch may wait for a chunk while its session lives: the parent
 #: may be serving as many children as it serves at once, and a parent that
 #: paces (its upload limits are not known here) may wait between chunks.
-FIRST_CHUNK_WAIT = 300.0
+CHUNK_WAIT = 300.0
 
 
 async def serve_fetch(
@@ -146,7 +146,7 @@ async def receive(
     """One attempt to complete ``dl`` from ``session``, from its verified
     offset. Raises TransferFailed; CorruptChunk counts as retryable.
 
-    Each chunk may take up to FIRST_CHUNK_WAIT (or ``timeout`` if longer):
+    Each chunk may take up to CHUNK_WAIT (or ``timeout`` if longer):
     a parent serving many children serves a bounded number at once and the
     rest wait their turn, and a parent pacing its children may wait between
     chunks. A lost session (the session's own idle timeout and pings find
@@ -167,7 +167,7 @@ async def receive(
             await session.send(Fetch(fetch_id=fid, package=m.id, offset=start, rate=rate))
         except SessionClosed as exc:
             raise TransferFailed(f"link lost: {exc}") from None
-        limit = max(timeout, FIRST_CHUNK_WAIT)
+        limit = max(timeout, CHUNK_WAIT)
         while True:
             try:
                 async with asyncio.timeout(limit):
