@@ -36,7 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,21 +106,27 @@ def package_lock_path(workdir: Path, package: str) -> Path:
     return workdir / f"{package}.install.lock"
 
 
-async def _take_package_lock(fd: int, node: str, job: str, package: str) -> None:
-    """Wait until no other process installs ``package`` on this node.
+@contextlib.asynccontextmanager
+async def _package_lock(workdir: Path, node: str, job: str, package: str) -> AsyncIterator[int]:
+    """Wait until no other process installs ``package`` on this node; yields
+    the locked descriptor, for the supervisor to inherit.
 
     The daemon and ``rdsft install`` are separate processes with a runner
     each; the runner orders installs of one package within its process, this
     lock orders them across processes. The supervisor inherits it, so it is
     held exactly as long as the install command may run, across a daemon
-    restart too. Waiting happens in a thread (``flock`` blocks); if this
-    coroutine is cancelled meanwhile, the caller closes ``fd`` and the lock,
-    once the thread gets it, goes with the last reference."""
-    if try_lock(fd):
-        return
-    log.info("install.waiting_for_package", node=node, job=job, package=package)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, lambda: try_lock(fd, wait=True))
+    restart too. Waiting happens in a thread (``flock`` blocks); if this is
+    cancelled meanwhile, the descriptor is closed and the lock, once the
+    thread gets it, goes with the last reference."""
+    fd = os.open(package_lock_path(workdir, package), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not try_lock(fd):
+            log.info("install.waiting_for_package", node=node, job=job, package=package)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, lambda: try_lock(fd, wait=True))
+        yield fd
+    finally:
+        os.close(fd)  # a supervisor that was started holds it from here on
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -451,27 +457,6 @@ async def install(
     raises for a failure of the package itself, only reports it. If
     cancelled, the command is stopped and its outcome recorded on disk
     before the cancellation goes on (``read_outcome`` tells the caller)."""
-    package_fd = os.open(package_lock_path(workdir, manifest.id), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        await _take_package_lock(package_fd, node, job, manifest.id)
-        return await _install_locked(
-            archive, manifest, workdir, node, job, timeout, generation, early, package_fd
-        )
-    finally:
-        os.close(package_fd)  # a supervisor that was started holds it from here on
-
-
-async def _install_locked(
-    archive: Path,
-    manifest: Manifest,
-    workdir: Path,
-    node: str,
-    job: str,
-    timeout: float,
-    generation: int,
-    early: EarlyExtract | None,
-    package_fd: int,
-) -> InstallResult:
     target = workdir / f"{job}-{manifest.id}"
     log_path = workdir / f"{job}-{manifest.id}.log"
     exit_path = workdir / f"{job}-{manifest.id}.exit"
@@ -504,22 +489,28 @@ async def _install_locked(
         RDSD_JOB=job,
         RDSD_PACKAGE_DIR=str(target),
     )
-    exit_path.unlink(missing_ok=True)
-    log_path.write_bytes(b"")
-    rec = RunRecord(job, node, manifest.id, generation, str(target), str(log_path), str(exit_path))
-    rec.save(workdir)  # intent: from here a restart looks for this run
-    lock_fd = os.open(lock_path(workdir, job), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if not try_lock(lock_fd):
-            return InstallResult(False, "an earlier run of this install is still going")
+    # Extracted beside any other install of the package; the command waits
+    # for its turn.
+    async with _package_lock(workdir, node, job, manifest.id) as package_fd:
+        exit_path.unlink(missing_ok=True)
+        log_path.write_bytes(b"")
+        rec = RunRecord(
+            job, node, manifest.id, generation, str(target), str(log_path), str(exit_path)
+        )
+        rec.save(workdir)  # intent: from here a restart looks for this run
+        lock_fd = os.open(lock_path(workdir, job), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            proc = _start_supervisor(
-                manifest.install, target, log_path, exit_path, timeout, (lock_fd, package_fd), env
-            )
-        except OSError as exc:
-            return InstallResult(False, f"install supervisor could not start: {exc}")
-    finally:
-        os.close(lock_fd)  # the supervisor holds the lock from here on
+            if not try_lock(lock_fd):
+                return InstallResult(False, "an earlier run of this install is still going")
+            locks = (lock_fd, package_fd)
+            try:
+                proc = _start_supervisor(
+                    manifest.install, target, log_path, exit_path, timeout, locks, env
+                )
+            except OSError as exc:
+                return InstallResult(False, f"install supervisor could not start: {exc}")
+        finally:
+            os.close(lock_fd)  # the supervisor holds the lock from here on
     rec = RunRecord(**{**asdict(rec), "pid": proc.pid, "start_time": proc_start_time(proc.pid)})
     rec.save(workdir)
     log.info("install.started", node=node, job=job, package=manifest.id, pid=proc.pid)
