@@ -16,7 +16,7 @@ from .connection import (
     State,
 )
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .frames import MAGIC, MAX_HEADER, MAX_PAYLOAD, FrameDecoder, encode
+from .frames import LANE_MAGIC, MAGIC, MAX_HEADER, MAX_PAYLOAD, FrameDecoder, encode
 from .messages import (
     MAX_CLAIM,
     MAX_PRESENCE_BATCH,
@@ -57,6 +57,7 @@ from .messages import (
 
 __all__ = [
     "FRAME_CAPS",
+    "LANE_MAGIC",
     "MAGIC",
     "MAX_CLAIM",
     "MAX_HEADER",

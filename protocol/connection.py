@@ -12,6 +12,7 @@ rather than in the transfer code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -132,10 +133,15 @@ FRAME_CAPS: dict[State, int | None] = {
 class Connection:
     """One side of one rdsd connection."""
 
-    def __init__(self, side: Side, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        side: Side,
+        max_payload: int = MAX_PAYLOAD,
+        payload_buffer: Callable[[int], bytearray] = bytearray,
+    ) -> None:
         self.side = side
         self.peer_side = P if side is C else C
-        self._decoder = FrameDecoder(max_payload)
+        self._decoder = FrameDecoder(max_payload, payload_buffer)
         self.state = State.START
         self._max_payload = max_payload
         self._magic_sent = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -26,6 +27,11 @@ from .messages import Message, MessageType, from_wire, to_wire
 
 PREFIX = struct.Struct(">II")
 MAGIC = b"RDS\x01"
+#: Sent in the clear before TLS by a child opening a lane, a second
+#: connection that carries one package fetch (SPEC section 6a). Its first
+#: byte can never start a TLS record (0x16), so a parent tells the two kinds
+#: of connection apart from the first byte.
+LANE_MAGIC = b"RDSLANE\x01"
 MAX_HEADER = 1024 * 1024
 MAX_PAYLOAD = 16 * 1024 * 1024
 #: Size of a receive buffer handed out between payloads (headers, control
@@ -91,8 +97,14 @@ class FrameDecoder:
     written there once (by the TLS layer, decrypting) and never copied.
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self, max_payload: int = MAX_PAYLOAD, payload_buffer: Callable[[int], bytearray] = bytearray
+    ) -> None:
         self._segments: deque[memoryview] = deque()
+        # Makes the buffer a payload of the given size is received into; a
+        # reader that recycles chunk buffers passes its pool here (a fresh
+        # 1 MiB buffer per chunk costs a mapping and its page faults).
+        self._payload_buffer = payload_buffer
         self._queued = 0
         self._max_payload = max_payload
         self._need: tuple[int, int] | None = None
@@ -258,7 +270,7 @@ class FrameDecoder:
             self._take(PREFIX.size)
             self._header = _unpack_header(self._take(hlen))
             # Sized from the checked prefix; filled as the payload arrives.
-            self._payload = bytearray(plen)
+            self._payload = self._payload_buffer(plen)
             self._got = 0
         payload = self._payload
         if self._got < plen:

@@ -146,10 +146,14 @@ class Welcome(Message):
     the managing server (resume on failure) or a relay (restart on failure)."""
 
     TYPE: ClassVar[MessageType] = MessageType.WELCOME
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"lanes"})
     node: Name
     role: str
     proto: int = PROTOCOL_VERSION
     time: float = 0.0
+    #: The parent takes lane connections on this same address (SPEC 6a):
+    #: a large package may be fetched over a connection of its own.
+    lanes: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,6 +164,7 @@ class NodeConfig:
     max_handshakes: int = 128
     connections_per_node: int = 4
     fetches_per_session: int = 2
+    lane_min: int = 4 * 1024 * 1024
 
     log_level: str = "info"
     log_format: str = "console"

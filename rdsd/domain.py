@@ -49,10 +49,13 @@ class DestState(StrEnum):
 
 class HelloPurpose(StrEnum):
     """Why a child connects: a daemon's long-lived link becomes the route to
-    the node; a one-shot ``rdsft -a`` query never does."""
+    the node; a one-shot ``rdsft -a`` query never does, nor does a lane."""
 
     SESSION = "session"
     QUERY = "query"
+    #: A connection of its own for one package fetch (SPEC section 6a): never
+    #: a route, never a session; its bytes are moved by a thread.
+    LANE = "lane"
 
 
 S = DestState

@@ -85,6 +85,12 @@ class WindowClosed(RdsdError):
     (``rdsft -a`` leaves it to the daemon); the message says until when."""
 
 
+class LaneRefused(RdsdError):
+    """A lane (a connection of its own for one fetch) could not be opened:
+    the parent is unreachable on it, does not take lanes, or refused this
+    one before any package byte moved. The fetch goes over the session."""
+
+
 class SessionClosed(RdsdError):
     """A session ended (peer closed, error, or timeout); says why."""
 

@@ -343,6 +343,14 @@ SCHEMA: tuple[Setting, ...] = (
     ),
     Setting(
         "transfer",
+        "lane_min",
+        "lane_min",
+        _size(0, 1 << 50),
+        4 * 1024 * 1024,
+        "Packages this large or larger are fetched on a lane, a connection of its own (0: never).",
+    ),
+    Setting(
+        "transfer",
         "retry_limit",
         "retry_limit",
         _integer(1, 100),

@@ -19,9 +19,20 @@ from typing import Any
 import structlog
 
 from ..config import NodeConfig
-from ..errors import DiskFull, ExpiredPackage, StoreError, TransferFailed, TransferPaused
+from ..domain import HelloPurpose
+from ..errors import (
+    DiskFull,
+    ExpiredPackage,
+    LaneRefused,
+    StoreError,
+    TransferFailed,
+    TransferPaused,
+)
 from ..events import EventBus, PackageStored, TransferProgress
+from ..net.lane import receive_lane
+from ..net.session import Session
 from ..net.transfer import receive
+from ..packages.download import Download
 from ..packages.manifest import Manifest
 from ..packages.store import Store
 from ..util.backoff import Backoff
@@ -86,6 +97,15 @@ class Fetcher:
             self._dropped.add(package)
             task.cancel()
 
+    async def stop(self) -> None:
+        """Stop every fetch (the node is stopping). Each keeps its verified
+        prefix, as after a lost link; a lane's thread has ended when this
+        returns, so nothing writes into the store afterwards."""
+        running = [task for task in self._tasks.values() if not task.done()]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
     async def get(self, manifest: Manifest, envelope: bytes) -> None:
         if self.store.has(manifest.id):
             return
@@ -141,17 +161,7 @@ class Fetcher:
             self._begun[manifest.id].set()
             progress = _Progress(self, manifest, dl.verified, bound)
             try:
-                await receive(
-                    session,
-                    self.link.router,
-                    dl,
-                    cfg.idle_timeout,
-                    cfg.name,
-                    progress.report,
-                    min(cfg.progress_interval, EVENT_INTERVAL),
-                    self.gate.rate(manifest.id),
-                    self.gate.pause_check(manifest.id, resumes=resume),
-                )
+                await self._receive(session, dl, progress, resume, bound)
                 progress.finished()
                 return
             except TransferPaused as exc:
@@ -182,6 +192,50 @@ class Fetcher:
                 dl.fail("interrupted", keep_partial=resume and manifest.id not in self._dropped)
                 raise
             await backoff.wait()
+
+    async def _receive(
+        self, session: Session, dl: Download, progress: _Progress, resume: bool, bound: Any
+    ) -> None:
+        """One attempt: over a lane when the package is large enough and
+        the parent takes lanes, else (or when the lane cannot be opened)
+        over the session."""
+        cfg, link, m = self.cfg, self.link, dl.manifest
+        every = min(cfg.progress_interval, EVENT_INTERVAL)
+        rate = self.gate.rate(m.id)
+        pause = self.gate.pause_check(m.id, resumes=resume)
+        if link.lanes and 0 < cfg.lane_min <= m.size - dl.verified:
+            assert cfg.parent is not None
+            try:
+                await receive_lane(
+                    cfg.parent,
+                    link.ctx,
+                    link.hello(session.peer, HelloPurpose.LANE),
+                    session.peer.name,
+                    dl,
+                    cfg.idle_timeout,
+                    cfg.name,
+                    cfg.handshake_timeout,
+                    progress.report,
+                    every,
+                    rate,
+                    pause,
+                )
+                return
+            except LaneRefused as exc:
+                # Not for this session any more: the session carries it.
+                link.lanes = False
+                bound.warning("fetch.lane_refused", reason=str(exc))
+        await receive(
+            session,
+            link.router,
+            dl,
+            cfg.idle_timeout,
+            cfg.name,
+            progress.report,
+            every,
+            rate,
+            pause,
+        )
 
     def publish_progress(self, package: str, done: int, total: int, rate: float) -> None:
         """One TransferProgress per job the fetch is for (or one without a job)."""

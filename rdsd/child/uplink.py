@@ -102,6 +102,9 @@ class Uplink:
         self.session: Session | None = None
         self.parent_role: Role | None = None
         self.parent_name = ""
+        # The parent takes lanes (its WELCOME said so, and no lane to it
+        # has been refused during this session).
+        self.lanes = False
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()
         self.last_error = ""
@@ -132,16 +135,17 @@ class Uplink:
         hop (below the server, and between relays) resumes."""
         return self.parent_role is not Role.RELAY or self.cfg.role is Role.RELAY
 
-    def hello(self, parent: Peer) -> Hello:
+    def hello(self, parent: Peer, purpose: HelloPurpose | None = None) -> Hello:
         """HELLO with this node's attach claim naming ``parent`` (from its
-        certificate), signed now with a fresh counter."""
+        certificate), signed now with a fresh counter; for this link's
+        purpose unless another is given (a lane's)."""
         claim = self.signer.attach(
             self.cfg.name, self.cfg.role, parent.name, self._counter(), time.time()
         )
         return Hello(
             node=self.cfg.name,
             role=self.cfg.role,
-            purpose=self.purpose,
+            purpose=purpose or self.purpose,
             software=software(),
             attach=claim,
         )
@@ -163,6 +167,7 @@ class Uplink:
         self.reports_upto = 0
         self.parent_role = Role(welcome.role)
         self.parent_name = welcome.node
+        self.lanes = welcome.lanes
         self._lost.clear()
         self.connected.set()
         self.log.info(

@@ -165,6 +165,13 @@ class Peer:
     serial: int = 0
     key: bytes = b""
 
+    @classmethod
+    def of_certificate(cls, der: bytes | None) -> Peer:
+        """The peer a verified TLS handshake proved (``getpeercert(True)``)."""
+        name, role, serial = peer_identity(der)
+        assert der is not None  # peer_identity refuses a missing certificate
+        return cls(name, Role(role), serial, public_key_der(der))
+
 
 class Session:
     """One open connection to a parent or a child."""
@@ -205,10 +212,7 @@ class Session:
         obj = transport.get_extra_info("ssl_object")
         if not isinstance(obj, ssl.SSLObject):
             raise SecurityError("connection is not TLS")
-        der = obj.getpeercert(binary_form=True)
-        name, role, serial = peer_identity(der)
-        assert der is not None  # peer_identity refuses a missing certificate
-        return Peer(name, Role(role), serial, public_key_der(der))
+        return Peer.of_certificate(obj.getpeercert(binary_form=True))
 
     def send_nowait(self, msg: Message) -> None:
         """Frame and queue ``msg`` without waiting for the peer: what control

@@ -25,6 +25,7 @@ from ..errors import (
     CorruptChunk,
     DiskFull,
     ExpiredPackage,
+    RdsdError,
     SessionClosed,
     StoreError,
     TransferFailed,
@@ -174,9 +175,7 @@ async def receive(
                     msg = await q.get()
             except TimeoutError:
                 await _store_step(dl.flush())
-                raise TransferFailed(
-                    f"no data from {session.peer.name} for {limit:.0f}s"
-                ) from None
+                raise TransferFailed(f"no data from {session.peer.name} for {limit:.0f}s") from None
             if msg is None:
                 # Keep every chunk already received: the resume starts after them.
                 await _store_step(dl.flush())
@@ -212,21 +211,26 @@ async def receive(
 
 
 async def _store_step(step: Awaitable[None]) -> None:
-    """Run a store operation, turning its failures into TransferFailed: a bad
-    chunk may go better next time, a full disk will not."""
+    """Run a store operation, turning its failures into TransferFailed."""
     try:
         await step
-    except CorruptChunk as exc:
-        raise TransferFailed(str(exc)) from None
-    except (DiskFull, ExpiredPackage) as exc:
-        raise TransferFailed(str(exc), retryable=False) from None
-    except StoreError as exc:
-        raise TransferFailed(str(exc)) from None
-    except OSError as exc:
+    except (StoreError, OSError) as exc:
+        raise store_failure(exc) from None
+
+
+def store_failure(exc: StoreError | OSError | RdsdError) -> TransferFailed:
+    """A store failure as the attempt's end: a bad chunk may go better next
+    time, a full disk will not."""
+    if isinstance(exc, TransferFailed):
+        return exc
+    if isinstance(exc, CorruptChunk):
+        return TransferFailed(str(exc))
+    if isinstance(exc, DiskFull | ExpiredPackage):
+        return TransferFailed(str(exc), retryable=False)
+    if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
-        raise TransferFailed(
-            f"cannot store{where}: {exc.strerror or exc}", retryable=False
-        ) from None
+        return TransferFailed(f"cannot store{where}: {exc.strerror or exc}", retryable=False)
+    return TransferFailed(str(exc))
 
 
 async def _cancel(session: Session, fid: int) -> None:

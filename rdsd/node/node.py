@@ -194,6 +194,8 @@ class Node:
             await self.uplink.close("shutting down")
         if self.runner is not None:
             await self.runner.stop()
+        if self.fetcher is not None:
+            await self.fetcher.stop()
         for task in self._tasks:
             task.cancel()
         if self._group is not None:

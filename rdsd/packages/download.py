@@ -26,7 +26,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -158,6 +158,36 @@ class Download:
         while self._inflight and (len(self._inflight) > IN_FLIGHT or self._inflight[0][0].done()):
             await self._settle_one()
 
+    def lane_write(self, offset: int, data: bytes | memoryview) -> Future[None]:
+        """From a lane's receiving thread (``net/lane.py``): queue ``data`` to
+        be checked and written by the writer thread, as ``write_chunk`` does,
+        without the event loop. The lane thread waits for the future and
+        then hands the chunk to ``settled`` on the loop. Only one of the two
+        ways feeds a download during one attempt."""
+        m = self.manifest
+        if self.done or self.error is not None:
+            raise StoreError(f"{m.id}: download already closed")
+        if offset != self._submitted or offset % m.chunk_size:
+            raise StoreError(f"{m.id}: chunk at {offset}, expected {self._submitted}")
+        index = offset // m.chunk_size
+        if index >= len(m.chunks) or len(data) != m.chunk_length(index):
+            raise CorruptChunk(m.id, offset, "wrong length")
+        self._submitted += len(data)
+        return self._writer.submit(self._write, index, offset, data)
+
+    def settled(self, data: bytes | memoryview) -> bool:
+        """On the loop: a chunk a lane wrote matched and is on disk. True
+        when ``data`` is kept (children following the download read it from
+        the chunk cache), so its buffer may not be used again."""
+        if self.done or self.error is not None:
+            return False
+        return self._advance(data)
+
+    def lane_ended(self) -> None:
+        """On the loop, once a lane's thread is done: what it submitted and
+        did not settle is not there."""
+        self._submitted = self.verified
+
     async def flush(self) -> None:
         """Wait for every queued chunk to be written (or to fail)."""
         while self._inflight:
@@ -175,13 +205,18 @@ class Download:
             self._inflight.clear()
             self._submitted = self.verified
             raise
+        self._advance(data)
+
+    def _advance(self, data: bytes | memoryview) -> bool:
         # Verified and written: readers following the download (children of
         # a relay) take it from memory rather than from the file.
-        if self.store.followed(self.manifest.id):
+        kept = self.store.followed(self.manifest.id)
+        if kept:
             index = self.verified // self.manifest.chunk_size
             self.store.cache.put_data(self.manifest.id, index, data)
         self.verified += len(data)
         self._notify()
+        return kept
 
     def _write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         if self._broken:

@@ -41,6 +41,10 @@ _MAX_SINGLE_READ = 1 << 20
 
 # Block size used when we scan or copy ourselves.
 _CHUNK = 1 << 16
+# What tarfile copies a member's data in: its default (16 KiB) made
+# extraction a Python step per 16 KiB, each taking the GIL back from the
+# threads receiving and writing the package while it streams in.
+_COPY_BUFFER = _MAX_SINGLE_READ
 
 # An mtime outside this range cannot be applied by os.utime on every platform
 # (OverflowError) and is nonsense for a package anyway; refuse it in the scan
@@ -467,6 +471,7 @@ def safe_extract(archive: Path, dest: Path, limits: ExtractLimits = ExtractLimit
     with archive.open("rb") as raw:
         try:
             with tarfile.open(fileobj=_CappedReader(raw, archive), mode="r:", errorlevel=2) as tar:
+                tar.copybufsize = _COPY_BUFFER  # type: ignore[attr-defined]  # not in typeshed
                 _scan(tar, raw, archive, limits)
                 try:
                     tar.extractall(dest, filter=tarfile.data_filter)
@@ -497,6 +502,7 @@ def safe_extract_stream(
     _require_empty_dir(dest)
     try:
         with tarfile.open(fileobj=_CappedReader(raw, name), mode="r:", errorlevel=2) as tar:
+            tar.copybufsize = _COPY_BUFFER  # type: ignore[attr-defined]  # not in typeshed
             tally = _Tally(limits, str(name))
             dirs: list[tarfile.TarInfo] = []
             for member in tar:

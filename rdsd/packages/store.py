@@ -49,6 +49,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -69,6 +70,42 @@ CACHE_BYTES = 4 * 1024 * 1024
 log = structlog.get_logger("rdsd.store")
 #: A chunk's bytes as they are passed around without copying.
 Data = bytes | memoryview
+
+
+@dataclass
+class Reading:
+    """One package read by a thread (a lane serving it, ``net/lane.py``):
+    opened and closed on the event loop (``Store.open_reading`` and
+    ``close_reading``), read in the thread. It follows a download in
+    progress as ``Store.chunks`` does, by the download's own condition."""
+
+    manifest: Manifest
+    fd: int
+    download: Download | None
+    check: bool
+    ident: FileId | None
+
+    def read(self, pos: int, into: bytearray, wait: float) -> memoryview:
+        """From the reading thread: the chunk at ``pos``, read into ``into``
+        (no new buffer per chunk), checked against its signed digest when
+        the package is not verified at rest. Waits up to ``wait`` for a
+        download in progress to verify it."""
+        m = self.manifest
+        index = pos // m.chunk_size
+        length = m.chunk_length(index)
+        dl = self.download
+        while dl is not None and dl.verified < pos + length and not dl.done:
+            if dl.error is not None:
+                raise StoreError(f"{m.id}: upstream fetch failed: {dl.error}")
+            if not dl.wait_verified(pos + length - 1, wait):
+                raise TimeoutError(f"{m.id}: no new verified data for {wait:.0f}s")
+        view = memoryview(into)[:length]
+        got = os.preadv(self.fd, [view], pos)
+        if got != length or (self.check and hashlib.sha256(view).digest() != m.chunks[index]):
+            raise CorruptChunk(m.id, pos, "at rest")
+        if Store.expired(m):
+            raise ExpiredPackage(f"{m.id} expired at {_iso(m.expires)}")
+        return view
 
 
 class ChunkCache:
@@ -486,22 +523,9 @@ class Store:
         arrived). A complete package not verified in this process since its
         file last changed has each chunk checked against its signed digest
         before it leaves the store; a verified one is read without hashing."""
-        dl = self._downloads.get(package)
-        if dl is not None:
-            m, path = dl.manifest, dl.path
-        else:
-            found = self.manifest(package)
-            if found is None:
-                raise StoreError(f"{package} is not in the store")
-            m, dl, path = found, None, self.data_path(package)
-        if offset % m.chunk_size or offset > m.size:
-            raise StoreError(f"{package}: offset {offset} is not a chunk boundary")
-        if self.expired(m):
-            raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
-        fd = os.open(path, os.O_RDONLY)
-        check = dl is None and not self.verified(package)
-        ident = FileId.of(fd) if check else None
-        self._readers[package] = self._readers.get(package, 0) + 1
+        reading = self.open_reading(package, offset)
+        m, dl, fd, check = reading.manifest, reading.download, reading.fd, reading.check
+        whole = False
         ahead: deque[asyncio.Future[Data]] = deque()
         # Reads this reader started and that still run (they use its descriptor).
         mine: set[asyncio.Future[Data]] = set()
@@ -529,17 +553,46 @@ class Store:
                     raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
                 yield pos, data
                 pos += len(data)
-            if ident is not None and offset == 0:
-                self.mark_verified(package, ident)
+            whole = offset == 0
         finally:
             # Reads this reader started use its descriptor: let them finish first.
             for fut in list(mine):
                 with contextlib.suppress(BaseException):
                     await fut
-            os.close(fd)
-            self._readers[package] -= 1
-            if self.expired(m):  # the expiry timer spared it for this reader
-                self.notify()
+            self.close_reading(reading, whole)
+
+    def open_reading(self, package: str, offset: int) -> Reading:
+        """On the loop: open ``package`` for a thread to read from ``offset``
+        (the same checks as ``chunks``); it counts as a reader until
+        ``close_reading``, so expiry spares it meanwhile."""
+        dl = self._downloads.get(package)
+        if dl is not None:
+            m, path = dl.manifest, dl.path
+        else:
+            found = self.manifest(package)
+            if found is None:
+                raise StoreError(f"{package} is not in the store")
+            m, path = found, self.data_path(package)
+        if offset % m.chunk_size or offset > m.size:
+            raise StoreError(f"{package}: offset {offset} is not a chunk boundary")
+        if self.expired(m):
+            raise ExpiredPackage(f"{package} expired at {_iso(m.expires)}")
+        fd = os.open(path, os.O_RDONLY)
+        check = dl is None and not self.verified(package)
+        self._readers[package] = self._readers.get(package, 0) + 1
+        return Reading(m, fd, dl, check, FileId.of(fd) if check else None)
+
+    def close_reading(self, reading: Reading, whole: bool) -> None:
+        """On the loop, once the thread is done with ``reading``; ``whole``:
+        it read every chunk from byte zero (so checked all of them, if it
+        had to)."""
+        package = reading.manifest.id
+        if whole and reading.ident is not None:
+            self.mark_verified(package, reading.ident)
+        os.close(reading.fd)
+        self._readers[package] -= 1
+        if self.expired(reading.manifest):
+            self.notify()
 
     def _chunk(
         self,

@@ -25,8 +25,10 @@ from typing import Any
 import structlog
 
 from protocol import (
+    LANE_MAGIC,
     MAX_SOFTWARE,
     ErrorCode,
+    Fetch,
     Hello,
     JobNotice,
     Message,
@@ -40,18 +42,19 @@ from protocol import (
 from ..claims import Attach, ClaimError, Keys, verify_attach
 from ..config import NodeConfig
 from ..domain import DestState, HelloPurpose, JobHead, Role
-from ..errors import SecurityError, SessionClosed
+from ..errors import SecurityError, SessionClosed, StoreError
 from ..events import ChildConnected, ChildDisconnected, EventBus
+from ..net.lane import LaneServe, ParentLane, start_thread
 from ..net.observe import TrafficObserver
 from ..net.pace import LinkPacing
-from ..net.session import Session, Stream
+from ..net.session import Peer, Session, Stream
 from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
 from ..util.memory import give_back
 from ..util.windows import pace_to_wire
 from ..validate import Invalid, check_time, clean_text
-from .handlers import ChildHandlers
+from .handlers import ChildHandlers, asked_rate
 from .routing import (
     Pushed,
     by_hop,
@@ -221,6 +224,7 @@ class Downlinks:
         self._handshakes = HandshakeLog()
         self.keys = Keys()  # loaded public keys, for checking claims
         self._summary: asyncio.TimerHandle | None = None
+        self._lanes: set[ParentLane] = set()
         self._give_back: asyncio.TimerHandle | None = None
 
     @property
@@ -247,6 +251,8 @@ class Downlinks:
             self._listener.close()
         for child in list(self.children.values()):
             child.session.abort("shutting down")
+        for lane in list(self._lanes):
+            lane.abort()
         if self._summary is not None:
             self._summary.cancel()
             self._summarise()
@@ -294,6 +300,13 @@ class Downlinks:
         # trickles a byte at a time cannot stretch it read by read.
         deadline = asyncio.get_running_loop().time() + self.cfg.handshake_timeout
         try:
+            first = await self._first_byte(sock, address, deadline)
+            if first == LANE_MAGIC[:1]:
+                await self._lane(sock, address, slot, deadline)
+                return
+            if not first:
+                sock.close()
+                return
             stream = await self._start_tls(sock, address)
             if stream is None:
                 return
@@ -307,6 +320,142 @@ class Downlinks:
         finally:
             slot.release()
             self._ended()
+
+    async def _first_byte(self, sock: socket.socket, address: str, deadline: float) -> bytes:
+        """The connection's first byte, left in the socket: a TLS record
+        (a session) or the lane preamble. Empty when the peer went away or
+        sent nothing in time (then the connection is closed here)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, _set_once, ready)
+        failure: Exception | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                await ready
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (OSError, TimeoutError) as exc:
+            first, failure = b"", exc
+        finally:
+            # Before any close: a selector loop must not keep a closed descriptor.
+            loop.remove_reader(fd)
+        if failure is not None:
+            sock.close()
+            self.handshake_failed(address, failure)
+        return first
+
+    async def _lane(self, sock: socket.socket, address: str, slot: _Slot, deadline: float) -> None:
+        """A lane (``net/lane.py``): its preamble here, everything after it
+        in a thread of its own, which asks this loop for every check."""
+        loop = asyncio.get_running_loop()
+        got = b""
+        try:
+            async with asyncio.timeout_at(deadline):
+                while len(got) < len(LANE_MAGIC):
+                    part = await loop.sock_recv(sock, len(LANE_MAGIC) - len(got))
+                    if not part:
+                        break
+                    got += part
+        except (OSError, TimeoutError) as exc:
+            got = b""
+            self.handshake_failed(address, exc)
+        if got != LANE_MAGIC:
+            sock.close()
+            if got:
+                self.handshake_failed(address, ConnectionError("neither TLS nor a lane preamble"))
+            return
+        sock.setblocking(True)
+        lane = ParentLane(
+            self,
+            loop,
+            sock,
+            self.ctx,
+            self._welcome(),
+            time.monotonic() + max(0.0, deadline - loop.time()),
+            self.cfg.idle_timeout,
+            slot.release,
+        )
+        self._lanes.add(lane)
+        done = start_thread(lane.run, "rdsd-lane-serve")
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            lane.abort()
+            with contextlib.suppress(BaseException):
+                await done
+            raise
+        except Exception:
+            self.log.exception("lane.crashed", peer_address=address)
+        finally:
+            self._lanes.discard(lane)
+
+    # -- what a lane's thread asks of this loop (net/lane.LaneHost) ---------------
+
+    def admit_lane(self, peer: Peer, hello: Message) -> None:
+        """A lane's HELLO, checked as a session's; it counts against the
+        node's connection cap and never becomes a route."""
+        purpose = self._check_hello(peer, hello)
+        if purpose is not HelloPurpose.LANE:
+            raise ProtocolError(f"a lane's HELLO says purpose {purpose}")
+        assert isinstance(hello, Hello)
+        self._check_attach(peer, hello)
+        self._check_connections(peer.name, purpose)
+        self.connections[peer.name] += 1
+
+    def lane_closed(self, peer: Peer) -> None:
+        self.connections[peer.name] -= 1
+        if self.connections[peer.name] <= 0:
+            del self.connections[peer.name]
+
+    async def open_lane_fetch(self, peer: Peer, fetch: Fetch) -> LaneServe | str:
+        reason = await self.handlers.admit_fetch(peer.name, fetch)
+        if reason is not None:
+            return reason
+        await self.serve_slots.acquire()
+        try:
+            reading = self.store.open_reading(fetch.package, fetch.offset)
+        except (StoreError, OSError) as exc:
+            self.serve_slots.release()
+            return str(exc) or type(exc).__name__
+        pacer = self.pacing.for_fetch(
+            peer.name, self.db.package_rate(fetch.package), asked_rate(fetch.rate)
+        )
+        return LaneServe(reading, pacer, fetch)
+
+    def serve_ended(self, peer: Peer, serve: LaneServe, sent: int, whole: bool) -> None:
+        self.store.close_reading(serve.reading, whole)
+        self.serve_slots.release()
+
+    def serve_corrupt(self, package: str, offset: int) -> None:
+        self.store.quarantine(package, offset)
+
+    def chunk_sent(self, peer: Peer, nbytes: int) -> None:
+        if self.observer is not None:
+            self.observer.frames_sent(peer.name, nbytes)
+            self.observer.package_served(peer.name, nbytes)
+
+    def handshake_failed(self, address: str, exc: Exception) -> None:
+        """A connection that failed before HELLO (TLS, or nothing sent in
+        time): rate-limited per host, with a summary for the rest."""
+        held = self._handshakes.admit(address.rsplit(":", 1)[0], time.monotonic())
+        if held is not None:
+            reason: object = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+            if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+                # Which check failed: an expired certificate, another CA.
+                reason = f"{reason}: {exc.verify_message}"
+            self.log.warning(
+                "child.tls_failed",
+                peer_address=address,
+                reason=str(reason) or type(exc).__name__,
+                unlogged_before=held,
+            )
+        elif self._summary is None:
+            self._summary = asyncio.get_running_loop().call_later(
+                HANDSHAKE_SUMMARY_INTERVAL, self._summarise
+            )
+
+    def _welcome(self) -> Welcome:
+        return Welcome(node=self.cfg.name, role=self.cfg.role, time=time.time(), lanes=True)
 
     def _ended(self) -> None:
         """A connection ended: what it used goes back to the system shortly,
@@ -338,20 +487,7 @@ class Downlinks:
             )
         except (OSError, TimeoutError, EOFError) as exc:
             sock.close()
-            held = self._handshakes.admit(address.rsplit(":", 1)[0], time.monotonic())
-            if held is not None:
-                reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
-                if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-                    # Which check failed: an expired certificate, another CA.
-                    reason = f"{reason}: {exc.verify_message}"
-                self.log.warning(
-                    "child.tls_failed",
-                    peer_address=address,
-                    reason=str(reason) or type(exc).__name__,
-                    unlogged_before=held,
-                )
-            elif self._summary is None:
-                self._summary = loop.call_later(HANDSHAKE_SUMMARY_INTERVAL, self._summarise)
+            self.handshake_failed(address, exc)
             return None
         return protocol
 
@@ -385,9 +521,11 @@ class Downlinks:
                     f"no HELLO within {self.cfg.handshake_timeout:g}s of connecting",
                     ErrorCode.TIMEOUT,
                 ) from None
-            purpose = self._check_hello(session, hello)
+            purpose = self._check_hello(peer, hello)
             assert isinstance(hello, Hello)
-            attach = self._check_attach(session, hello)
+            if purpose is HelloPurpose.LANE:
+                raise ProtocolError("a lane opens with the lane preamble, not in a session")
+            attach = self._check_attach(peer, hello)
             self._check_connections(peer.name, purpose)
         except SessionClosed as exc:
             self.log.warning(
@@ -398,7 +536,7 @@ class Downlinks:
             self.log.warning("child.refused", peer=peer.name, peer_address=address, reason=str(exc))
             await session.fail(exc)
             return
-        session.send_nowait(Welcome(node=self.cfg.name, role=self.cfg.role, time=time.time()))
+        session.send_nowait(self._welcome())
         slot.release()  # authenticated: the next handshake may start
         child = Child(session, purpose, fetch_slots=asyncio.Semaphore(self.cfg.fetches_per_session))
         self.connections[peer.name] += 1
@@ -493,8 +631,7 @@ class Downlinks:
                 self.hooks.presence_changed()
             await session.close()
 
-    def _check_hello(self, session: Session, msg: Message) -> HelloPurpose:
-        peer = session.peer
+    def _check_hello(self, peer: Peer, msg: Message) -> HelloPurpose:
         if not isinstance(msg, Hello):
             raise ProtocolError(f"expected HELLO, got {msg.TYPE.name}")
         if msg.node != peer.name or msg.role != peer.role:
@@ -512,16 +649,15 @@ class Downlinks:
         if row is not None and row.revoked:
             raise ProtocolError(f"node {peer.name} is revoked", ErrorCode.REVOKED)
         if self.cfg.role is Role.SERVER:
-            self._check_enrolled(session)
+            self._check_enrolled(peer)
         return purpose
 
-    def _check_enrolled(self, session: Session) -> None:
+    def _check_enrolled(self, peer: Peer) -> None:
         """The server's allow-list: only the certificate it issued to a node
         at enrolment (by serial) opens a session; a certificate our CA signed
         for a name never enrolled, or one replaced by a re-issued bundle, is
         refused. A node enrolled before serials were recorded has its
         certificate recorded the first time it shows it."""
-        peer = session.peer
         found = self.db.enrolment(peer.name)
         if found is None or not found[0]:
             raise ProtocolError(f"{peer.name} was never enrolled here", ErrorCode.UNAUTHORIZED)
@@ -538,11 +674,10 @@ class Downlinks:
                 ErrorCode.UNAUTHORIZED,
             )
 
-    def _check_attach(self, session: Session, hello: Hello) -> Attach:
+    def _check_attach(self, peer: Peer, hello: Hello) -> Attach:
         """The child's own attach claim in HELLO: signed with the key of the
         certificate it connected with, naming itself, its role and us, not
         in the future, and not older than the newest claim we hold of it."""
-        peer = session.peer
         try:
             if not hello.attach:
                 raise ClaimError("HELLO carries no attach claim (refused since version 3)")
@@ -747,6 +882,11 @@ class Downlinks:
             while len(self._envelopes) > 64:
                 self._envelopes.pop(next(iter(self._envelopes)))
         return found
+
+
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _address(transport: asyncio.BaseTransport) -> str:

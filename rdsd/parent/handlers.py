@@ -94,7 +94,7 @@ def _relay_only(child: Child, what: str) -> None:
         raise ProtocolError(f"only a relay {what}", ErrorCode.UNAUTHORIZED)
 
 
-def _asked_rate(rate: float) -> float:
+def asked_rate(rate: float) -> float:
     """FETCH's rate as a limit: a child's nonsense (negative, not finite)
     asks for nothing."""
     return float(rate) if math.isfinite(rate) and rate > 0 else 0.0
@@ -423,6 +423,22 @@ class ChildHandlers:
 
     # -- fetches ----------------------------------------------------------------------
 
+    async def admit_fetch(self, child: str, fetch: Fetch) -> str | None:
+        """Why ``child`` may not have ``fetch`` now (None: it may): no job
+        gives it the package, or this node cannot get it (a relay starts
+        fetching it from its own parent first). A session's FETCH and a
+        lane's are admitted alike."""
+        p = self.parent
+        if not p.db.may_fetch(fetch.package, child):
+            return f"no job gives {child} {fetch.package}"
+        held = p.store.has(fetch.package) or p.store.active(fetch.package) is not None
+        if not held and not await p.hooks.provide(fetch.package):
+            waiting = p.hooks.held(fetch.package)
+            if waiting:
+                return f"{p.cfg.name} is {waiting}"
+            return f"{fetch.package} is not available here"
+        return None
+
     async def on_fetch(self, child: Child, msg: Message) -> None:
         """Serve a fetch in a task of its own (a relay may first have to start
         fetching the package from its parent), so the child's reader goes on."""
@@ -431,18 +447,8 @@ class ChildHandlers:
 
         async def run() -> None:
             with contextlib.suppress(SessionClosed):
-                if not p.db.may_fetch(fetch.package, child.name):
-                    reason = f"no job gives {child.name} {fetch.package}"
-                    session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
-                    return
-                held = p.store.has(fetch.package) or p.store.active(fetch.package) is not None
-                if not held and not await p.hooks.provide(fetch.package):
-                    waiting = p.hooks.held(fetch.package)
-                    reason = (
-                        f"{p.cfg.name} is {waiting}"
-                        if waiting
-                        else f"{fetch.package} is not available here"
-                    )
+                reason = await self.admit_fetch(child.name, fetch)
+                if reason is not None:
                     session.send_nowait(FetchFail(fetch_id=fetch.fetch_id, reason=reason))
                     return
                 # A bounded number of serves at once, per session and in all:
@@ -452,7 +458,7 @@ class ChildHandlers:
                 # together does not hold a thousand.
                 async with child.fetch_slots, p.serve_slots:
                     pacer = p.pacing.for_fetch(
-                        child.name, p.db.package_rate(fetch.package), _asked_rate(fetch.rate)
+                        child.name, p.db.package_rate(fetch.package), asked_rate(fetch.rate)
                     )
                     await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer, pacer)
 

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 import rdsd.child.fetcher as fetcher_mod
+import rdsd.net.lane as lane_mod
 import rdsd.net.transfer as transfer_mod
 import rdsd.packages.download as download_mod
 from protocol import ConnectionClosed, Message, Report
@@ -184,9 +185,30 @@ class FetchLog:
 
     starts: list[tuple[str, str, int]] = field(default_factory=list)
     on_start: Callable[[], None] | None = None
+    #: The attempts that went over a lane (``net/lane.py``), as in ``starts``.
+    lanes: list[tuple[str, str, int]] = field(default_factory=list)
 
     def offsets(self, node: str, package: str) -> list[int]:
         return [off for n, p, off in self.starts if n == node and p == package]
+
+    def over_lanes(self, node: str, package: str) -> list[int]:
+        return [off for n, p, off in self.lanes if n == node and p == package]
+
+
+@pytest.fixture(autouse=True)
+def session_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests here cut, stall and kill a child's session connection (the
+    proxy's plans go by connection index), so every node they add fetches
+    in its session (``lane_min`` 0); ``test_lanes.py`` puts lanes through
+    the same faults."""
+    original = Deployment.add_node
+
+    def add_node(self: Deployment, name: str, role: Role, parent: tuple[str, int]) -> NodeConfig:
+        set_option(original(self, name, role, parent).home, lane_min=0)
+        cfg = self.configs[name] = NodeConfig.load(self.root / name, **FAST)
+        return cfg
+
+    monkeypatch.setattr(Deployment, "add_node", add_node)
 
 
 @pytest.fixture
@@ -202,7 +224,20 @@ def fetch_log(monkeypatch: pytest.MonkeyPatch) -> FetchLog:
             fetches.on_start()
         await original(session, router, dl, timeout, node, *rest)
 
+    original_lane = lane_mod.receive_lane
+
+    async def recording_lane(
+        address: Any, ctx: Any, hello: Any, parent: str, dl: Any, timeout: float, node: str,
+        *rest: Any,
+    ) -> None:  # fmt: skip
+        fetches.starts.append((node, dl.manifest.id, dl.verified))
+        fetches.lanes.append((node, dl.manifest.id, dl.verified))
+        if fetches.on_start is not None:
+            fetches.on_start()
+        await original_lane(address, ctx, hello, parent, dl, timeout, node, *rest)
+
     monkeypatch.setattr(fetcher_mod, "receive", recording)
+    monkeypatch.setattr(fetcher_mod, "receive_lane", recording_lane)
     return fetches
 
 

@@ -32,6 +32,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "listen": ('"[::]:7701"', ("::", 7701)),
     "parent": ('"server.example.net:7700"', ("server.example.net", 7700)),
     "chunk_size": ('"256KiB"', 256 * 1024),
+    "lane_min": ('"64MiB"', 64 * 1024 * 1024),
     "retry_limit": ("9", 9),
     "progress_interval": ("2.5", 2.5),
     "download_rate": ('"20MB/s"', 20e6),
