@@ -85,6 +85,24 @@ def can_move(old: DestState, new: DestState) -> bool:
     return new in DEST_TRANSITIONS[old]
 
 
+#: States a node passes through on its way to an outcome. Their reports can
+#: be overtaken: a node that moves to another relay, or whose relay holds its
+#: older reports while it is down, has its newer ones arrive first.
+PASSING = frozenset({S.TRANSFERRING, S.INSTALLING})
+
+
+def can_report(old: DestState, new: DestState) -> bool:
+    """May a report from below move ``old -> new``? Any move of the table,
+    or one over a passing state whose report has not arrived yet
+    (``waiting -> installed`` for ``waiting -> installing -> installed``).
+    The node itself made only moves of the table (``JobDB.change``); its
+    ``seq`` says which report is newest, and the overtaken ones are repeats
+    when they come. Nothing more is let through: ``installed`` still
+    follows ``installing`` at the node, and a late report still cannot
+    reopen a cancel or undo an outcome."""
+    return can_move(old, new) or any(can_move(old, s) and can_move(s, new) for s in PASSING)
+
+
 #: States a newer generation (a retry upstream) may start over from.
 RESTARTABLE = frozenset(s for s in DestState if can_move(s, S.WAITING))
 

@@ -1,0 +1,154 @@
+"""What a fleet does to reports and sessions, against real nodes over real
+TLS: reports that arrive out of order and many times over apply once each;
+a relay restarting under many children gets every one of them back; a
+re-imaged client's reports are applied, not taken for repeats of its old
+ones.
+
+The server and real client nodes run in this event loop (the test looks at
+their databases and events); a relay that restarts is a real ``rdsd run``
+daemon on a fixed port and home.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from protocol import Message, Report, ReportAck
+from rdsd.domain import DestState, Role
+from rdsd.events import DestChanged, Subscription
+from rdsd.node import Node
+from tests.helpers import (
+    Deployment,
+    RawChild,
+    make_payload_dir,
+    running,
+    wait_until,
+)
+
+S = DestState
+
+
+async def drain(sub: Subscription) -> list[DestChanged]:
+    """The events ``sub`` holds now, without waiting for more."""
+    out = []
+    while sub.pending:
+        event = await anext(sub)
+        assert isinstance(event, DestChanged), event
+        out.append(event)
+    return out
+
+
+async def acks_for(raw: RawChild, want: Counter[str], timeout: float = 10.0) -> Counter[str]:
+    """Read ``raw``'s session until it has an acknowledgement for every copy
+    counted in ``want`` (other messages, a job notice, are passed over)."""
+    got: Counter[str] = Counter()
+    async with asyncio.timeout(timeout):
+        while got != want:
+            msg = await raw.recv(timeout)
+            assert isinstance(msg, Message), f"session ended with {want - got} unacknowledged"
+            if isinstance(msg, ReportAck):
+                got[msg.report_id] += 1
+                assert got[msg.report_id] <= want[msg.report_id], f"extra ack {msg.report_id}"
+    return got
+
+
+# == 1. reordered and repeated reports apply once ==========================================
+
+
+@pytest.mark.parametrize("via", ["server", "relay"])
+async def test_reports_out_of_order_and_repeated_apply_once(
+    deployment: Deployment, tmp_path: Path, via: str
+) -> None:
+    """A client's signed reports for one job (transferring, installing,
+    installed) arrive out of order, each several times, over two sessions
+    (installed overtakes both; the first session drops before its last
+    report is acknowledged, and the next sends it again): every copy is
+    acknowledged, the final state is the newest report's (the overtaken
+    ones are repeats, not a way back), the server records one state change
+    and the install once. Through a relay the same holds at the
+    relay and at the server, and the relay's outbox empties."""
+    with deployment.admin() as admin:
+        pid = admin.add_package(make_payload_dir(tmp_path / "p", size=100), "tool", "1.0")
+    async with running(deployment.server) as (server,):
+        parents: list[Node] = [server]
+        async with contextlib.AsyncExitStack() as stack:
+            if via == "relay":
+                rcfg = deployment.add_node("relay1", Role.RELAY, server.address)
+                (relay,) = await stack.enter_async_context(running(rcfg))
+                parents.insert(0, relay)
+            below = parents[0]
+            ccfg = deployment.add_node("client1", Role.CLIENT, below.address)
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+            subs = [
+                await stack.enter_async_context(n.events(job=job, types=DestChanged))
+                for n in parents
+            ]
+
+            def report(seq: int, state: DestState) -> Report:
+                return Report(
+                    report_id=f"client1:{seq}", job=job, node="client1", state=state, seq=seq,
+                    package=pid, time=time.time(), origin="client1",
+                )  # fmt: skip
+
+            first = await RawChild.connect(below.address, ccfg.home)
+            try:
+                await first.handshake("client1", purpose="session")
+                # The parent the reports go to knows the job (through a relay:
+                # once the server has routed client1 there and told it).
+                await wait_until(lambda: below.db.job(job) is not None, 10, what="job below")
+                r1, r2, r3 = (
+                    first.sign(report(1, S.TRANSFERRING)),
+                    first.sign(report(2, S.INSTALLING)),
+                    first.sign(report(3, S.INSTALLED)),
+                )
+                # installed overtakes both its predecessors; each comes twice.
+                sent = [r3, r1, r3, r1]
+                for rep in sent:
+                    await first.send(rep)
+                await acks_for(first, Counter(r.report_id for r in sent))
+                await first.send(r2)  # and the link drops before its ack
+            finally:
+                await first.close()
+            second = await RawChild.connect(below.address, ccfg.home)
+            try:
+                await second.handshake("client1", purpose="session")
+                # What the child still holds (r2, unacknowledged) goes again,
+                # twice, with a copy of an acknowledged one between.
+                again = [r2, r1, r2]
+                for rep in again:
+                    await second.send(rep)
+                await acks_for(second, Counter(r.report_id for r in again))
+            finally:
+                await second.close()
+
+            if via == "relay":
+                await wait_until(lambda: not relay.db.outbox(), 10, what="relay outbox acked")
+            with deployment.admin() as admin:
+                await wait_until(
+                    lambda: (
+                        (d := admin.db.dest(job, "client1")) is not None and d.state is S.INSTALLED
+                    ),
+                    10,
+                    what="installed at the server",
+                )
+                counts = {j["id"]: j["states"] for j in admin.jobs()}
+                assert counts[job] == {"installed": 1}
+                assert admin.db.installed() == {"client1": [pid]}
+            await asyncio.sleep(0.2)  # anything applied late would show now
+            for node, sub in zip(parents, subs, strict=True):
+                row = node.db.dest(job, "client1")
+                assert row is not None and row.state is S.INSTALLED, (node.cfg.name, row)
+                moves = [(e.old, e.new) for e in await drain(sub)]
+                # Each state once: the newest report wins at once, the older
+                # ones it overtook are repeats. (A relay also records the job
+                # arriving from the server, as waiting.)
+                arrived = [(None, S.WAITING)] if node is not server else []
+                assert moves == [*arrived, (S.WAITING, S.INSTALLED)], (node.cfg.name, moves)
+                assert sub.dropped == 0
