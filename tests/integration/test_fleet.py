@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,18 +21,24 @@ from pathlib import Path
 import pytest
 
 from protocol import Message, Report, ReportAck
+from rdsd.admin import Admin
+from rdsd.config import NodeConfig
 from rdsd.domain import DestState, Role
 from rdsd.events import DestChanged, Subscription
 from rdsd.node import Node
 from tests.helpers import (
+    FAST,
     Deployment,
     RawChild,
     make_payload_dir,
     running,
+    wait_state,
     wait_until,
 )
+from tests.integration.test_faults import cli
 
 S = DestState
+DONE = {"installed", "failed"}
 
 
 async def drain(sub: Subscription) -> list[DestChanged]:
@@ -152,3 +159,105 @@ async def test_reports_out_of_order_and_repeated_apply_once(
                 arrived = [(None, S.WAITING)] if node is not server else []
                 assert moves == [*arrived, (S.WAITING, S.INSTALLED)], (node.cfg.name, moves)
                 assert sub.dropped == 0
+
+
+# == 3. a re-imaged client's reports apply ===================================================
+
+#: An install that notes each run and fails while ``fail`` exists.
+FLAKY_SCRIPT = """#!/bin/sh
+echo "$RDSD_JOB" >> "$RDSD_TEST_OUT/runs-$RDSD_NODE.txt"
+test ! -e "$RDSD_TEST_OUT/fail"
+"""
+
+
+def server_row(admin: Admin, job: str, node: str) -> tuple[str, str, int]:
+    """(state, origin, seq) of a destination in the server's database."""
+    row = admin.db._db.execute(
+        "SELECT state, origin, seq FROM dests WHERE job=? AND node=?", (job, node)
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1]), int(row[2])
+
+
+async def test_a_reimaged_clients_reports_are_applied(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client reports one job installed and another failed, then is
+    re-imaged: its home wiped, enrolled again (``rdsd enroll --force``) and
+    set up again (``rdsd init``), so its job database, and the sequence its
+    reports are numbered by, start anew. A new job and the retry of the
+    failed one (whose destination at the server still carries the old
+    sequence) are installed: every report of the new incarnation is applied
+    (each state once), none is dropped as a repeat, and nothing runs or
+    applies twice."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("RDSD_TEST_OUT", str(out))
+    runs = out / "runs-client1.txt"
+    src = make_payload_dir(tmp_path / "p", size=1000)
+    (src / "install.sh").write_text(FLAKY_SCRIPT)
+    with deployment.admin() as admin:
+        pid = admin.add_package(src, "tool", "1.0", install="sh install.sh")
+    async with running(deployment.server) as (server,):
+        cfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        with deployment.admin() as admin:
+            async with running(cfg):
+                done = admin.create_job("install", pid, ["client1"])
+                assert await wait_state(admin, done, "client1", DONE, 15) == "installed"
+                (out / "fail").touch()
+                flaky = admin.create_job("install", pid, ["client1"])
+                assert await wait_state(admin, flaky, "client1", DONE, 15) == "failed"
+                (out / "fail").unlink()
+            old = {j: server_row(admin, j, "client1") for j in (done, flaky)}
+            assert {o for _, o, _ in old.values()} == {"client1"}
+
+            # Re-imaged: nothing of the old home survives.
+            shutil.rmtree(cfg.home)
+            bundle = tmp_path / "client1.reimaged.bundle"
+            home = str(deployment.server.home)
+            code, _, err = await cli(
+                "enroll", "client1", "--role", "client", "--out", str(bundle), "--force",
+                "--home", home,
+            )  # fmt: skip
+            assert code == 0, err
+            parent = f"{server.address[0]}:{server.address[1]}"
+            code, _, err = await cli(
+                "init", "client", "--bundle", str(bundle), "--parent", parent,
+                "--home", str(cfg.home),
+            )  # fmt: skip
+            assert code == 0, err
+            fresh = NodeConfig.load(cfg.home, **FAST)
+
+            new = admin.create_job("install", pid, ["client1"])
+            assert admin.retry(flaky) == ["client1"]
+            async with (
+                server.events(node="client1", types=DestChanged) as sub,
+                running(fresh) as (client,),
+            ):
+                for job in (new, flaky):
+                    assert await wait_state(admin, job, "client1", DONE, 15) == "installed"
+                await wait_until(lambda: not client.db.outbox(), 10, what="outbox acked")
+                await asyncio.sleep(0.2)  # anything applied late would show now
+                seen = await drain(sub)
+                mine = {
+                    job: client.db._db.execute(
+                        "SELECT seq FROM dests WHERE job=? AND node='client1'", (job,)
+                    ).fetchone()[0]
+                    for job in (new, flaky)
+                }
+            assert sub.dropped == 0
+            for job in (new, flaky):
+                state, origin, seq = server_row(admin, job, "client1")
+                assert (state, origin) == ("installed", "client1")
+                assert seq == mine[job], "the server holds the client's newest report"
+                assert seq > max(s for _, _, s in old.values())
+                moves = [(e.old, e.new) for e in seen if e.job == job]
+                changes = [b for a, b in moves if a != b]
+                assert changes == [S.TRANSFERRING, S.INSTALLING, S.INSTALLED], (job, moves)
+                # The rest are progress details of the transfer.
+                assert all(a == b == S.TRANSFERRING for a, b in moves if a == b), moves
+            assert server_row(admin, done, "client1") == old[done], "the old job is left alone"
+            assert not [e for e in seen if e.job == done]
+    assert runs.read_text().split() == [done, flaky, flaky, new] or (
+        runs.read_text().split() == [done, flaky, new, flaky]
+    )
