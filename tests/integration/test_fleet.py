@@ -14,18 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from protocol import Message, Report, ReportAck
+from protocol import JobCancel, JobNotice, Message, Report, ReportAck
 from rdsd.admin import Admin
-from rdsd.config import NodeConfig
+from rdsd.child.uplink import Uplink
+from rdsd.claims import public_key_der
+from rdsd.config import HomePaths, NodeConfig
 from rdsd.domain import DestState, Role
 from rdsd.events import DestChanged, Subscription
 from rdsd.node import Node
+from rdsd.security import client_context, issue_certificate
 from tests.helpers import (
     FAST,
     Deployment,
@@ -35,7 +40,7 @@ from tests.helpers import (
     wait_state,
     wait_until,
 )
-from tests.integration.test_faults import cli
+from tests.integration.test_faults import Daemon, cli, daemons, fix_port, set_option
 
 S = DestState
 DONE = {"installed", "failed"}
@@ -159,6 +164,181 @@ async def test_reports_out_of_order_and_repeated_apply_once(
                 arrived = [(None, S.WAITING)] if node is not server else []
                 assert moves == [*arrived, (S.WAITING, S.INSTALLED)], (node.cfg.name, moves)
                 assert sub.dropped == 0
+
+
+# == 2. a relay restart under many children ======================================================
+
+N_CHILDREN = 200
+
+
+class Counting:
+    """What a light child (a real ``Uplink`` and nothing else) does with what
+    its parent sends: counts its sessions and notes the jobs it hears of."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.jobs: set[str] = set()
+
+    async def on_connected(self, link: Uplink) -> None:
+        self.sessions += 1
+
+    async def on_job_notice(self, notice: JobNotice) -> None:
+        self.jobs.add(notice.job)
+
+    async def on_job_cancel(self, cancel: JobCancel) -> None:
+        pass
+
+    async def on_revoked(self, nodes: list[str]) -> None:
+        pass
+
+    def on_report_ack(self, report_id: str) -> None:
+        pass
+
+
+def light_children(
+    deployment: Deployment, names: list[str], parent: tuple[str, int]
+) -> list[tuple[Uplink, Counting]]:
+    """Children with their own certificates, enrolled on the server as
+    ``rdsd enroll`` would record them (in one transaction), each a real
+    uplink to ``parent``: TLS with its own key, a signed attach claim in
+    HELLO, keepalive, and reconnecting with jittered backoff."""
+    server = deployment.server.paths
+    ca_cert, ca_key = server.ca_cert.read_bytes(), server.ca_key.read_bytes()
+    rows, links = [], []
+    fast: dict[str, Any] = dict(FAST)
+    for name in names:
+        paths = HomePaths(deployment.root / "light" / name)
+        paths.tls.mkdir(parents=True)
+        cert, key, serial = issue_certificate(ca_cert, ca_key, name, Role.CLIENT)
+        paths.cert.write_bytes(cert)
+        paths.key.write_bytes(key)
+        rows.append((name, Role.CLIENT.value, time.time(), str(serial), public_key_der(cert)))
+        cfg = NodeConfig(paths.home, Role.CLIENT, name, parent=parent, **fast)
+        handler = Counting()
+        ctx = client_context(server.ca_cert, paths.cert, paths.key)
+        links.append((Uplink(cfg, ctx, handler), handler))
+    with contextlib.closing(sqlite3.connect(server.db)) as db, db:
+        db.executemany(
+            "INSERT INTO nodes(name, role, enrolled, serial, pubkey) VALUES(?,?,?,?,?)", rows
+        )
+    return links
+
+
+def claims_at(db: Path, names: list[str]) -> dict[str, tuple[str | None, int | None]]:
+    """(via, counter of the newest attach claim) of each of ``names``."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT name, via, counter FROM nodes").fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows if r[0] in set(names)}
+
+
+def online_through(db: Path, via: str) -> set[str]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            "SELECT name FROM presence WHERE through=? AND online=1", (via,)
+        ).fetchall()
+    return {r[0] for r in rows} - {via}
+
+
+async def restart_under(
+    deployment: Deployment,
+    relay: Daemon,
+    light: list[tuple[Uplink, Counting]],
+    everyone: list[str],
+    pid: str,
+    began: float,
+) -> tuple[float, float, str, str]:
+    """Wait for ``everyone`` to be in under the relay, restart it with a job
+    made while it is down, wait for them all again, make another job, and
+    wait for every light child to be told of both. Returns how long each
+    wait for everyone took and the two jobs."""
+    db = deployment.server.paths.db
+
+    def all_online() -> bool:
+        return online_through(db, "relay1") >= set(everyone)
+
+    def missing() -> str:
+        gone = set(everyone) - online_through(db, "relay1")
+        return f"all online through relay1; missing {len(gone)}: {sorted(gone)[:5]}"
+
+    await wait_until(all_online, 30, 0.05, missing)
+    first = time.monotonic() - began
+    before = claims_at(db, everyone)
+    assert all(via == "relay1" for via, _ in before.values())
+
+    await relay.stop()
+    await wait_until(lambda: not online_through(db, "relay1"), 10, what="all offline")
+    with deployment.admin() as admin:
+        pending = admin.create_job("install", pid, everyone)
+    began = time.monotonic()
+    await relay.start()
+    await wait_until(all_online, 30, 0.05, missing)
+    back = time.monotonic() - began
+    after = claims_at(db, everyone)
+    stale = [
+        n for n in everyone
+        if after[n][0] != "relay1" or (after[n][1] or 0) <= (before[n][1] or 0)
+    ]  # fmt: skip
+    assert not stale, f"not routed on a new claim: {stale[:5]}"
+    # Each light child is in again, on a session of its own making.
+    assert all(h.sessions >= 2 and link.session for link, h in light)
+
+    with deployment.admin() as admin:
+        later = admin.create_job("install", pid, everyone)
+
+    def told() -> int:
+        return sum({pending, later} <= h.jobs for _, h in light)
+
+    await wait_until(
+        lambda: told() == len(light), 15, what=lambda: f"{told()} of {len(light)} told of both jobs"
+    )
+    return first, back, pending, later
+
+
+async def test_a_relay_restart_gets_every_child_back(
+    deployment: Deployment, tmp_path: Path, install_out: Path
+) -> None:
+    """A relay daemon with 200 light children (real uplinks with their own
+    enrolled certificates) and two real client nodes is stopped and started
+    again on the same port and home. Every child gets back in by itself:
+    the server sees each of them online through the relay again on the
+    attach claim it made for the new session, and routes them there. A job
+    made while the relay was down, and one made after, reach every child,
+    and the real clients install both."""
+    with deployment.admin() as admin:
+        pid = admin.add_package(
+            make_payload_dir(tmp_path / "p", size=1000), "tool", "1.0", install="sh install.sh"
+        )
+    async with running(deployment.server) as (server,):
+        rcfg = deployment.add_node("relay1", Role.RELAY, server.address)
+        relay_addr = fix_port(rcfg.home)
+        set_option(rcfg.home, **FAST)
+        relay = Daemon(rcfg.home)
+        names = [f"c{i:03d}" for i in range(N_CHILDREN)]
+        light = light_children(deployment, names, relay_addr)
+        real = [deployment.add_node(n, Role.CLIENT, relay_addr) for n in ("real1", "real2")]
+        everyone = names + [c.name for c in real]
+        async with daemons(relay):
+            await relay.start()
+            began = time.monotonic()
+            async with running(*real), asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(link.run()) for link, _ in light]
+                try:
+                    first, back, pending, later = await restart_under(
+                        deployment, relay, light, everyone, pid, began
+                    )
+                    with deployment.admin() as admin:
+                        for job in (pending, later):
+                            for cfg in real:
+                                state = await wait_state(admin, job, cfg.name, DONE, 15)
+                                assert state == "installed", (job, cfg.name)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+    print(
+        f"\n{len(everyone)} children under relay1: all in {first:.2f}s, {back:.2f}s after a restart"
+    )
+    for cfg in real:
+        assert (install_out / cfg.name / "env.txt").exists()
 
 
 # == 3. a re-imaged client's reports apply ===================================================
