@@ -67,7 +67,9 @@ _ANY_OUTCOME = frozenset({S.INSTALLING, S.STORED, S.OFFERED, S.INSTALLED, S.FAIL
 #: still takes a real outcome reported from below (the node did finish
 #: before it heard of the cancel), so status tells the truth. ``installed``
 #: comes only after ``installing`` (or an offer, a failure or a cancel that
-#: the node's real outcome overtakes): a node cannot skip the install.
+#: the node's real outcome overtakes): a node cannot skip the install. (A
+#: parent may hear ``installed`` before the ``installing`` it followed:
+#: ``can_report``.)
 DEST_TRANSITIONS: dict[DestState, frozenset[DestState]] = {
     S.WAITING: _PROGRESS | (_ANY_OUTCOME - {S.INSTALLED}),
     S.TRANSFERRING: _PROGRESS | (_ANY_OUTCOME - {S.INSTALLED}),
