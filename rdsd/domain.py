@@ -70,7 +70,9 @@ _ANY_OUTCOME = frozenset({S.INSTALLING, S.STORED, S.OFFERED, S.INSTALLED, S.FAIL
 #: still takes a real outcome reported from below (the node did finish
 #: before it heard of the cancel), so status tells the truth. ``installed``
 #: comes only after ``installing`` (or an offer, a failure or a cancel that
-#: the node's real outcome overtakes): a node cannot skip the install.
+#: the node's real outcome overtakes): a node cannot skip the install. (A
+#: parent may hear ``installed`` before the ``installing`` it followed:
+#: ``can_report``.)
 DEST_TRANSITIONS: dict[DestState, frozenset[DestState]] = {
     S.WAITING: _PROGRESS | (_ANY_OUTCOME - {S.INSTALLED}),
     S.TRANSFERRING: _PROGRESS | (_ANY_OUTCOME - {S.INSTALLED}),
@@ -86,6 +88,24 @@ DEST_TRANSITIONS: dict[DestState, frozenset[DestState]] = {
 def can_move(old: DestState, new: DestState) -> bool:
     """Is ``old -> new`` a move the destination lifecycle allows?"""
     return new in DEST_TRANSITIONS[old]
+
+
+#: States a node passes through on its way to an outcome. Their reports can
+#: be overtaken: a node that moves to another relay, or whose relay holds its
+#: older reports while it is down, has its newer ones arrive first.
+PASSING = frozenset({S.TRANSFERRING, S.INSTALLING})
+
+
+def can_report(old: DestState, new: DestState) -> bool:
+    """May a report from below move ``old -> new``? Any move of the table,
+    or one over a passing state whose report has not arrived yet
+    (``waiting -> installed`` for ``waiting -> installing -> installed``).
+    The node itself made only moves of the table (``JobDB.change``); its
+    ``seq`` says which report is newest, and the overtaken ones are repeats
+    when they come. Nothing more is let through: ``installed`` still
+    follows ``installing`` at the node, and a late report still cannot
+    reopen a cancel or undo an outcome."""
+    return can_move(old, new) or any(can_move(old, s) and can_move(s, new) for s in PASSING)
 
 
 #: States a newer generation (a retry upstream) may start over from.

@@ -1,11 +1,12 @@
 """Jobs, their destinations, and every destination state change.
 
 The two ways a state changes, here (``change``) or reported from below
-(``apply_report``), both go through ``domain.can_move``: the lifecycle table
-is enforced in this one place. A local change and the report that carries
-it upward commit in one transaction; a report from below is applied only if
-its ``seq`` is newer than the last one applied from the same origin, so
-repeats and reordering change nothing.
+(``apply_report``), both go through the lifecycle table in this one place:
+``domain.can_move`` for a change made here, ``domain.can_report`` for a
+report (which may skip a passing state whose report it overtook). A local
+change and the report that carries it upward commit in one transaction; a
+report from below is applied only if its ``seq`` is newer than the last one
+applied from the same origin, so repeats and reordering change nothing.
 
 Every write that records a job or moves a destination, including a move to
 the same state (a new detail) and a retry's reset to waiting, hands typed
@@ -39,6 +40,7 @@ from ..domain import (
     JobType,
     Progress,
     can_move,
+    can_report,
     parse_progress,
 )
 from ..errors import IllegalTransition, JobError
@@ -653,7 +655,7 @@ class JobsMixin(OutboxMixin, InventoryMixin):
             return Applied.NO_DEST, None
         if row[0] == origin and rep.seq <= row[1]:
             return Applied.REPEAT, None
-        if not can_move(read_state(row[2]), new):
+        if not can_report(read_state(row[2]), new):
             return Applied.ILLEGAL, None
         db.execute(
             "UPDATE dests SET state=?, detail=?, updated=?, origin=?, seq=? WHERE job=? AND node=?",

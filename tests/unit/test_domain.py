@@ -12,6 +12,7 @@ from rdsd.domain import (
     JobType,
     Role,
     can_move,
+    can_report,
 )
 
 S = DestState
@@ -39,6 +40,15 @@ def test_installed_only_after_an_install() -> None:
     assert not can_move(S.WAITING, S.INSTALLED)
     assert not can_move(S.TRANSFERRING, S.INSTALLED)
     assert can_move(S.INSTALLING, S.INSTALLED)
+
+
+def test_a_report_may_skip_only_a_passing_state() -> None:
+    """A report from below may arrive before the report of a step its node
+    passed through (``installing``): that skip, and no other move outside
+    the table, is let through."""
+    extra = {(o, n) for o in S for n in S if can_report(o, n) and not can_move(o, n)}
+    assert extra == {(S.WAITING, S.INSTALLED), (S.TRANSFERRING, S.INSTALLED)}
+    assert all(can_report(o, n) for o in S for n in S if can_move(o, n))
 
 
 def test_a_cancel_is_only_left_for_a_real_outcome() -> None:

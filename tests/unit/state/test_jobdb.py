@@ -66,13 +66,32 @@ def test_report_applies_once_and_repeats_change_nothing(db: JobDB) -> None:
 
 
 def test_report_outside_the_lifecycle_is_refused(db: JobDB) -> None:
-    assert db.apply_report(report(1, "installed"), forward=False) is Applied.ILLEGAL
     assert db.apply_report(report(2, "installing"), forward=False) is Applied.APPLIED
     assert db.apply_report(report(3, "installed"), forward=False) is Applied.APPLIED
     assert db.apply_report(report(4, "transferring"), forward=False) is Applied.ILLEGAL
-    assert db.apply_report(report(5, "bogus"), forward=False) is Applied.ILLEGAL
+    assert db.apply_report(report(5, "failed"), forward=False) is Applied.ILLEGAL
+    assert db.apply_report(report(6, "bogus"), forward=False) is Applied.ILLEGAL
     dest = db.dest("j1", "c1")
     assert dest is not None and dest.state is S.INSTALLED
+    # Only a passing state may be skipped: a stored relay never installs.
+    db.change("j1", "c2", S.STORED, "", "hq", report=False)
+    assert db.apply_report(report(7, "installed", node="c2"), forward=False) is Applied.ILLEGAL
+
+
+def test_an_outcome_that_overtakes_its_progress_reports_is_applied(db: JobDB) -> None:
+    """Reports can arrive out of order (a node moved to another relay while
+    the old one held its earlier reports): ``installed`` arriving before the
+    ``installing`` it followed at the node is applied, and the overtaken
+    reports are repeats when they come, not a way back."""
+    assert db.apply_report(report(3, "installed"), forward=True) is Applied.APPLIED
+    assert db.apply_report(report(1, "transferring"), forward=True) is Applied.REPEAT
+    assert db.apply_report(report(2, "installing"), forward=True) is Applied.REPEAT
+    dest = db.dest("j1", "c1")
+    assert dest is not None and dest.state is S.INSTALLED
+    assert [r.report_id for r in db.outbox()] == ["c1:3"]  # forwarded once
+    # From transferring, the same.
+    assert db.apply_report(report(1, "transferring", node="c2"), False) is Applied.APPLIED
+    assert db.apply_report(report(3, "installed", node="c2"), False) is Applied.APPLIED
 
 
 def test_report_for_an_unknown_destination(db: JobDB) -> None:
