@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .domain import CLOCK_SKEW, DestState, can_move
+from .domain import CLOCK_SKEW, DestState
 
 #: No rdsd node existed before this (2000-01-01T00:00:00Z): an earlier time
 #: is a broken clock or a lie.
@@ -86,12 +86,6 @@ def check_state(value: object) -> DestState:
         raise Invalid(f"state {clean_text(str(value), 40)!r} is not a destination state") from None
 
 
-def check_move(old: DestState, new: DestState) -> None:
-    """``old -> new`` must be a move of ``domain.DEST_TRANSITIONS``."""
-    if not can_move(old, new):
-        raise Invalid(f"{old} -> {new} is not a move the destination lifecycle allows")
-
-
 def clean_text(text: str, limit: int = MAX_DETAIL) -> str:
     """Free text from a peer made safe to keep and log: control and other
     unprintable characters escaped (``\\n`` becomes the two characters
@@ -146,7 +140,6 @@ __all__ = [
     "TIME_FLOOR",
     "Invalid",
     "check_expiry",
-    "check_move",
     "check_seq",
     "check_state",
     "check_time",
