@@ -14,6 +14,7 @@ cannot be done here (an unknown node, a package still in use) an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -282,7 +283,7 @@ class Admin:
                 raise AdminError(f"package {package} was removed meanwhile")
 
         try:
-            return self.db.create_job(
+            jid = self.db.create_job(
                 job_type,
                 package,
                 nodes,
@@ -295,6 +296,13 @@ class Admin:
             )
         except JobError as exc:
             raise AdminError(str(exc)) from None
+        self._nudge()
+        return jid
+
+    def _nudge(self) -> None:
+        """The job database changed: a daemon running on this home acts now
+        rather than at its next look (``poll_interval``)."""
+        nudge_daemon(self.paths.pidfile)
 
     def _check_destinations(self, job_type: JobType, nodes: list[str]) -> None:
         """Every destination is a known, unrevoked node of the role the job
@@ -339,6 +347,7 @@ class Admin:
         nodes = self.db.reset_failed(jid)
         if not nodes:
             raise AdminError(f"job {jid} has no failed destinations")
+        self._nudge()
         return nodes
 
     def cancel(self, jid: str) -> list[str]:
@@ -358,6 +367,7 @@ class Admin:
                 report=self.cfg.role is not Role.SERVER,
                 package=job.package,
             )
+        self._nudge()
         return nodes
 
     def job_status(self, jid: str) -> dict[str, Any]:
@@ -564,6 +574,16 @@ def daemon_pid(pidfile: Path) -> int | None:
         return int(text) if text.isdigit() else -1
     finally:
         os.close(fd)
+
+
+def nudge_daemon(pidfile: Path) -> None:
+    """SIGUSR1 to the daemon of ``pidfile``, if one runs: it looks at its job
+    database at once. Best effort: without it the daemon still sees the
+    change at its next poll."""
+    pid = daemon_pid(pidfile)
+    if pid is not None and pid > 0:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGUSR1)
 
 
 def limits_listing(cfg: NodeConfig) -> dict[str, Any]:

@@ -110,7 +110,8 @@ async def _serve(
     a line of text with console logs, one JSON object with JSON logs (so
     everything the daemon writes is JSON). SIGHUP reads ``rdsd.toml`` again
     (``reread``) and takes its limits and windows; a file that does not
-    load is logged and changes nothing."""
+    load is logged and changes nothing. SIGUSR1 (``admin.ops.nudge_daemon``)
+    says the job database changed."""
     from ..node import Node
 
     stop = asyncio.Event()
@@ -119,6 +120,8 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
     async with Node(cfg) as node:
         loop.add_signal_handler(signal.SIGHUP, _reloader(node, reread))
+        # rdsd job create/retry/cancel on this home: act now, not at the next poll.
+        loop.add_signal_handler(signal.SIGUSR1, node.wake)
         address = None
         if node.downlinks is not None:
             host, port = node.address

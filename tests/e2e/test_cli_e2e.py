@@ -445,3 +445,27 @@ def test_demo_succeeds() -> None:
     )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert "demo succeeded" in proc.stdout
+
+
+def test_a_job_command_wakes_the_daemon_at_once(tmp_path: Path) -> None:
+    """``rdsd job create`` (and retry, cancel) tells the running daemon the
+    job database changed (SIGUSR1), so a job goes out at once even when the
+    daemon looks at its database only every 60 s."""
+    cli = setup_deployment(tmp_path)
+    server_toml = Path(cli.home("server")) / "rdsd.toml"
+    text = server_toml.read_text().replace("[housekeeping]\n", "[housekeeping]\npoll_interval = 60\n")
+    server_toml.write_text(text)
+    pid = cli.add_package("quick", COUNT_SCRIPT)
+    try:
+        cli.start("server")
+        # The server learns of client3 as it connects (no poll involved).
+        cli.start("client3")
+        cli.wait_until("client3 online", lambda: routed(cli, "client3", "server"))
+        started = time.monotonic()
+        job = cli.create_job(pid, "client3")
+        cli.wait_until("installed", lambda: cli.state(job, "client3") == "installed", 20)
+        took = time.monotonic() - started
+    finally:
+        cli.stop_all()
+    assert took < 15, f"the job took {took:.1f}s: it waited for the poll"
+    assert cli.runs("client3", pid) == [job]
