@@ -483,7 +483,7 @@ SCHEMA: tuple[Setting, ...] = (
         "poll_interval",
         _duration(_TICK, 60),
         0.25,
-        "How soon the daemon notices work written to its database (rdsd job commands say so at once).",
+        "How soon the daemon sees what was written to its database (rdsd job commands wake it).",
     ),
     Setting(
         "housekeeping",

@@ -453,8 +453,8 @@ def test_a_job_command_wakes_the_daemon_at_once(tmp_path: Path) -> None:
     daemon looks at its database only every 60 s."""
     cli = setup_deployment(tmp_path)
     server_toml = Path(cli.home("server")) / "rdsd.toml"
-    text = server_toml.read_text().replace("[housekeeping]\n", "[housekeeping]\npoll_interval = 60\n")
-    server_toml.write_text(text)
+    slow = "[housekeeping]\npoll_interval = 60\n"
+    server_toml.write_text(server_toml.read_text().replace("[housekeeping]\n", slow))
     pid = cli.add_package("quick", COUNT_SCRIPT)
     try:
         cli.start("server")
