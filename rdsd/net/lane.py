@@ -70,7 +70,7 @@ from ..errors import (
     TransferFailed,
     TransferPaused,
 )
-from ..packages.download import IN_FLIGHT, Download
+from ..packages.download import Download
 from ..packages.store import Reading
 from .pace import Pacer
 from .session import Peer
@@ -81,6 +81,10 @@ log = structlog.get_logger("rdsd.lane")
 #: How much a lane's receiving thread asks to read at once between payloads
 #: (a TLS record is at most 16 KiB; a chunk's payload is read in place).
 RECV_HINT = 256 * 1024
+#: Chunks a lane's receiving thread leaves with the writer thread while it
+#: receives the next: hashing and writing a chunk is quicker than receiving
+#: it, so two keep the writer busy; each is a chunk buffer held.
+LANE_IN_FLIGHT = 2
 #: Longest a lane's thread waits for the event loop to answer a question
 #: (a check, a serve slot, the pacer): beyond it the lane gives up.
 LOOP_WAIT = CHUNK_WAIT
@@ -405,7 +409,8 @@ class ChildLane:
         self.rate = rate
         self.on_chunk = on_chunk
         self.stop = threading.Event()
-        self.pool = BufferPool(dl.manifest.chunk_size, IN_FLIGHT + 2)
+        # Chunks being written, the one being received, and one to spare.
+        self.pool = BufferPool(dl.manifest.chunk_size, LANE_IN_FLIGHT + 2)
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -477,7 +482,7 @@ class ChildLane:
 
         def settle(block: bool) -> None:
             # Oldest first: a written chunk goes to the loop in order.
-            while inflight and (block or inflight[0][0].done() or len(inflight) > IN_FLIGHT):
+            while inflight and (block or inflight[0][0].done() or len(inflight) > LANE_IN_FLIGHT):
                 fut, data = inflight.popleft()
                 fut.result()
                 self.loop.call_soon_threadsafe(self.on_chunk, data)

@@ -191,6 +191,8 @@ class Store:
         self.envelopes = envelopes
         self._downloads: dict[str, Download] = {}
         self._readers: dict[str, int] = {}
+        # Readers among them that read through the chunk cache (``chunks``).
+        self._followers: dict[str, int] = {}
         self._leases: dict[str, list[str]] = {}
         # package -> (data file identity, monotonic time) when it last matched
         # its manifest in full, in this process.
@@ -253,7 +255,7 @@ class Store:
                         package=package,
                         offset=exc.offset,
                     )
-                    if not self.followed(package):
+                    if not self._readers.get(package, 0):
                         self.quarantine(package, exc.offset)
                 except (StoreError, OSError) as exc:  # deleted meanwhile, unreadable
                     log.warning(
@@ -408,8 +410,10 @@ class Store:
         return out
 
     def followed(self, package: str) -> bool:
-        """Is anyone reading ``package`` (children being served) right now?"""
-        return self._readers.get(package, 0) > 0
+        """Is a session serving ``package`` right now? Its chunks are then
+        worth keeping in memory (``ChunkCache``); a lane's thread reads the
+        file, from the page cache, and needs no copy kept."""
+        return self._followers.get(package, 0) > 0
 
     def in_use(self, package: str, besides: str | None = None, download: bool = True) -> bool:
         """Is ``package`` read, downloaded (unless ``download`` is false) or
@@ -525,6 +529,7 @@ class Store:
         before it leaves the store; a verified one is read without hashing."""
         reading = self.open_reading(package, offset)
         m, dl, fd, check = reading.manifest, reading.download, reading.fd, reading.check
+        self._followers[package] = self._followers.get(package, 0) + 1
         whole = False
         ahead: deque[asyncio.Future[Data]] = deque()
         # Reads this reader started and that still run (they use its descriptor).
@@ -559,6 +564,7 @@ class Store:
             for fut in list(mine):
                 with contextlib.suppress(BaseException):
                     await fut
+            self._followers[package] -= 1
             self.close_reading(reading, whole)
 
     def open_reading(self, package: str, offset: int) -> Reading:
