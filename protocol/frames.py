@@ -100,7 +100,7 @@ class FrameDecoder:
         #: above; the connection lowers it until a session is established.
         self.max_frame: int | None = None
         self._header: Any = None
-        self._payload: bytearray | None = None
+        self._payload: bytearray | memoryview | None = None
         self._got = 0
         # The (shared) buffer last handed out by get_buffer, unless it was a
         # payload's.
@@ -258,7 +258,7 @@ class FrameDecoder:
             self._take(PREFIX.size)
             self._header = _unpack_header(self._take(hlen))
             # Sized from the checked prefix; filled as the payload arrives.
-            self._payload = bytearray(plen)
+            self._payload = self.payload_buffer(self._header, plen)
             self._got = 0
         payload = self._payload
         if self._got < plen:
@@ -270,6 +270,13 @@ class FrameDecoder:
                 self._got += k
                 self._consume(k)
         return self._got == plen
+
+    def payload_buffer(self, header: Any, size: int) -> bytearray | memoryview:
+        """A writable buffer of ``size`` bytes for the payload of the frame
+        whose (decoded, unchecked) ``header`` is given: a fresh one, which
+        the message then owns. A receiver that only counts payload bytes
+        (the fleet simulator's clients) may hand out a shared one instead."""
+        return bytearray(size)
 
     def take_magic(self) -> bool | None:
         """Check the connection preamble: True once seen, None if incomplete."""

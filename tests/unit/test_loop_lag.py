@@ -106,8 +106,9 @@ async def test_real_loop_blocked_shows_as_lag() -> None:
     mon = LoopMonitor("real", period=60.0, interval=0.02)
     task = asyncio.create_task(mon.run())
     await asyncio.sleep(0.1)
-    time.sleep(0.3)  # block the loop, as a long synchronous call would
-    await asyncio.sleep(0.1)
+    # A callback that blocks the loop, as a long synchronous call would.
+    asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+    await asyncio.sleep(0.5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
