@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import random
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -138,6 +139,12 @@ SINK = bytearray(MAX_PAYLOAD)
 #: stops reading (a daemon allows 2 MiB; thousands of clients in a few
 #: processes falling behind at once would hold that much each).
 SIM_READ_AHEAD = 64 * 1024
+#: The socket receive buffer of a simulated client. Each read of a TLS
+#: connection lands in buffers that grow to the largest read and stay that
+#: size for the connection's life (the loop's 256 KiB read buffer, OpenSSL's
+#: incoming BIO); with the kernel's default (auto-tuned to megabytes on
+#: loopback) a client that received a package held about 500 KiB more.
+SIM_RCVBUF = int(os.environ.get("RDSD_FLEET_RCVBUF", 32 * 1024))
 
 
 class SinkDecoder(FrameDecoder):
@@ -152,12 +159,19 @@ class SinkDecoder(FrameDecoder):
 
 
 class SimStream(Stream):
-    """A child's connection protocol that keeps no chunk data (``SinkDecoder``)
-    and reads little ahead of its reader."""
+    """A child's connection protocol that keeps no chunk data (``SinkDecoder``),
+    reads little ahead of its reader, and keeps a small socket receive
+    buffer (``SIM_RCVBUF``)."""
 
     def __init__(self) -> None:
         super().__init__(Side.CHILD, read_ahead=SIM_READ_AHEAD)
         self.conn._decoder = SinkDecoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and SIM_RCVBUF:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SIM_RCVBUF)
 
 
 @dataclass
