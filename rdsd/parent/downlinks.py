@@ -49,6 +49,7 @@ from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
 from ..util.memory import give_back
+from ..util.turns import take_turn
 from ..util.windows import pace_to_wire
 from ..validate import Invalid, check_time, clean_text
 from .handlers import ChildHandlers
@@ -72,6 +73,9 @@ LISTEN_BACKLOG = 4096
 #: served). Each serve holds up to two chunks read ahead and a transport
 #: buffer, so this bounds what fan-out to many children costs in memory.
 MAX_SERVES = 64
+#: Reports applied in one transaction, in one turn of the loop; more that
+#: arrived together wait for the next turn.
+REPORT_BATCH = 128
 
 # What a child's stream buffers, beyond the frame in progress, before
 # reading from its socket pauses. Children send only control frames, so a small
@@ -217,6 +221,7 @@ class Downlinks:
         self._reports: list[tuple[Child, Report]] = []  # to apply in one commit
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
+        self._pushing = asyncio.Lock()  # one routing pass at a time
         self._envelopes: dict[str, bytes] = {}
         self._handshakes = HandshakeLog()
         self.keys = Keys()  # loaded public keys, for checking claims
@@ -464,6 +469,9 @@ class Downlinks:
                 self.push_subtree(child)
             while True:
                 msg = await session.recv()
+                # A thousand children reporting at once are a thousand readers
+                # ready in one turn of the loop: spread them over turns.
+                await take_turn()
                 await self.handlers.handle(child, msg)
         except SessionClosed as exc:
             reason = str(exc)
@@ -578,23 +586,30 @@ class Downlinks:
     # Everything goes out with ``send_nowait``, so one slow child never holds
     # up the others.
 
-    def push_changes(self, now: float | None = None) -> None:
+    async def push_changes(self, now: float | None = None) -> None:
         """Route what changed since the last pass: new jobs, retries, cancels,
-        jobs received from our parent, and jobs whose time has come."""
-        now = time.time() if now is None else now
-        jids, self._rev = self.db.changed_jobs(self._rev)
-        jids += self.db.became_due(self._due_mark, now)
-        self._due_mark = now
-        if not self.children:
-            return
-        for jid in dict.fromkeys(jids):
-            head = self.db.job_head(jid)
-            if head is None or (head.at is not None and head.at > now):
-                continue
-            for hop, items in by_hop(
-                self.cfg.name, self.db.job_routes(jid), self.children.keys()
-            ).items():
-                self._push(self.children[hop], head, items, fresh_only=True)
+        jobs received from our parent, and jobs whose time has come. A job
+        for a thousand children is a thousand sends: they share the loop's
+        turns with everything else (``take_turn``), and passes take turns
+        with each other, so a pass that returns has sent what it found."""
+        async with self._pushing:
+            now = time.time() if now is None else now
+            jids, self._rev = self.db.changed_jobs(self._rev)
+            jids += self.db.became_due(self._due_mark, now)
+            self._due_mark = now
+            if not self.children:
+                return
+            for jid in dict.fromkeys(jids):
+                head = self.db.job_head(jid)
+                if head is None or (head.at is not None and head.at > now):
+                    continue
+                for hop, items in by_hop(
+                    self.cfg.name, self.db.job_routes(jid), self.children.keys()
+                ).items():
+                    await take_turn()
+                    child = self.children.get(hop)
+                    if child is not None:  # else it went meanwhile; it gets its work back
+                        self._push(child, head, items, fresh_only=True)
 
     def push_subtree(self, child: Child) -> None:
         """A child connected: everything open (and every cancel) for it and
@@ -639,7 +654,10 @@ class Downlinks:
             asyncio.get_running_loop().call_soon(self._apply_reports)
 
     def _apply_reports(self) -> None:
-        batch, self._reports = self._reports, []
+        batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
+        if self._reports:
+            # The rest in the next turn, so one commit never holds the loop long.
+            asyncio.get_running_loop().call_soon(self._apply_reports)
         try:
             outcomes = self.db.apply_reports([r for _, r in batch], self.hooks.forward_reports)
         except sqlite3.Error as exc:

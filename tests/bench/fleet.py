@@ -311,6 +311,22 @@ class SimClient:
         await session.send(rep)
 
     async def do_job(self, session: Session, notice: JobNotice) -> None:
+        """The job on this session; if the session ends first, the job is
+        done again when its notice comes on the next one (a relay sends a
+        reconnecting child its open work), as a daemon resumes it."""
+        try:
+            await self._do_job(session, notice)
+        except SessionClosed:
+            self._again(notice.job)  # the session's end is counted by run()
+        except asyncio.CancelledError:
+            self._again(notice.job)
+            raise
+
+    def _again(self, job: str) -> None:
+        self.done_jobs.discard(job)
+        self.fetch = None
+
+    async def _do_job(self, session: Session, notice: JobNotice) -> None:
         manifest = self.fleet.envelopes.open_for(notice.manifest, notice.package)
         await self.report(session, notice.job, DestState.TRANSFERRING, notice.package)
         while True:
