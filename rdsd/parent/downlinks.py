@@ -30,6 +30,7 @@ from protocol import (
     Hello,
     JobNotice,
     Message,
+    Ping,
     ProtocolError,
     Report,
     ReportAck,
@@ -470,8 +471,10 @@ class Downlinks:
             while True:
                 msg = await session.recv()
                 # A thousand children reporting at once are a thousand readers
-                # ready in one turn of the loop: spread them over turns.
-                await take_turn()
+                # ready in one turn of the loop: spread them over turns. A
+                # PING is answered at once (it keeps the link alive).
+                if not isinstance(msg, Ping):
+                    await take_turn()
                 await self.handlers.handle(child, msg)
         except SessionClosed as exc:
             reason = str(exc)

@@ -87,3 +87,23 @@ async def test_a_real_burst_does_not_hold_the_loop() -> None:
     figures = mon.current()
     assert figures is not None
     assert figures.max < 0.15, figures
+
+
+async def test_a_waiter_cancelled_does_not_hold_up_the_next() -> None:
+    clock = Clock()
+    budget = Turns(0.01, clock)
+
+    async def spend() -> None:
+        await budget.take()
+        clock.now += 0.02  # the slice is spent: the next callers of this turn wait
+
+    spender = asyncio.create_task(spend())
+    first = asyncio.create_task(budget.take())
+    second = asyncio.create_task(budget.take())
+    await asyncio.sleep(0)  # all three have run their first step
+    await spender
+    first.cancel()
+    async with asyncio.timeout(5):
+        await second
+    assert first.cancelled()
+    assert budget.deferred == 2
