@@ -77,6 +77,8 @@ MAX_SERVES = 64
 #: Reports applied in one transaction, in one turn of the loop; more that
 #: arrived together wait for the next turn.
 REPORT_BATCH = 128
+#: How long the first report of a batch waits for others to join it.
+REPORT_LINGER = 0.01
 
 # What a child's stream buffers, beyond the frame in progress, before
 # reading from its socket pauses. Children send only control frames, so a small
@@ -648,13 +650,14 @@ class Downlinks:
     # -- reports from below, applied together ------------------------------------------
 
     def queue_report(self, child: Child, report: Report) -> None:
-        """Apply ``report`` with the others that arrive in this turn of the
-        event loop: one transaction, one fsync for all of them, and each is
-        acknowledged after that commit. Thousands of children reporting at
-        once cost the loop a commit per turn, not one per report."""
+        """Apply ``report`` with the others that arrive within
+        ``REPORT_LINGER``: one transaction, one fsync for all of them, and
+        each is acknowledged after that commit. Thousands of children
+        reporting at once cost a commit per batch, not one per report (their
+        readers take turns, so one turn holds only a few of them)."""
         self._reports.append((child, report))
         if len(self._reports) == 1:
-            asyncio.get_running_loop().call_soon(self._apply_reports)
+            asyncio.get_running_loop().call_later(REPORT_LINGER, self._apply_reports)
 
     def _apply_reports(self) -> None:
         batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
