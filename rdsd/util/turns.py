@@ -25,6 +25,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 #: Work one turn may do through ``take_turn`` before the rest waits a turn.
 SLICE = 0.01
@@ -41,7 +42,9 @@ class Turns:
         self.slice = slice_
         self._clock = clock
         self._start: float | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], asyncio.Task[Any] | None]] = deque()
+        # Tasks let through in this turn: they may go on while the slice lasts.
+        self._holders: set[asyncio.Task[Any]] = set()
         self._scheduled = False
         self._unit = slice_  # what one unit of work costs, as measured
         self._released = 0
@@ -58,10 +61,15 @@ class Turns:
             # starts another.
             self._start = now
             self._schedule()
-        if not self._waiters and now - self._start < self.slice:
+        if now - self._start < self.slice and (
+            not self._waiters or asyncio.current_task() in self._holders
+        ):
+            # Within the slice: anyone while nobody waits; else only those
+            # let through this turn (a reader with a burst of messages goes
+            # on with them instead of one message per turn).
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append((waiter, asyncio.current_task()))
         self.deferred += 1
         self._schedule()
         await waiter
@@ -79,21 +87,24 @@ class Turns:
             cost = (now - self._released_at) / self._released
             self._unit = (self._unit + cost) / 2
             self._released = 0
-        while self._waiters and self._waiters[0].done():  # cancelled meanwhile
+        self._holders.clear()
+        while self._waiters and self._waiters[0][0].done():  # cancelled meanwhile
             self._waiters.popleft()
         if not self._waiters:
             self._start = None
             return
         n = max(1, int(self.slice / max(self._unit, 1e-6)))
         while n and self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, task = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                if task is not None:
+                    self._holders.add(task)
                 self._released += 1
                 n -= 1
         self._released_at = now
-        # This turn's slice is the batch's: callers arriving now wait too.
-        self._start = now - self.slice
+        # This turn's slice is the batch's: callers arriving now wait.
+        self._start = now
         self._schedule()
 
 

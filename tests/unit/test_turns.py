@@ -107,3 +107,26 @@ async def test_a_waiter_cancelled_does_not_hold_up_the_next() -> None:
         await second
     assert first.cancelled()
     assert budget.deferred == 2
+
+
+async def test_a_reader_let_through_goes_on_with_its_burst() -> None:
+    """One reader with five queued messages of 1 ms each: once let through
+    it handles them all in its slice, not one per turn, while a reader
+    behind it keeps its place in the queue."""
+    clock = Clock()
+    budget = Turns(0.01, clock)
+    done: list[str] = []
+
+    async def spend() -> None:
+        await budget.take()
+        clock.now += 0.02
+
+    async def reader(name: str, messages: int) -> None:
+        for _ in range(messages):
+            await budget.take()
+            clock.now += 0.001
+            done.append(name)
+
+    async with asyncio.timeout(5):
+        await asyncio.gather(spend(), reader("a", 5), reader("b", 1))
+    assert done == ["a"] * 5 + ["b"]
