@@ -187,6 +187,16 @@ class Tally:
     retries: Counter[str] = field(default_factory=Counter)
     lost: Counter[str] = field(default_factory=Counter)
     handshakes: list[float] = field(default_factory=list)  # not yet reported
+    lag_max: float = 0.0  # the worker's own loop lag, worst since the last report
+
+    async def watch_lag(self) -> None:
+        """How late this worker's loop runs (sleep 100 ms, time the wake-up):
+        a simulator that falls behind makes its clients look silent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(0.1)
+            self.lag_max = max(self.lag_max, loop.time() - asked - 0.1)
 
     def on_connected(self, seconds: float) -> None:
         self.connected += 1
@@ -196,7 +206,9 @@ class Tally:
         """Counters so far (handshake latencies: those since the last one),
         as one JSON object for the main process."""
         new, self.handshakes = self.handshakes, []
+        lag, self.lag_max = self.lag_max, 0.0
         return {
+            "lag_max_ms": round(1000 * lag, 1),
             "connected": self.connected,
             "installed": self.installed,
             "notices": self.notices,
@@ -218,6 +230,7 @@ class SimClient:
         self.fleet = fleet
         self.seq = 0
         self.done_jobs: set[str] = set()
+        self.fetched: set[str] = set()
         self.unacked: dict[str, Report] = {}
         self.fetch: asyncio.Queue[Message] | None = None
         self.session: Session | None = None
@@ -323,7 +336,8 @@ class SimClient:
             raise
 
     def _again(self, job: str) -> None:
-        self.done_jobs.discard(job)
+        if job not in self.fetched:  # else its reports, resent, finish it
+            self.done_jobs.discard(job)
         self.fetch = None
 
     async def _do_job(self, session: Session, notice: JobNotice) -> None:
@@ -347,6 +361,7 @@ class SimClient:
                     break
             self.fetch = None
             if got == manifest.size:
+                self.fetched.add(notice.job)
                 break
             self.fleet.retries["fetch refused, asked again"] += 1
             await asyncio.sleep(random.uniform(0.5, 1.5))
@@ -382,6 +397,7 @@ async def worker_run(spec: dict[str, Any], verifier: Verifier) -> None:
     closed = asyncio.ensure_future(stdin.read())
     spread = float(spec["spread"])
     tasks = [asyncio.create_task(c.run(random.uniform(0, spread))) for c in clients]
+    tasks.append(asyncio.create_task(tally.watch_lag()))
     try:
         while not closed.done():
             print(json.dumps(tally.snapshot()), flush=True)
@@ -402,6 +418,7 @@ class Workers:
         self.procs: list[asyncio.subprocess.Process] = []
         self.last: list[dict[str, Any]] = []
         self.handshakes: list[float] = []
+        self.lags: list[tuple[float, int, float]] = []  # (when, worker, worst ms)
         self.target = 0
         self.all_connected = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
@@ -441,6 +458,7 @@ class Workers:
         while line := await proc.stdout.readline():
             snap = json.loads(line)
             self.handshakes += snap.pop("handshakes")
+            self.lags.append((time.time(), w, float(snap.pop("lag_max_ms", 0.0))))
             self.last[w] = snap
             if self.connected >= self.target:
                 self.all_connected.set()
@@ -848,6 +866,14 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
                 f"  {name} RSS now (peak) / CPU during the job",
                 f"{rss:.0f} ({hwm:.0f}) MiB / {cpu1[name] - cpu0[name]:.1f} s",
             )
+        worst = [
+            max((ms for t, k, ms in workers.lags if k == w and wall0 <= t <= wall1), default=0)
+            for w in range(n_workers)
+        ]
+        table.add(
+            "  simulator worker loop lag, worst per worker during the job",
+            " / ".join(f"{ms:.0f}" for ms in worst) + " ms",
+        )
         for w, pid in enumerate(workers.pids()):
             rss, hwm = rss_mib(pid)
             table.add(
