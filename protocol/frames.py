@@ -112,7 +112,7 @@ class FrameDecoder:
         #: above; the connection lowers it until a session is established.
         self.max_frame: int | None = None
         self._header: Any = None
-        self._payload: bytearray | None = None
+        self._payload: bytearray | memoryview | None = None
         self._got = 0
         # The (shared) buffer last handed out by get_buffer, unless it was a
         # payload's.
@@ -270,7 +270,7 @@ class FrameDecoder:
             self._take(PREFIX.size)
             self._header = _unpack_header(self._take(hlen))
             # Sized from the checked prefix; filled as the payload arrives.
-            self._payload = self._payload_buffer(plen)
+            self._payload = self.payload_buffer(self._header, plen)
             self._got = 0
         payload = self._payload
         if self._got < plen:
@@ -282,6 +282,15 @@ class FrameDecoder:
                 self._got += k
                 self._consume(k)
         return self._got == plen
+
+    def payload_buffer(self, header: Any, size: int) -> bytearray | memoryview:
+        """A writable buffer of ``size`` bytes for the payload of the frame
+        whose (decoded, unchecked) ``header`` is given: by default one from
+        the ``payload_buffer`` the decoder was made with (a fresh one, or a
+        pooled one a lane recycles), which the message then owns. A receiver
+        that only counts payload bytes (the fleet simulator's clients) may
+        hand out a shared one instead."""
+        return self._payload_buffer(size)
 
     def take_magic(self) -> bool | None:
         """Check the connection preamble: True once seen, None if incomplete."""

@@ -168,6 +168,7 @@ class NodeConfig:
 
     log_level: str = "info"
     log_format: str = "console"
+    loop_lag_period: float = 10.0
 
     @property
     def paths(self) -> HomePaths:

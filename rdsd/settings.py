@@ -509,6 +509,14 @@ SCHEMA: tuple[Setting, ...] = (
         "console",
         "console for people to read, json for log collectors (one object per line).",
     ),
+    Setting(
+        "log",
+        "lag_period",
+        "loop_lag_period",
+        _duration(0.5, 3600),
+        10.0,
+        "Period of the event-loop lag figures (loop.lag), logged when busy or lagging.",
+    ),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SCHEMA}

@@ -391,16 +391,18 @@ async def open_child_session(
     timeout: float,
     idle_timeout: float,
     observer: TrafficObserver | None = None,
+    stream: Callable[[], Stream] | None = None,
 ) -> tuple[Session, Welcome]:
     """Connect to a parent, check it is a server or relay of our deployment,
     and exchange HELLO/WELCOME within ``timeout``. ``hello`` may be made
-    from the parent's identity (a child's attach claim names its parent)."""
+    from the parent's identity (a child's attach claim names its parent).
+    ``stream`` makes the connection's protocol (a ``Stream`` of the child's
+    side unless given: the fleet simulator's clients receive differently)."""
     loop = asyncio.get_running_loop()
+    make = stream or (lambda: Stream(Side.CHILD))
     async with asyncio.timeout(timeout):
         try:
-            _, stream = await loop.create_connection(
-                lambda: Stream(Side.CHILD), host, port, ssl=ctx
-            )
+            _, link = await loop.create_connection(make, host, port, ssl=ctx)
         except ssl.SSLCertVerificationError:
             # OpenSSL's words ("self-signed certificate in certificate chain")
             # name the mechanism; a person needs to know which side is wrong.
@@ -409,15 +411,15 @@ async def open_child_session(
                 f"the parent at {where} belongs to another deployment: its certificate is "
                 "not signed by this node's CA (check --parent, or enrol this node there)"
             ) from None
-        assert stream.transport is not None
+        assert link.transport is not None
         try:
-            peer = Session.identify(stream.transport)
+            peer = Session.identify(link.transport)
             if peer.role not in (Role.SERVER, Role.RELAY):
                 raise SecurityError(f"parent {peer.name} presents a {peer.role} certificate")
         except SecurityError:
-            stream.transport.close()
+            link.transport.close()
             raise
-        session = Session(stream, peer, idle_timeout, observer)
+        session = Session(link, peer, idle_timeout, observer)
         await session.send(hello if isinstance(hello, Hello) else hello(peer))
         msg = await session.recv(timeout)
     if not isinstance(msg, Welcome):

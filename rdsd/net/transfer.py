@@ -34,6 +34,7 @@ from ..errors import (
 from ..packages.download import Download
 from ..packages.manifest import Manifest
 from ..packages.store import Store
+from ..util.turns import take_turn
 from .observe import TrafficObserver
 from .pace import Pacer
 from .session import Session
@@ -69,6 +70,8 @@ async def serve_fetch(
             # One chunk per turn: this is where sending is paced, per chunk.
             if pacer is not None:
                 await pacer.take(len(data))
+            # Sixty-four serves writing a chunk each would fill one turn.
+            await take_turn()
             await session.send(Chunk(fetch_id=fetch.fetch_id, offset=offset, data=data))
             sent += len(data)
             if observer is not None:

@@ -33,6 +33,7 @@ from protocol import (
 from ..domain import DestState, JobPace
 from ..errors import IllegalTransition, SessionClosed
 from ..events import PackageExpired
+from ..util.turns import take_turn
 from ..util.windows import pace_to_wire
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class Housekeeper:
         self._due = db.next_due(now)
         if node.downlinks is not None:
             # Routes only what changed since the last pass: cheap when nothing did.
-            node.downlinks.push_changes(now)
+            await node.downlinks.push_changes(now)
             if changed_elsewhere or self.revocations_changed:
                 self.revocations_changed = False
                 node.downlinks.push_revocations()
@@ -222,8 +223,10 @@ class Housekeeper:
                 ]
             )
         uplink = node.uplink
-        while rows := node.db.outbox_after(uplink.reports_upto):
-            if not uplink.send_reports(rows):
+        while True:
+            await take_turn()  # a relay forwards thousands at once: in turns
+            rows = node.db.outbox_after(uplink.reports_upto, limit=200)
+            if not rows or not uplink.send_reports(rows):
                 break
 
     def topology_changed(self, names: Iterable[str] | None) -> None:

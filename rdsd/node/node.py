@@ -42,6 +42,7 @@ from ..security import Verifier, certificate_identity, client_context, server_co
 from ..state import JobDB
 from ..util.windows import describe_hold
 from .housekeeping import Housekeeper
+from .lag import LagFigures, LoopMonitor
 from .roles import ROLE_PARTS
 from .runner import Runner
 
@@ -77,6 +78,7 @@ class Node:
         self.log = log.bind(node=cfg.name, role=cfg.role)
         self.intake = JobIntake(cfg.name, cfg.role, self.db, self.envelopes)
         self.housekeeping = Housekeeper(self)
+        self.lag = LoopMonitor(cfg.name, cfg.loop_lag_period)
         self.downlinks: Downlinks | None = None
         self.uplink: Uplink | None = None
         self.runner: Runner | None = None
@@ -177,6 +179,7 @@ class Node:
         if self.uplink is not None:
             self._spawn(self.uplink.run(), "uplink")
         self._spawn(self.housekeeping.poll(), "poll")
+        self._spawn(self.lag.run(), "loop-lag")
         if parts.parent_half:
             # What this node serves is checked at rest after each start and
             # on a schedule, so serves need not hash it.
@@ -382,6 +385,15 @@ class Node:
             self.log.warning("outbox.ack_not_recorded", reports=len(acks), reason=str(exc))
 
     # -- for embedders ------------------------------------------------------------------
+
+    @property
+    def loop_lag(self) -> LagFigures | None:
+        """How late this node's event loop ran over the last complete period
+        (``[log] lag_period``; ``None`` until one has ended): p50, p99 and
+        worst in seconds, measured from inside by a task that sleeps 100 ms
+        and times its wake-up. ``node.lag.current()`` gives the period in
+        progress."""
+        return self.lag.last
 
     def events(
         self,

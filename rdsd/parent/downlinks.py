@@ -32,6 +32,7 @@ from protocol import (
     Hello,
     JobNotice,
     Message,
+    Ping,
     ProtocolError,
     Report,
     ReportAck,
@@ -52,6 +53,7 @@ from ..packages.manifest import Envelopes
 from ..packages.store import Store
 from ..state import Applied, JobDB
 from ..util.memory import give_back
+from ..util.turns import take_turn
 from ..util.windows import pace_to_wire
 from ..validate import Invalid, check_time, clean_text
 from .handlers import ChildHandlers, asked_rate
@@ -75,6 +77,11 @@ LISTEN_BACKLOG = 4096
 #: served). Each serve holds up to two chunks read ahead and a transport
 #: buffer, so this bounds what fan-out to many children costs in memory.
 MAX_SERVES = 64
+#: Reports applied in one transaction, in one turn of the loop; more that
+#: arrived together wait for the next turn.
+REPORT_BATCH = 128
+#: How long the first report of a batch waits for others to join it.
+REPORT_LINGER = 0.01
 
 # What a child's stream buffers, beyond the frame in progress, before
 # reading from its socket pauses. Children send only control frames, so a small
@@ -220,6 +227,7 @@ class Downlinks:
         self._reports: list[tuple[Child, Report]] = []  # to apply in one commit
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
+        self._pushing = asyncio.Lock()  # one routing pass at a time
         self._envelopes: dict[str, bytes] = {}
         self._handshakes = HandshakeLog()
         self.keys = Keys()  # loaded public keys, for checking claims
@@ -602,6 +610,11 @@ class Downlinks:
                 self.push_subtree(child)
             while True:
                 msg = await session.recv()
+                # A thousand children reporting at once are a thousand readers
+                # ready in one turn of the loop: spread them over turns. A
+                # PING is answered at once (it keeps the link alive).
+                if not isinstance(msg, Ping):
+                    await take_turn()
                 await self.handlers.handle(child, msg)
         except SessionClosed as exc:
             reason = str(exc)
@@ -713,23 +726,30 @@ class Downlinks:
     # Everything goes out with ``send_nowait``, so one slow child never holds
     # up the others.
 
-    def push_changes(self, now: float | None = None) -> None:
+    async def push_changes(self, now: float | None = None) -> None:
         """Route what changed since the last pass: new jobs, retries, cancels,
-        jobs received from our parent, and jobs whose time has come."""
-        now = time.time() if now is None else now
-        jids, self._rev = self.db.changed_jobs(self._rev)
-        jids += self.db.became_due(self._due_mark, now)
-        self._due_mark = now
-        if not self.children:
-            return
-        for jid in dict.fromkeys(jids):
-            head = self.db.job_head(jid)
-            if head is None or (head.at is not None and head.at > now):
-                continue
-            for hop, items in by_hop(
-                self.cfg.name, self.db.job_routes(jid), self.children.keys()
-            ).items():
-                self._push(self.children[hop], head, items, fresh_only=True)
+        jobs received from our parent, and jobs whose time has come. A job
+        for a thousand children is a thousand sends: they share the loop's
+        turns with everything else (``take_turn``), and passes take turns
+        with each other, so a pass that returns has sent what it found."""
+        async with self._pushing:
+            now = time.time() if now is None else now
+            jids, self._rev = self.db.changed_jobs(self._rev)
+            jids += self.db.became_due(self._due_mark, now)
+            self._due_mark = now
+            if not self.children:
+                return
+            for jid in dict.fromkeys(jids):
+                head = self.db.job_head(jid)
+                if head is None or (head.at is not None and head.at > now):
+                    continue
+                for hop, items in by_hop(
+                    self.cfg.name, self.db.job_routes(jid), self.children.keys()
+                ).items():
+                    await take_turn()
+                    child = self.children.get(hop)
+                    if child is not None:  # else it went meanwhile; it gets its work back
+                        self._push(child, head, items, fresh_only=True)
 
     def push_subtree(self, child: Child) -> None:
         """A child connected: everything open (and every cancel) for it and
@@ -765,16 +785,20 @@ class Downlinks:
     # -- reports from below, applied together ------------------------------------------
 
     def queue_report(self, child: Child, report: Report) -> None:
-        """Apply ``report`` with the others that arrive in this turn of the
-        event loop: one transaction, one fsync for all of them, and each is
-        acknowledged after that commit. Thousands of children reporting at
-        once cost the loop a commit per turn, not one per report."""
+        """Apply ``report`` with the others that arrive within
+        ``REPORT_LINGER``: one transaction, one fsync for all of them, and
+        each is acknowledged after that commit. Thousands of children
+        reporting at once cost a commit per batch, not one per report (their
+        readers take turns, so one turn holds only a few of them)."""
         self._reports.append((child, report))
         if len(self._reports) == 1:
-            asyncio.get_running_loop().call_soon(self._apply_reports)
+            asyncio.get_running_loop().call_later(REPORT_LINGER, self._apply_reports)
 
     def _apply_reports(self) -> None:
-        batch, self._reports = self._reports, []
+        batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
+        if self._reports:
+            # The rest in the next turn, so one commit never holds the loop long.
+            asyncio.get_running_loop().call_soon(self._apply_reports)
         try:
             outcomes = self.db.apply_reports([r for _, r in batch], self.hooks.forward_reports)
         except sqlite3.Error as exc:

@@ -112,7 +112,7 @@ async def test_a_pass_routes_only_what_changed(
     async with running(deployment.server) as (server,):
         downlinks = server.downlinks
         assert downlinks is not None
-        downlinks.push_changes()  # everything so far is routed
+        await downlinks.push_changes()  # everything so far is routed
 
         class Idle:  # a live-looking session that records what it is sent
             closed = False
@@ -138,15 +138,15 @@ async def test_a_pass_routes_only_what_changed(
         try:
             with deployment.admin() as admin:
                 job = admin.create_job("install", pid, names)
-            downlinks.push_changes()
+            await downlinks.push_changes()
             assert routed == [job]
             assert all(len(sessions[n].sent) == 1 for n in names)
-            downlinks.push_changes()  # nothing changed
+            await downlinks.push_changes()  # nothing changed
             assert routed == [job]
             assert all(len(sessions[n].sent) == 1 for n in names)
             with deployment.admin() as admin:
                 admin.cancel(job)
-            downlinks.push_changes()
+            await downlinks.push_changes()
             assert routed == [job, job]
             assert all(len(sessions[n].sent) == 2 for n in names)  # one JOB_CANCEL each
         finally:

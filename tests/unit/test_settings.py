@@ -53,6 +53,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "fetches_per_session": ("8", 8),
     "log_level": ('"debug"', "debug"),
     "log_format": ('"json"', "json"),
+    "loop_lag_period": ('"2s"', 2.0),
 }
 BY_NAME = {s.name: s for s in SCHEMA}
 
