@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .frames import MAGIC, MAX_PAYLOAD, FrameDecoder, encode
+from .frames import MAGIC, MAX_PAYLOAD, FrameDecoder, encode, encode_start
 from .messages import (
     MAX_CLAIM,
     MAX_PRESENCE_BATCH,
@@ -177,6 +177,25 @@ class Connection:
             buffers[0] = MAGIC + bytes(buffers[0])
         return buffers
 
+    def send_chunk_start(self, fetch_id: int, offset: int, length: int) -> bytes:
+        """The bytes that start a CHUNK of ``length`` payload bytes, which
+        the caller writes itself right after, as it reads them: a sender
+        streaming a chunk from a file need not hold it whole. Checked and
+        tracked as ``send`` checks a CHUNK; nothing else may be sent on the
+        connection until all ``length`` bytes have followed."""
+        if not 0 < length <= self._max_payload:
+            raise LocalProtocolError(f"CHUNK payload of {length} bytes is out of range")
+        msg = Chunk(fetch_id=fetch_id, offset=offset)
+        if (self.state, self.side, msg.TYPE) not in TRANSITIONS:
+            side, state = self.side.value, self.state.value
+            raise LocalProtocolError(f"{side} may not send CHUNK in state {state}")
+        self._track_chunk(fetch_id, offset, length, LocalProtocolError)
+        start = encode_start(msg, length)
+        if not self._magic_sent:
+            self._magic_sent = True
+            start = MAGIC + start
+        return start
+
     def send_error(self, exc: ProtocolError) -> list[bytes | memoryview]:
         """The ERROR message that tells the peer why we are hanging up."""
         if self.state is State.CLOSED and self._magic_sent:
@@ -294,14 +313,7 @@ class Connection:
                 raise err("fetch offset is negative")
             fetches[msg.fetch_id] = msg.offset
         elif isinstance(msg, Chunk):
-            expected = fetches.get(msg.fetch_id)
-            if expected is None:
-                raise err(f"chunk for fetch {msg.fetch_id}, which is not open")
-            if msg.offset != expected:
-                raise err(f"chunk at offset {msg.offset}, expected {expected}")
-            if not msg.data:
-                raise err("empty chunk")
-            fetches[msg.fetch_id] = expected + len(msg.data)
+            self._track_chunk(msg.fetch_id, msg.offset, len(msg.data), err)
         elif isinstance(msg, (FetchEnd, FetchFail)):
             end = fetches.get(msg.fetch_id)
             if end is None:
@@ -312,6 +324,24 @@ class Connection:
         elif isinstance(msg, FetchCancel):
             # The parent may already have finished it: a late cancel is harmless.
             pass
+
+
+    def _track_chunk(
+        self,
+        fetch_id: int,
+        offset: int,
+        length: int,
+        err: type[LocalProtocolError] | type[RemoteProtocolError],
+    ) -> None:
+        fetches = self.open_fetches
+        expected = fetches.get(fetch_id)
+        if expected is None:
+            raise err(f"chunk for fetch {fetch_id}, which is not open")
+        if offset != expected:
+            raise err(f"chunk at offset {offset}, expected {expected}")
+        if not length:
+            raise err("empty chunk")
+        fetches[fetch_id] = expected + length
 
 
 def _bare(exc: RemoteProtocolError) -> RemoteProtocolError:

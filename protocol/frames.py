@@ -65,6 +65,14 @@ def encode(msg: Message, max_payload: int = MAX_PAYLOAD) -> list[bytes | memoryv
     return [prefix, payload] if len(payload) else [prefix]
 
 
+def encode_start(msg: Message, payload_length: int) -> bytes:
+    """The prefix and header of ``msg``'s frame for a payload of
+    ``payload_length`` bytes that the caller writes itself right after (a
+    chunk streamed from a file in pieces); ``msg`` itself carries none."""
+    header = msgpack.packb(to_wire(msg), use_bin_type=True)
+    return PREFIX.pack(len(header), payload_length) + header
+
+
 def _unpack_header(raw: bytes) -> Any:
     try:
         return msgpack.unpackb(

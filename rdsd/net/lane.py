@@ -85,6 +85,9 @@ RECV_HINT = 256 * 1024
 #: receives the next: hashing and writing a chunk is quicker than receiving
 #: it, so two keep the writer busy; each is a chunk buffer held.
 LANE_IN_FLIGHT = 2
+#: What a lane's sending thread reads and sends at once of a chunk it need
+#: not check (a package verified at rest).
+SEND_PIECE = 256 * 1024
 #: Longest a lane's thread waits for the event loop to answer a question
 #: (a check, a serve slot, the pacer): beyond it the lane gives up.
 LOOP_WAIT = CHUNK_WAIT
@@ -350,19 +353,51 @@ class ParentLane:
             self._on_loop(self.host.serve_ended, peer, answer, sent, whole)
 
     def _stream(self, wire: _Wire, peer: Peer, serve: LaneServe) -> int:
-        """Send every chunk from the fetch's offset; bytes sent."""
+        """Send every chunk from the fetch's offset; bytes sent. A chunk of
+        a package verified at rest goes out in pieces as they are read (so
+        many children served at once hold a piece each, not a chunk each);
+        one that must be checked first is read and hashed whole."""
         reading, fetch = serve.reading, serve.fetch
         m = reading.manifest
-        buf = bytearray(m.chunk_size)
+        piece = bytearray(min(SEND_PIECE, m.chunk_size))
+        whole: bytearray | None = None
         pos = fetch.offset
         while pos < m.size:
-            data = reading.read(pos, buf, CHUNK_WAIT)
-            if serve.pacer.rate > 0:
-                self._ask(serve.pacer.take(len(data)))
-            wire.send(Chunk(fetch_id=fetch.fetch_id, offset=pos, data=data))
-            self._on_loop(self.host.chunk_sent, peer, len(data))
-            pos += len(data)
+            if reading.check:
+                whole = whole or bytearray(m.chunk_size)
+                data = reading.read(pos, whole, CHUNK_WAIT)
+                self._pace(serve, len(data))
+                wire.send(Chunk(fetch_id=fetch.fetch_id, offset=pos, data=data))
+                length = len(data)
+            else:
+                length = reading.ready(pos, CHUNK_WAIT)
+                self._pace(serve, length)
+                wire.tls.sendall(wire.conn.send_chunk_start(fetch.fetch_id, pos, length))
+                self._send_pieces(wire, reading, piece, pos, length)
+            self._on_loop(self.host.chunk_sent, peer, length)
+            pos += length
         return pos - fetch.offset
+
+    def _pace(self, serve: LaneServe, nbytes: int) -> None:
+        if serve.pacer.rate > 0:
+            self._ask(serve.pacer.take(nbytes))
+
+    def _send_pieces(
+        self, wire: _Wire, reading: Reading, piece: bytearray, pos: int, length: int
+    ) -> None:
+        """The payload of a chunk whose frame has begun. The frame must be
+        finished or the lane dropped: a short read cannot become FETCH_FAIL
+        in the middle of a frame, so it ends the lane (the child asks again)."""
+        end = pos + length
+        at = pos
+        while at < end:
+            view = memoryview(piece)[: min(len(piece), end - at)]
+            try:
+                reading.read_into(view, at)
+            except (CorruptChunk, OSError) as exc:
+                raise ConnectionAbortedError(f"{reading.manifest.id}: {exc}") from None
+            wire.tls.sendall(view)
+            at += len(view)
 
 
 async def _call(fn: Callable[..., T], *args: Any) -> T:

@@ -85,27 +85,38 @@ class Reading:
     check: bool
     ident: FileId | None
 
-    def read(self, pos: int, into: bytearray, wait: float) -> memoryview:
-        """From the reading thread: the chunk at ``pos``, read into ``into``
-        (no new buffer per chunk), checked against its signed digest when
-        the package is not verified at rest. Waits up to ``wait`` for a
-        download in progress to verify it."""
+    def ready(self, pos: int, wait: float) -> int:
+        """From the reading thread: the length of the chunk at ``pos``, once
+        a download in progress has verified it (waiting up to ``wait``) and
+        while the package has not expired."""
         m = self.manifest
-        index = pos // m.chunk_size
-        length = m.chunk_length(index)
+        length = m.chunk_length(pos // m.chunk_size)
         dl = self.download
         while dl is not None and dl.verified < pos + length and not dl.done:
             if dl.error is not None:
                 raise StoreError(f"{m.id}: upstream fetch failed: {dl.error}")
             if not dl.wait_verified(pos + length - 1, wait):
                 raise TimeoutError(f"{m.id}: no new verified data for {wait:.0f}s")
-        view = memoryview(into)[:length]
-        got = os.preadv(self.fd, [view], pos)
-        if got != length or (self.check and hashlib.sha256(view).digest() != m.chunks[index]):
-            raise CorruptChunk(m.id, pos, "at rest")
         if Store.expired(m):
             raise ExpiredPackage(f"{m.id} expired at {_iso(m.expires)}")
+        return length
+
+    def read(self, pos: int, into: bytearray, wait: float) -> memoryview:
+        """From the reading thread: the chunk at ``pos``, read into ``into``
+        (no new buffer per chunk), checked against its signed digest when
+        the package is not verified at rest (``ready`` first)."""
+        length = self.ready(pos, wait)
+        view = memoryview(into)[:length]
+        self.read_into(view, pos)
+        index = pos // self.manifest.chunk_size
+        if self.check and hashlib.sha256(view).digest() != self.manifest.chunks[index]:
+            raise CorruptChunk(self.manifest.id, pos, "at rest")
         return view
+
+    def read_into(self, view: memoryview, pos: int) -> None:
+        """Fill ``view`` from the file at ``pos``; a short file is corrupt."""
+        if os.preadv(self.fd, [view], pos) != len(view):
+            raise CorruptChunk(self.manifest.id, pos, "at rest (short)")
 
 
 class ChunkCache:

@@ -295,3 +295,27 @@ def no_preamble_lane(address: tuple[str, int], home: HomePaths, hello: Hello) ->
             conn.receive_data(data)
             if not data:
                 raise EOFError("the parent closed the connection")
+
+
+async def test_a_corrupt_storehouse_is_caught_before_a_lane_sends_it(
+    deployment: Deployment, fetch_log: FetchLog
+) -> None:
+    """A stored package not yet checked in this process is hashed chunk by
+    chunk as a lane reads it: the bad chunk never leaves, the child's job
+    fails naming the digest, and nothing is installed."""
+    pid = add_package(deployment, "big", 3 * MiB)
+    m = manifest_of(deployment, pid)
+    test_faults.flip_bytes(deployment.server.home / "store" / f"{pid}.pkg", m.size // 2)
+    async with running(deployment.server) as (server,):
+        lanes_from(deployment, "client1", Role.CLIENT, server.address)
+        async with running(deployment.configs["client1"]):
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                state = await wait_state(admin, job, "client1", {"installed", "failed"}, 30)
+                detail = test_faults.dest_of(admin, job, "client1")["detail"]
+        served = traffic(server).served["client1"]
+    assert fetch_log.over_lanes("client1", pid)[0] == 0
+    assert state == "failed" and "digest" in detail, detail
+    assert served < m.size // 2 + m.chunk_size, "nothing at or after the bad chunk went"
+    home = HomePaths(deployment.root / "client1")
+    assert not list(home.work.glob(f"{job}-*")) and not test_faults.store_of(home.home).ids()

@@ -982,6 +982,25 @@ def test_chunks_must_be_contiguous() -> None:
     refused_both_ways(child, parent, Chunk(fetch_id=1, offset=3, data=b"de"))  # repeated
 
 
+def test_a_chunk_streamed_in_pieces_is_the_same_frame() -> None:
+    """``send_chunk_start`` and the payload written after it in pieces make
+    the bytes ``send`` makes for the whole chunk, tracked the same way."""
+    child, parent = fetching_pair(F1)
+    _, whole = fetching_pair(F1)
+    data = bytes(range(256)) * 40
+    streamed = parent.send_chunk_start(1, 0, len(data)) + data[:1000] + data[1000:]
+    assert streamed == sent(whole.send(Chunk(fetch_id=1, offset=0, data=data)))
+    child.receive_data(streamed)
+    assert child.next_event() == Chunk(fetch_id=1, offset=0, data=data)
+    assert parent.open_fetches == child.open_fetches == {1: len(data)}
+    with pytest.raises(LocalProtocolError, match="expected 10240"):
+        parent.send_chunk_start(1, 0, 10)
+    with pytest.raises(LocalProtocolError, match="out of range"):
+        parent.send_chunk_start(1, len(data), 0)
+    with pytest.raises(LocalProtocolError, match="not open"):
+        parent.send_chunk_start(2, 0, 10)
+
+
 def test_fetch_end_with_short_size() -> None:
     child, parent = fetching_pair(F1)
     child.receive_data(sent(parent.send(Chunk(fetch_id=1, offset=0, data=b"abc"))))
