@@ -143,27 +143,17 @@ class Download:
         mismatch raises CorruptChunk (here or from a later call) and nothing
         of it is written. Up to IN_FLIGHT chunks are checked and written
         while the next ones arrive; ``verified`` counts only finished ones."""
-        m = self.manifest
-        if self.done or self.error is not None:
-            raise StoreError(f"{m.id}: download already closed")
-        if offset != self._submitted or offset % m.chunk_size:
-            raise StoreError(f"{m.id}: chunk at {offset}, expected {self._submitted}")
-        index = offset // m.chunk_size
-        if index >= len(m.chunks) or len(data) != m.chunk_length(index):
-            raise CorruptChunk(m.id, offset, "wrong length")
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._writer, self._write, index, offset, data)
+        fut = asyncio.wrap_future(self.lane_write(offset, data))
         self._inflight.append((fut, data))
-        self._submitted += len(data)
         while self._inflight and (len(self._inflight) > IN_FLIGHT or self._inflight[0][0].done()):
             await self._settle_one()
 
     def lane_write(self, offset: int, data: bytes | memoryview) -> Future[None]:
-        """From a lane's receiving thread (``net/lane.py``): queue ``data`` to
-        be checked and written by the writer thread, as ``write_chunk`` does,
-        without the event loop. The lane thread waits for the future and
-        then hands the chunk to ``settled`` on the loop. Only one of the two
-        ways feeds a download during one attempt."""
+        """Queue ``data`` to be checked and written by the writer thread,
+        without the event loop: what ``write_chunk`` does on the loop, and
+        what a lane's receiving thread (``net/lane.py``) calls itself; it
+        waits for the future and then hands the chunk to ``settled`` on the
+        loop. Only one of the two ways feeds a download during one attempt."""
         m = self.manifest
         if self.done or self.error is not None:
             raise StoreError(f"{m.id}: download already closed")
