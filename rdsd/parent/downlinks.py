@@ -100,6 +100,9 @@ _HANDSHAKE_HOSTS_KEPT = 4096
 #: Once connections have ended, this long later the memory they freed goes
 #: back to the system (``util.memory``); again at most this often.
 GIVE_BACK_DELAY = 2.0
+#: How long a lane's FETCH may wait for admission and a serve slot: well
+#: under the lane thread's own wait for the answer (``net/lane.LOOP_WAIT``).
+LANE_ADMIT_WAIT = 120.0
 
 
 class HandshakeLog:
@@ -416,10 +419,16 @@ class Downlinks:
             del self.connections[peer.name]
 
     async def open_lane_fetch(self, peer: Peer, fetch: Fetch) -> LaneServe | str:
-        reason = await self.handlers.admit_fetch(peer.name, fetch)
-        if reason is not None:
-            return reason
-        await self.serve_slots.acquire()
+        # Bounded below the lane thread's own wait for this answer, so a
+        # serve slot is never taken for a thread that stopped waiting.
+        try:
+            async with asyncio.timeout(LANE_ADMIT_WAIT):
+                reason = await self.handlers.admit_fetch(peer.name, fetch)
+                if reason is not None:
+                    return reason
+                await self.serve_slots.acquire()
+        except TimeoutError:
+            return f"{self.cfg.name} is busy: no serve slot within {LANE_ADMIT_WAIT:.0f}s"
         try:
             reading = self.store.open_reading(fetch.package, fetch.offset)
         except (StoreError, OSError) as exc:
