@@ -69,16 +69,16 @@ def _work() -> None:
     time.sleep(0.001)  # a millisecond of synchronous work, as a signature check
 
 
-async def test_a_real_burst_does_not_hold_the_loop() -> None:
-    """Four hundred readers ready at once, each with 1 ms of work: without
-    taking turns one turn lasts 400 ms and a timer waits that long; with
-    them the loop's own lag monitor sees far less."""
+async def _burst_lag(take_turns: bool) -> float:
+    """The loop monitor's worst lag while 400 readers, ready at once, each
+    do 1 ms of synchronous work (with or without taking turns)."""
     mon = LoopMonitor("t", period=60.0, interval=0.005)
     watching = asyncio.create_task(mon.run())
     await asyncio.sleep(0.05)
 
     async def reader() -> None:
-        await take_turn()
+        if take_turns:
+            await take_turn()
         _work()
 
     await asyncio.gather(*(reader() for _ in range(400)))
@@ -86,47 +86,16 @@ async def test_a_real_burst_does_not_hold_the_loop() -> None:
     watching.cancel()
     figures = mon.current()
     assert figures is not None
-    assert figures.max < 0.15, figures
+    return figures.max
 
 
-async def test_a_waiter_cancelled_does_not_hold_up_the_next() -> None:
-    clock = Clock()
-    budget = Turns(0.01, clock)
-
-    async def spend() -> None:
-        await budget.take()
-        clock.now += 0.02  # the slice is spent: the next callers of this turn wait
-
-    spender = asyncio.create_task(spend())
-    first = asyncio.create_task(budget.take())
-    second = asyncio.create_task(budget.take())
-    await asyncio.sleep(0)  # all three have run their first step
-    await spender
-    first.cancel()
-    async with asyncio.timeout(5):
-        await second
-    assert first.cancelled()
-    assert budget.deferred == 2
-
-
-async def test_a_reader_let_through_goes_on_with_its_burst() -> None:
-    """One reader with five queued messages of 1 ms each: once let through
-    it handles them all in its slice, not one per turn, while a reader
-    behind it keeps its place in the queue."""
-    clock = Clock()
-    budget = Turns(0.01, clock)
-    done: list[str] = []
-
-    async def spend() -> None:
-        await budget.take()
-        clock.now += 0.02
-
-    async def reader(name: str, messages: int) -> None:
-        for _ in range(messages):
-            await budget.take()
-            clock.now += 0.001
-            done.append(name)
-
-    async with asyncio.timeout(5):
-        await asyncio.gather(spend(), reader("a", 5), reader("b", 1))
-    assert done == ["a"] * 5 + ["b"]
+async def test_a_real_burst_does_not_hold_the_loop() -> None:
+    """Without taking turns the burst is one turn of at least 400 ms (the
+    work sleeps in wall time), and the monitor sees that much lag; taking
+    turns, the loop gets back to its timers many times within it. Judged
+    against the burst without turns in the same run, so a loaded machine
+    slows both sides alike."""
+    held = await _burst_lag(take_turns=False)
+    shared = await _burst_lag(take_turns=True)
+    assert held >= 0.4, held
+    assert shared < held / 2, (shared, held)
