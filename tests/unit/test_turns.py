@@ -99,3 +99,46 @@ async def test_a_real_burst_does_not_hold_the_loop() -> None:
     shared = await _burst_lag(take_turns=True)
     assert held >= 0.4, held
     assert shared < held / 2, (shared, held)
+
+
+async def test_a_waiter_cancelled_does_not_hold_up_the_next() -> None:
+    clock = Clock()
+    budget = Turns(0.01, clock)
+
+    async def spend() -> None:
+        await budget.take()
+        clock.now += 0.02  # the slice is spent: the next callers of this turn wait
+
+    spender = asyncio.create_task(spend())
+    first = asyncio.create_task(budget.take())
+    second = asyncio.create_task(budget.take())
+    await asyncio.sleep(0)  # all three have run their first step
+    await spender
+    first.cancel()
+    async with asyncio.timeout(5):
+        await second
+    assert first.cancelled()
+    assert budget.deferred == 2
+
+
+async def test_a_reader_let_through_goes_on_with_its_burst() -> None:
+    """One reader with five queued messages of 1 ms each: once let through
+    it handles them all in its slice, not one per turn, while a reader
+    behind it keeps its place in the queue."""
+    clock = Clock()
+    budget = Turns(0.01, clock)
+    done: list[str] = []
+
+    async def spend() -> None:
+        await budget.take()
+        clock.now += 0.02
+
+    async def reader(name: str, messages: int) -> None:
+        for _ in range(messages):
+            await budget.take()
+            clock.now += 0.001
+            done.append(name)
+
+    async with asyncio.timeout(5):
+        await asyncio.gather(spend(), reader("a", 5), reader("b", 1))
+    assert done == ["a"] * 5 + ["b"]
