@@ -233,6 +233,13 @@ class Connection:
         buffer, so the bytes land where the message will carry them."""
         return self._decoder.get_buffer(sizehint)
 
+    @property
+    def filling_payload(self) -> bool:
+        """The last ``get_buffer`` was the rest of a payload's own buffer: a
+        reader that receives in a loop (a blocking socket in a thread) may
+        fill it whole and report once, instead of a step per TLS record."""
+        return self._decoder.filling_payload
+
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` from the peer were written into the last ``get_buffer``;
         after a violation they are dropped, as ``receive_data`` drops them."""

@@ -153,6 +153,12 @@ class FrameDecoder:
         self._into = _scratch_buffer()
         return memoryview(self._into)
 
+    @property
+    def filling_payload(self) -> bool:
+        """The last ``get_buffer`` handed out the rest of a payload's own
+        buffer: a reader may fill all of it before ``buffer_updated``."""
+        return self._direct
+
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer``."""
         if nbytes <= 0:

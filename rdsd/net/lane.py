@@ -140,14 +140,24 @@ class _Wire:
     def next(self) -> Message | ConnectionClosed:
         """The next message (or the end), reading as needed. Payloads are
         received in place: ``recv_into`` the buffer the connection hands
-        out, which during a CHUNK is the chunk's own."""
+        out, which during a CHUNK is the chunk's own, filled whole before
+        the connection is stepped again (one step per chunk, not per 16 KiB
+        record)."""
         conn = self.conn
         while True:
             event = conn.next_event()
             if event is not NEED_DATA:
                 assert isinstance(event, Message | ConnectionClosed)
                 return event
-            n = self.tls.recv_into(conn.get_buffer(RECV_HINT))
+            view = conn.get_buffer(RECV_HINT)
+            if conn.filling_payload:
+                # The rest of a chunk's own buffer: fill it whole, a TLS
+                # record per call, and only then step the connection.
+                n = 0
+                while n < len(view) and (got := self.tls.recv_into(view[n:])):
+                    n += got
+            else:
+                n = self.tls.recv_into(view)
             if n:
                 conn.buffer_updated(n)
             else:

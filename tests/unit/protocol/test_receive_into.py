@@ -126,6 +126,31 @@ def test_a_chunk_payload_is_received_where_the_message_carries_it() -> None:
     assert sum(min(len(b), 16 * 1024) for b in direct) >= CHUNK - 64 * 1024
 
 
+def test_a_payload_buffer_may_be_filled_whole_before_one_update() -> None:
+    """``filling_payload`` says get_buffer handed out the rest of a payload:
+    a reader may fill all of it in several reads and report once."""
+    data = os.urandom(CHUNK)
+    welcome, wire = parent_stream([data])
+    conn = child_after_fetch(welcome)
+    out: list[Message] = []
+    pos = 0
+    updates = 0
+    while pos < len(wire):
+        buf = conn.get_buffer(-1)
+        size = len(buf) if conn.filling_payload else min(len(buf), 16 * 1024)
+        n = min(size, len(wire) - pos)
+        for at in range(0, n, 16 * 1024):  # in TLS-record-sized reads
+            buf[at : min(n, at + 16 * 1024)] = wire[pos + at : pos + min(n, at + 16 * 1024)]
+        conn.buffer_updated(n)
+        updates += 1
+        pos += n
+        drain(conn, out)
+    chunk = next(m for m in out if isinstance(m, Chunk))
+    assert bytes(chunk.data) == data
+    # The prefix and header in a read or two, then the payload in one.
+    assert updates <= 3, updates
+
+
 def test_unread_counts_what_waits_for_the_reader() -> None:
     """What a reader pauses on: bytes beyond the payload being received, and
     a complete payload nobody took yet."""
