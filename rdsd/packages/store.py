@@ -539,7 +539,7 @@ class Store:
         file last changed has each chunk checked against its signed digest
         before it leaves the store; a verified one is read without hashing."""
         reading = self.open_reading(package, offset)
-        m, dl, fd, check = reading.manifest, reading.download, reading.fd, reading.check
+        m, dl = reading.manifest, reading.download
         self._followers[package] = self._followers.get(package, 0) + 1
         whole = False
         ahead: deque[asyncio.Future[Data]] = deque()
@@ -556,7 +556,7 @@ class Store:
                     and (dl is None or dl.done or dl.verified > ahead_pos)
                 ):
                     index = ahead_pos // m.chunk_size
-                    ahead.append(self._chunk(fd, m, index, ahead_pos, check, mine))
+                    ahead.append(self._chunk(reading, index, ahead_pos, mine))
                     ahead_pos += m.chunk_length(index)
                 if not ahead:
                     assert dl is not None
@@ -612,35 +612,27 @@ class Store:
             self.notify()
 
     def _chunk(
-        self,
-        fd: int,
-        m: Manifest,
-        index: int,
-        pos: int,
-        check: bool,
-        mine: set[asyncio.Future[Data]],
+        self, reading: Reading, index: int, pos: int, mine: set[asyncio.Future[Data]]
     ) -> asyncio.Future[Data]:
         """Chunk ``index``: from the shared cache when another reader (or the
-        download) has it, else read (and checked if ``check``) in a thread."""
+        download) has it, else read (and checked if it must be) in a thread."""
+        m = reading.manifest
         fut = self.cache.get(m.id, index)
         if fut is not None:
             return fut
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, self._read_chunk, fd, m, index, pos, check
-        )
+        fut = asyncio.get_running_loop().run_in_executor(None, self._read_chunk, reading, pos)
         fut.add_done_callback(_retrieved)
         mine.add(fut)
         fut.add_done_callback(mine.discard)
         self.cache.put(m.id, index, fut, m.chunk_length(index))
         return fut
 
-    def _read_chunk(self, fd: int, m: Manifest, index: int, pos: int, check: bool) -> Data:
-        length = m.chunk_length(index)
+    def _read_chunk(self, reading: Reading, pos: int) -> Data:
+        """In a thread: the chunk at ``pos`` (already verified if a download
+        is filling it), into a buffer of its own, which the cache keeps."""
         self.disk_reads += 1
-        data = os.pread(fd, length, pos)
-        if len(data) != length or (check and hashlib.sha256(data).digest() != m.chunks[index]):
-            raise CorruptChunk(m.id, pos, "at rest")
-        return data
+        length = reading.manifest.chunk_length(pos // reading.manifest.chunk_size)
+        return reading.read(pos, bytearray(length), 0.0)
 
 
 def _retrieved(fut: asyncio.Future[Data]) -> None:
