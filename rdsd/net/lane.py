@@ -557,7 +557,7 @@ class ChildLane:
                     settle(True)
                     return True
                 elif isinstance(msg, FetchFail):
-                    settle(True)
+                    settle(True)  # a failed write is the reason, if any
                     # An expired package stays expired: asking again cannot help.
                     raise TransferFailed(
                         f"{self.parent} refused: {msg.reason}",
@@ -567,26 +567,20 @@ class ChildLane:
                     settle(True)
                     why = msg.reason if isinstance(msg, Error | Goodbye) else "closed"
                     raise TransferFailed(f"lane lost: {self.parent} {why}")
-        except RdsdError as exc:
-            if isinstance(exc, TransferFailed):
-                raise
-            raise store_failure(exc) from None
-        except OSError as exc:
+        except (RdsdError, OSError) as exc:
+            # A failed write (a bad chunk, a full disk) ends the attempt as
+            # the session's receive ends it; TransferFailed passes unchanged.
             raise store_failure(exc) from None
         finally:
             # However the lane ended, every chunk written in order is handed
-            # to the loop (the resume starts after them), and no write of
-            # ours runs once the thread is gone (the download's descriptor
-            # may close next); what failed was raised above.
-            good = True
-            for fut, data in inflight:
-                try:
+            # to the loop (the resume starts after them; ``settle`` stops at
+            # the first that failed, raised above), and no write of ours runs
+            # once the thread is gone (the download's descriptor may close next).
+            with contextlib.suppress(BaseException):
+                settle(True)
+            for fut, _ in inflight:
+                with contextlib.suppress(BaseException):
                     fut.result()
-                except BaseException:
-                    good = False
-                    continue
-                if good:
-                    self.loop.call_soon_threadsafe(self.on_chunk, data)
 
 
 async def receive_lane(
