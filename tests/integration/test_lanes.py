@@ -31,6 +31,7 @@ from protocol import (
 from rdsd.claims import ClaimSigner
 from rdsd.config import HomePaths
 from rdsd.domain import HelloPurpose, Role
+from rdsd.packages.manifest import Manifest
 from rdsd.security import client_context
 from tests.faultproxy import DOWN, UP, FaultProxy, cut, delay, split
 from tests.helpers import (
@@ -56,12 +57,21 @@ from tests.integration.test_faults import (
 
 fetch_log = test_faults.fetch_log  # the fixture: every fetch attempt, lanes marked
 LANE_MIN = 1 * MiB
+CHUNK = 256 * KiB
 
 
 def lanes_from(dep: Deployment, name: str, role: Role, parent: tuple[str, int]) -> None:
     """Add node ``name`` fetching packages of LANE_MIN or more over lanes."""
     cfg = dep.add_node(name, role, parent)
     dep.configs[name] = replace(cfg, lane_min=LANE_MIN)
+
+
+def big_package(dep: Deployment, size: int) -> tuple[str, Manifest, str]:
+    """Package ``big`` of ``size`` random bytes in 256 KiB chunks: its id,
+    manifest and the SHA-256 of its payload file."""
+    set_server_option(dep, chunk_size=CHUNK)
+    pid = add_package(dep, "big", size)
+    return pid, manifest_of(dep, pid), sha256_file(dep.root / "src-big-1.0" / "payload.bin")
 
 
 def lane_threads() -> list[str]:
@@ -71,11 +81,8 @@ def lane_threads() -> list[str]:
 async def test_a_large_package_crosses_each_hop_over_a_lane(
     deployment: Deployment, fetch_log: FetchLog
 ) -> None:
-    set_server_option(deployment, chunk_size=256 * KiB)
-    big = add_package(deployment, "big", 6 * MiB)
+    big, m, want = big_package(deployment, 6 * MiB)
     small = add_package(deployment, "small", 256 * KiB)
-    m = manifest_of(deployment, big)
-    want = sha256_file(deployment.root / "src-big-1.0" / "payload.bin")
     async with running(deployment.server) as (server,):
         lanes_from(deployment, "relay1", Role.RELAY, server.address)
         async with running(deployment.configs["relay1"]) as (relay,):
@@ -107,10 +114,8 @@ async def test_a_large_package_crosses_each_hop_over_a_lane(
 async def test_a_cut_lane_below_the_server_resumes_from_the_verified_offset(
     deployment: Deployment, fetch_log: FetchLog
 ) -> None:
-    chunk = 256 * KiB
-    set_server_option(deployment, chunk_size=chunk)
-    pid = add_package(deployment, "big", 8 * MiB)
-    m = manifest_of(deployment, pid)
+    chunk = CHUNK
+    pid, m, _ = big_package(deployment, 8 * MiB)
     # The first lane is cut once half the package has gone down it.
     plans = {1: [cut(m.size // 2)]}
     async with running(deployment.server) as (server,), FaultProxy(server.address, plans) as proxy:
@@ -136,10 +141,7 @@ async def test_a_cut_lane_below_the_server_resumes_from_the_verified_offset(
 async def test_a_cut_lane_below_a_relay_starts_over(
     deployment: Deployment, fetch_log: FetchLog
 ) -> None:
-    set_server_option(deployment, chunk_size=256 * KiB)
-    pid = add_package(deployment, "big", 6 * MiB)
-    m = manifest_of(deployment, pid)
-    want = sha256_file(deployment.root / "src-big-1.0" / "payload.bin")
+    pid, m, want = big_package(deployment, 6 * MiB)
     async with running(deployment.server) as (server,):
         relay_cfg = deployment.add_node("relay1", Role.RELAY, server.address)
         plans = {1: [cut(m.size // 2)]}
@@ -160,9 +162,7 @@ async def test_a_cut_lane_below_a_relay_starts_over(
 async def test_a_lane_that_cannot_open_leaves_the_fetch_to_the_session(
     deployment: Deployment, fetch_log: FetchLog
 ) -> None:
-    set_server_option(deployment, chunk_size=256 * KiB)
-    pid = add_package(deployment, "big", 3 * MiB)
-    want = sha256_file(deployment.root / "src-big-1.0" / "payload.bin")
+    pid, _, want = big_package(deployment, 3 * MiB)
     # The lane's first byte never reaches the server: its TLS cannot start.
     plans = {1: [cut(0, UP)]}
     async with running(deployment.server) as (server,), FaultProxy(server.address, plans) as proxy:
@@ -182,8 +182,7 @@ async def test_a_lane_that_cannot_open_leaves_the_fetch_to_the_session(
 async def test_a_node_stops_promptly_with_a_lane_in_flight(
     deployment: Deployment, fetch_log: FetchLog
 ) -> None:
-    set_server_option(deployment, chunk_size=256 * KiB)
-    pid = add_package(deployment, "big", 8 * MiB)
+    pid, _, _ = big_package(deployment, 8 * MiB)
     async with running(deployment.server) as (server,):
         # The lane crawls (16 KiB pieces, 5 ms apart), so it is mid-transfer.
         slow = [delay(0.005, DOWN), split(16 * KiB, DOWN)]
