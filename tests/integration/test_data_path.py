@@ -149,11 +149,14 @@ async def test_a_send_cancelled_mid_frame_still_finishes_the_frame() -> None:
         await child.send(Fetch(fetch_id=1, package="a-1", offset=0))
         assert isinstance(await parent.recv(5), Fetch)
         # Chunks fill the child's buffers (nobody reads) until a send waits
-        # mid-frame; that one is cancelled.
+        # mid-frame; that one is cancelled. 4 MiB chunks: what the cancel
+        # leaves to write (the rest of the frame, and up to the 2 MiB the
+        # transport held) stays under the 8 MiB after which a peer that
+        # reads nothing counts as stalled, which 8 MiB chunks could pass.
         sent: list[bytes] = []
-        for _ in range(8):
-            data = os.urandom(8 * MiB)
-            chunk = Chunk(fetch_id=1, offset=len(sent) * 8 * MiB, data=data)
+        for _ in range(16):
+            data = os.urandom(4 * MiB)
+            chunk = Chunk(fetch_id=1, offset=len(sent) * 4 * MiB, data=data)
             sent.append(data)
             sending = asyncio.create_task(parent.send(chunk))
             done, _ = await asyncio.wait({sending}, timeout=0.3)
