@@ -20,6 +20,7 @@ def __getattr__(name: str) -> Any:
         return AsyncAdmin
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "Admin",
     "AsyncAdmin",

@@ -33,6 +33,7 @@ from .output import PRIVATE_UMASK
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 log = structlog.get_logger("rdsd.daemon")
 
+
 def _raise_fd_limit() -> None:
     """A relay holds one socket per child: allow as many as the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -93,9 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        _run_loop(
-            _serve(cfg, banner=cfg.log_format == "console", reread=lambda: run_config(args))
-        )
+        _run_loop(_serve(cfg, banner=cfg.log_format == "console", reread=lambda: run_config(args)))
     finally:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)

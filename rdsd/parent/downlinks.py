@@ -228,6 +228,7 @@ class Downlinks:
         # Upload limits, shared by every fetch served; a reload changes them.
         self.pacing = LinkPacing(cfg.upload_rate, cfg.per_child_rate)
         self._reports: list[tuple[Child, Report]] = []  # to apply in one commit
+        self._report_timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._rev = 0  # the job revision routed so far
         self._due_mark = time.time()  # execution times up to here were routed
         self._pushing = asyncio.Lock()  # one routing pass at a time
@@ -273,6 +274,13 @@ class Downlinks:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Reports already read are recorded before the database closes; their
+        # acknowledgements have nowhere to go, so the children send them again
+        # and the duplicates are recognised.
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+        while self._reports:
+            self._apply_batch()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a task this half cancels when it stops."""
@@ -801,13 +809,19 @@ class Downlinks:
         readers take turns, so one turn holds only a few of them)."""
         self._reports.append((child, report))
         if len(self._reports) == 1:
-            asyncio.get_running_loop().call_later(REPORT_LINGER, self._apply_reports)
+            self._report_timer = asyncio.get_running_loop().call_later(
+                REPORT_LINGER, self._apply_reports
+            )
 
     def _apply_reports(self) -> None:
-        batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
+        self._report_timer = None
+        self._apply_batch()
         if self._reports:
             # The rest in the next turn, so one commit never holds the loop long.
-            asyncio.get_running_loop().call_soon(self._apply_reports)
+            self._report_timer = asyncio.get_running_loop().call_soon(self._apply_reports)
+
+    def _apply_batch(self) -> None:
+        batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
         try:
             outcomes = self.db.apply_reports([r for _, r in batch], self.hooks.forward_reports)
         except sqlite3.Error as exc:

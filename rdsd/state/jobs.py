@@ -699,6 +699,4 @@ def _record_progress(
 
 
 def _store_pace(db: sqlite3.Connection, jid: str, pace: JobPace) -> None:
-    db.execute(
-        "UPDATE jobs SET rate=?, windows=? WHERE id=?", (pace.rate, windows_text(pace), jid)
-    )
+    db.execute("UPDATE jobs SET rate=?, windows=? WHERE id=?", (pace.rate, windows_text(pace), jid))

@@ -108,9 +108,7 @@ class Turns:
         self._schedule()
 
 
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Turns] = (
-    weakref.WeakKeyDictionary()
-)
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Turns] = weakref.WeakKeyDictionary()
 
 
 def turns() -> Turns:

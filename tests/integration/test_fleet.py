@@ -30,6 +30,7 @@ from rdsd.config import HomePaths, NodeConfig
 from rdsd.domain import DestState, Role
 from rdsd.events import DestChanged, Subscription
 from rdsd.node import Node
+from rdsd.parent import downlinks
 from rdsd.security import client_context, issue_certificate
 from tests.helpers import (
     FAST,
@@ -166,6 +167,42 @@ async def test_reports_out_of_order_and_repeated_apply_once(
                 arrived = [(None, S.WAITING)] if node is not server else []
                 assert moves == [*arrived, (S.WAITING, S.INSTALLED)], (node.cfg.name, moves)
                 assert sub.dropped == 0
+
+
+async def test_a_report_read_as_the_node_stops_is_recorded(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report waits up to ``REPORT_LINGER`` to share a commit. One read
+    just before the node stops is applied before the database closes, not
+    after (where it failed with "closed database" and was logged as lost)."""
+    monkeypatch.setattr(downlinks, "REPORT_LINGER", 60.0)  # it would wait a minute
+    with deployment.admin() as admin:
+        pid = admin.add_package(make_payload_dir(tmp_path / "p", size=100), "tool", "1.0")
+    server = Node(deployment.server)
+    await server.start()
+    try:
+        ccfg = deployment.add_node("client1", Role.CLIENT, server.address)
+        with deployment.admin() as admin:
+            job = admin.create_job("install", pid, ["client1"])
+        raw = await RawChild.connect(server.address, ccfg.home)
+        try:
+            await raw.handshake("client1", purpose="session")
+            report = Report(
+                report_id="client1:1", job=job, node="client1", state=S.TRANSFERRING,
+                seq=1, package=pid, time=time.time(), origin="client1",
+            )  # fmt: skip
+            await raw.send(raw.sign(report))
+            below = server.downlinks
+            assert below is not None
+            await wait_until(lambda: below._reports, 10, what="the report read")
+        finally:
+            await raw.close()
+    finally:
+        async with asyncio.timeout(10):
+            await server.stop()
+    with deployment.admin() as admin:
+        row = admin.db.dest(job, "client1")
+        assert row is not None and row.state is S.TRANSFERRING
 
 
 # == 2. a relay restart under many children ======================================================

@@ -29,8 +29,7 @@ def test_limits_by_role(tmp_path: Path) -> None:
         "install_windows": ["01:00-05:00"],
     }
     assert limits_text(listed, Role.RELAY) == (
-        "download 12500kB/s; upload unlimited, per child 1MB/s; "
-        "transfer windows 22:00-06:00"
+        "download 12500kB/s; upload unlimited, per child 1MB/s; transfer windows 22:00-06:00"
     )
     assert limits_text(listed, Role.SERVER) == "upload unlimited, per child 1MB/s"
     assert limits_text(listed, Role.CLIENT) == (
