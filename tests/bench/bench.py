@@ -274,7 +274,10 @@ async def follow(
             await asyncio.sleep(SAMPLE)
 
 
-FINAL = ("installed", "failed")
+# A destination's states that end its part of a job, as the bench sees them:
+# an install ends installed, a transfer to a relay stored.
+DONE = ("installed", "stored")
+FINAL = (*DONE, "failed")
 
 
 def stuck(job: str, watch: list[Watch], stall: float) -> str:
@@ -760,20 +763,22 @@ async def one_job(
     pkg: str,
     size: int,
     stall: float | None = None,
+    kind: str = "install",
 ) -> tuple[float, Timeline, float]:
-    """Create an install job as an operator would (the server's database, from
-    another connection) and follow it; returns (seconds until the server sees
-    every destination installed, the timeline, t0). ``stall`` overrides ``--stall``."""
+    """Create a job (an install unless ``kind`` says otherwise) as an operator
+    would (the server's database, from another connection) and follow it;
+    returns (seconds until the server sees every destination installed, or
+    stored for a transfer, the timeline, t0). ``stall`` overrides ``--stall``."""
     os.sync()
     t0 = time.perf_counter()
-    job = b.admin.create_job("install", pkg, dests)
+    job = b.admin.create_job(kind, pkg, dests)
     tl = await follow(job, dests, watch, job_timeout(size, len(dests)), stall or b.args.stall)
     top, db, _ = watch[0]
     bad = [n for n in dests if tl.at(top, n, "failed") is not None]
     if bad:
         detail = {d.node: d.detail for d in db.dests(job) if d.node in bad}
         raise RuntimeError(f"job {job} failed: {detail}")
-    end = max(t for (w, _, st), t in tl.seen.items() if w == top and st == "installed")
+    end = max(t for (w, _, st), t in tl.seen.items() if w == top and st in DONE)
     return end - t0, tl, t0
 
 
@@ -1256,6 +1261,19 @@ async def daemons(b: Bench) -> None:
         tk, _, _ = await one_job(b, [("server", server, fans)], fans, b.pkg, size)
         relay_cpu = cpu_seconds(procs["relayP"].pid) - relay_cpu
         peak.update({n: vm_hwm(procs[n].pid) for n in ("relayP", *fans)})
+        # The same relay's fan-out with receivers that only receive, check
+        # each chunk and store the package (relay daemons below it, a
+        # transfer job): the relay's side of the fan-out, without the eight
+        # extractions and installs that the client daemons add on the same
+        # two cores. The closest rdsd gets to curls that only write a file.
+        for name in (subs := [f"fanR{i}" for i in range(1, k + 1)]):
+            home = b.dep.add_node(name, Role.RELAY, relay_addr).home
+            await read_listening(await start(name, home))
+        await wait_routed_db(server, dict.fromkeys(subs, "relayP"))
+        relay_cpu_r = cpu_seconds(procs["relayP"].pid)
+        tr, _, _ = await one_job(b, [("server", server, subs)], subs, b.pkg, size, kind="transfer")
+        relay_cpu_r = cpu_seconds(procs["relayP"].pid) - relay_cpu_r
+        peak.update({n: vm_hwm(procs[n].pid) for n in ("relayP", *subs)})
         one_hop_rows(b, rows, t1, tl1, s1, "clientP1")
         two_hop_rows(rows, size, t2, t1)
         rows.append(breakdown(tl2, "clientP2", s2, size))
@@ -1292,6 +1310,22 @@ async def daemons(b: Bench) -> None:
         rows.append(
             note(f"  relay CPU {relay_cpu / (k * size / GiB):.2f} s per GiB sent to its clients")
         )
+        agg = rate(k * size, tr)
+        r, tg, v = "n/a", "", ""
+        if "fan_bps" in b.nginx:
+            r, tg, v = judged(agg / b.nginx["fan_bps"], 0.7, True)
+        rows.append(
+            Row(
+                f"fan-out: relay daemon to {k} relay daemons, aggregate (transfer job to stored)",
+                f"{agg / MB:,.0f} MB/s  ({secs(tr)})",
+                r,
+                f"{tg} x nginx to {k} curls",
+                v,
+            )
+        )
+        rows.append(
+            note(f"  relay CPU {relay_cpu_r / (k * size / GiB):.2f} s per GiB sent to its relays")
+        )
         worst = max(peak.values())
         _, _, v = judged(worst, 64, False)
         rows.append(Row("peak RSS of any node (VmHWM)", f"{worst:.0f} MiB", "", "< 64 MiB", v))
@@ -1302,6 +1336,8 @@ async def daemons(b: Bench) -> None:
                 )
         fan_peak = max(peak[n] for n in fans)
         rows.append(Row(f"  {k} fan-out clients, worst", f"{fan_peak:.0f} MiB peak"))
+        sub_peak = max(peak[n] for n in subs)
+        rows.append(Row(f"  {k} fan-out relays, worst", f"{sub_peak:.0f} MiB peak"))
         times, said = await time_rdsft(c1)
         t = statistics.median(times)
         _, _, v = judged(t, 0.5, False)
