@@ -56,6 +56,7 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
 CREATE INDEX IF NOT EXISTS dests_state ON dests(state);
 CREATE INDEX IF NOT EXISTS dests_node ON dests(node, state);
 CREATE INDEX IF NOT EXISTS jobs_package ON jobs(package);
+CREATE INDEX IF NOT EXISTS jobs_at ON jobs(at);
 CREATE INDEX IF NOT EXISTS nodes_via ON nodes(via);
 """
 
