@@ -261,9 +261,11 @@ async def test_a_parent_serving_children_that_read_nothing_holds_a_slice_for_eac
                 ]
 
             await wait_until(
-                lambda: all(k.session.writes_paused for k in kids)
-                or max(held()) > bound
-                or min(held()) < 0,
+                lambda: (
+                    all(k.session.writes_paused for k in kids)
+                    or max(held()) > bound
+                    or min(held()) < 0
+                ),
                 20,
                 what="every serve waiting",
             )
