@@ -60,7 +60,7 @@ WRITE_SLICE = 64 * 1024
 #: it ever held and never shrinks for the connection's life. With 2 MiB
 #: here, a relay serving a 1 MiB package to 1,000 children whose sockets
 #: filled kept about 1 MiB per such child after the job (measured: relays
-#: at 500-660 MiB with 1,000 clients each, almost all of it in those
+#: at 550-730 MiB with 1,000 clients each, almost all of it in those
 #: buffers); now a session holds at most this plus one slice.
 WRITE_BUFFER = 16 * 1024
 # What a peer may leave unread before queued control messages count as a
