@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,32 @@ def test_next_due_reads_the_scheduled_jobs_not_every_destination(tmp_path: Path)
     assert _steps(db, lambda: db.next_due(now)) <= small + 1
     db.change("later", "c2", S.CANCELLED, "", "hq", report=False)
     assert db.next_due(now) is None
+
+
+def _write_pages(db: JobDB, jobs: int) -> None:
+    """Commits that together put well over 1,000 pages into the log."""
+    nodes = [f"node-with-a-longish-name-{i:05d}" for i in range(2000)]
+    for j in range(jobs):
+        db.create_job(JobType.INSTALL, "tool-1.0", nodes, b"e" * 2000, None, "hq", job_id=f"w{j}")
+
+
+def test_deferred_checkpoints_leave_the_log_to_the_checkpointer(tmp_path: Path) -> None:
+    """A daemon's commits do not copy the write-ahead log into the database
+    themselves (on its event loop that was a relay's longest stall); its
+    checkpointer does, from another thread, and every commit is there
+    before and after."""
+    plain = JobDB(tmp_path / "plain.db")
+    _write_pages(plain, 8)
+    left_by_commits, _ = plain.checkpoint()
+    db = JobDB(tmp_path / "state.db")
+    db.defer_checkpoints()
+    _write_pages(db, 8)
+    with ThreadPoolExecutor(1) as pool:
+        log, copied = pool.submit(db.checkpoint).result(timeout=30)
+    # The commits left the whole log to the checkpoint; without deferring,
+    # they had copied it themselves each time it passed 1,000 pages.
+    assert log == copied > 1000 > left_by_commits
+    assert len(db.dests("w7")) == 2000
+    db.close()
+    reopened = JobDB(tmp_path / "state.db")
+    assert len(reopened.dests("w0")) == len(reopened.dests("w7")) == 2000
