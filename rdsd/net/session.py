@@ -47,18 +47,26 @@ from .observe import TrafficObserver
 #: being received) before the transport stops reading: backpressure, and
 #: the bound on what one peer can make us hold.
 READ_AHEAD = 2 * 1024 * 1024
-# Two chunks may wait in a transport: enough to keep the link busy, small
-# enough that many slow children cannot add up to much memory.
-WRITE_BUFFER = 2 * 1024 * 1024
-# What a peer may leave unread before queued control messages count as a
-# stalled peer, which is then dropped: chunks in flight (WRITE_BUFFER) plus
-# a generous margin of notices, acknowledgements and the like.
-CONTROL_BACKLOG = 8 * 1024 * 1024
 # Large frames (chunks) go to the transport in slices of this size: the TLS
 # layer keeps a buffer as large as the largest single write on each
 # connection (measured under uvloop: 1 MiB writes left about 1 MiB per
 # connection after the transfer, 64 KiB slices about 64 KiB).
 WRITE_SLICE = 64 * 1024
+#: What may wait in a session's TLS layer (encrypted bytes the socket has
+#: not taken, plus bytes not yet encrypted) before a sending task waits for
+#: the peer: the kernel's socket buffer keeps the link busy, so this only
+#: has to cover one slice. It bounds memory, and not only while it waits:
+#: the TLS layer's outgoing buffer (OpenSSL's memory BIO) grows to the most
+#: it ever held and never shrinks for the connection's life. With 2 MiB
+#: here, a relay serving a 1 MiB package to 1,000 children whose sockets
+#: filled kept about 1 MiB per such child after the job (measured: relays
+#: at 550-730 MiB with 1,000 clients each, almost all of it in those
+#: buffers); now a session holds at most this plus one slice.
+WRITE_BUFFER = 16 * 1024
+# What a peer may leave unread before queued control messages count as a
+# stalled peer, which is then dropped: a slice in flight plus a generous
+# margin of notices, acknowledgements and the like.
+CONTROL_BACKLOG = 8 * 1024 * 1024
 
 
 class Stream(asyncio.BufferedProtocol):
@@ -186,8 +194,8 @@ class Session:
         assert stream.transport is not None, "the stream is not connected"
         self._stream = stream
         self.transport: asyncio.Transport = stream.transport
-        # Let a few chunks queue in the transport so the sender is never idle
-        # waiting for a full flush between chunks.
+        # The socket's own buffer keeps the link busy between slices; what
+        # waits above it in the TLS layer stays within a slice (WRITE_BUFFER).
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         self.conn = stream.conn
         self.peer = peer
@@ -206,6 +214,12 @@ class Session:
             peer=peer.name,
             peer_address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unknown",
         )
+
+    @property
+    def writes_paused(self) -> bool:
+        """The TLS layer holds WRITE_BUFFER or more that the socket has not
+        taken: a send waits until the peer reads."""
+        return not self._stream.writable and not self.closed
 
     @staticmethod
     def identify(transport: asyncio.BaseTransport) -> Peer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from .node import Node
 
 log = structlog.get_logger("rdsd.node")
+#: Seconds between checkpoints of the database's write-ahead log (a few
+#: hundred commits' worth at a fleet's busiest; nothing to do when idle).
+CHECKPOINT_EVERY = 1.0
 
 
 class Housekeeper:
@@ -120,6 +124,30 @@ class Housekeeper:
             await self.flush_outbox()
         if node.runner is not None:
             node.runner.kick()
+
+    # -- the database's write-ahead log ----------------------------------------------
+
+    async def checkpointer(self, every: float = CHECKPOINT_EVERY) -> None:
+        """Copy the database's write-ahead log into the database in a
+        thread, ``every`` seconds, instead of inside whichever commit on the
+        loop takes the log past SQLite's limit (the node calls
+        ``Database.defer_checkpoints`` before this starts).
+        A checkpoint in progress when the node stops is waited for, so the
+        database closes after it."""
+        db = self.node.db
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            done = loop.run_in_executor(None, db.checkpoint)
+            try:
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await done
+                raise
+            except sqlite3.Error as exc:
+                # A full disk, say: the next one tries again, and commits go on.
+                self.log.warning("db.checkpoint_failed", reason=str(exc))
 
     # -- expiry ------------------------------------------------------------------
 

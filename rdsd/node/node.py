@@ -179,6 +179,9 @@ class Node:
         if self.uplink is not None:
             self._spawn(self.uplink.run(), "uplink")
         self._spawn(self.housekeeping.poll(), "poll")
+        # Commits on the loop leave the log to the checkpointer's thread.
+        self.db.defer_checkpoints()
+        self._spawn(self.housekeeping.checkpointer(), "checkpoint")
         self._spawn(self.lag.run(), "loop-lag")
         if parts.parent_half:
             # What this node serves is checked at rest after each start and

@@ -400,10 +400,17 @@ class JobsMixin(OutboxMixin, InventoryMixin):
         return _dest(r) if r else None
 
     def next_due(self, now: float) -> float | None:
-        """The earliest future execution time among open jobs, for the timer."""
+        """The earliest future execution time among open jobs, for the timer.
+
+        Every housekeeping pass asks, and a pass follows every batch of
+        reports: the query starts from the few jobs with a future time (an
+        index on ``jobs.at``) and looks for one open destination of each,
+        instead of walking every destination of every job (with a job for
+        10,000 nodes that walk was half the server's CPU under a fleet's
+        reports)."""
         row = self._db.execute(
-            "SELECT MIN(j.at) FROM jobs j JOIN dests d ON d.job = j.id "
-            f"WHERE j.at > ? AND d.state {_NOT_FINAL}",
+            "SELECT MIN(j.at) FROM jobs j WHERE j.at > ? AND EXISTS "
+            f"(SELECT 1 FROM dests d WHERE d.job = j.id AND d.state {_NOT_FINAL})",
             (now, *_FINAL),
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None

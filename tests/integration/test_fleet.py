@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import shutil
 import sqlite3
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +33,7 @@ from rdsd.events import DestChanged, Subscription
 from rdsd.node import Node
 from rdsd.parent import downlinks
 from rdsd.security import client_context, issue_certificate
+from rdsd.state.base import DEFERRED_AUTOCHECKPOINT, Database
 from tests.helpers import (
     FAST,
     Deployment,
@@ -481,3 +483,25 @@ async def test_a_reimaged_clients_reports_are_applied(
     assert runs.read_text().split() == [done, flaky, flaky, new] or (
         runs.read_text().split() == [done, flaky, new, flaky]
     )
+
+
+async def test_a_running_node_checkpoints_its_database_log_in_a_thread(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running node's commits leave the write-ahead log alone (SQLite's
+    own limit is raised far out of the way) and its checkpointer copies the
+    log into the database every second in a thread, never on the event
+    loop's thread."""
+    on_loop_thread: list[bool] = []
+    original = Database.checkpoint
+
+    def recording(self: Database) -> tuple[int, int]:
+        on_loop_thread.append(threading.current_thread() is threading.main_thread())
+        return original(self)
+
+    monkeypatch.setattr(Database, "checkpoint", recording)
+    async with running(deployment.server) as (server,):
+        limit = server.db._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        assert limit == DEFERRED_AUTOCHECKPOINT
+        await wait_until(lambda: len(on_loop_thread) >= 2, 10, what="two checkpoints")
+    assert not any(on_loop_thread)

@@ -14,6 +14,7 @@ import pytest
 from protocol import Fetch, Message, MessageType, Topology
 from rdsd.domain import HelloPurpose, IncomingJob, JobType, Role
 from rdsd.errors import AdminError
+from rdsd.net.session import WRITE_BUFFER, WRITE_SLICE
 from rdsd.parent.downlinks import Child
 from rdsd.parent.handlers import ChildHandlers
 from tests.helpers import (
@@ -210,10 +211,8 @@ async def test_a_stalled_child_does_not_delay_another_childs_notice(
                 admin.create_job("install", p_big, ["stalled"])
             await raw.send(Fetch(fetch_id=1, package=p_big))  # and never read again
             await wait_child(server, "stalled")
-            transport = children(server)["stalled"].session.transport
-            await wait_until(
-                lambda: transport.get_write_buffer_size() >= 2 * 1024 * 1024, 10, what="full"
-            )
+            session = children(server)["stalled"].session
+            await wait_until(lambda: session.writes_paused, 10, what="full")
             async with running(healthy_cfg) as (healthy,):
                 await wait_child(server, "healthy")
                 with deployment.admin() as admin:
@@ -223,6 +222,59 @@ async def test_a_stalled_child_does_not_delay_another_childs_notice(
                 assert time.monotonic() - began < 1.0
         finally:
             await raw.close()
+
+
+async def test_a_parent_serving_children_that_read_nothing_holds_a_slice_for_each(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Fan-out memory: children fetch a package at once and none of them
+    reads. Each serve waits for its child once the session's TLS layer
+    holds WRITE_BUFFER that the socket did not take, so what the parent
+    holds in transport buffers stays within a slice per child however large
+    the package (it was up to 2 MiB per child, and the TLS layer's outgoing
+    buffer keeps the most it ever held for the connection's life)."""
+    big = make_payload_dir(tmp_path / "big", size=8 * 1024 * 1024)
+    with deployment.admin() as admin:
+        p_big = admin.add_package(big, "big", "1.0")
+    names = [f"c{i}" for i in range(6)]
+    async with running(deployment.server) as (server,):
+        cfgs = [deployment.add_node(n, Role.CLIENT, server.address) for n in names]
+        raws: list[RawChild] = []
+        try:
+            for cfg in cfgs:
+                raw = await RawChild.connect(server.address, cfg.home)
+                raws.append(raw)
+                await raw.handshake(cfg.name, purpose="session")
+                await wait_child(server, cfg.name)
+            with deployment.admin() as admin:
+                admin.create_job("install", p_big, names)
+            for raw in raws:
+                await raw.send(Fetch(fetch_id=1, package=p_big))  # and never read again
+            kids = [children(server)[n] for n in names]
+            # A slice, its frame header and what was queued before it.
+            bound = WRITE_BUFFER + WRITE_SLICE + 4096
+
+            def held() -> list[int]:
+                return [
+                    -1 if k.session.closed else k.session.transport.get_write_buffer_size()
+                    for k in kids
+                ]
+
+            await wait_until(
+                lambda: (
+                    all(k.session.writes_paused for k in kids)
+                    or max(held()) > bound
+                    or min(held()) < 0
+                ),
+                20,
+                what="every serve waiting",
+            )
+            assert min(held()) >= 0 and max(held()) <= bound, held()
+            # The serves wait for their children; none ended.
+            assert all(k.serving for k in kids)
+        finally:
+            for raw in raws:
+                await raw.close()
 
 
 async def test_fetches_beyond_the_serve_slots_wait_their_turn(

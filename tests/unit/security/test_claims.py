@@ -7,10 +7,13 @@ import dataclasses
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol import Report
 from rdsd.claims import (
     ATTACH_TAG,
+    KEYS_KEPT,
     ClaimError,
     ClaimSigner,
     Keys,
@@ -102,3 +105,26 @@ def test_claim_kinds_are_domain_separated(certs: dict) -> None:  # type: ignore[
     signed = ClaimSigner(certs["c1"][1]).report(report())
     with pytest.raises(ClaimError):
         verify_attach(msgpack.packb([report_body(signed), signed.sig]), key)
+
+
+def test_loaded_keys_are_kept_for_a_fleet_and_the_oldest_go_first() -> None:
+    """A report costs a signature check, not a key parse: a key asked for
+    again is the same loaded key, as long as no more than ``size`` others
+    were asked for since; the default keeps one for each of 10,000 nodes."""
+    ders = [
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for _ in range(4)
+    ]
+    keys = Keys(size=3)
+    first = [keys.get(d) for d in ders[:3]]
+    assert [keys.get(d) for d in ders[:3]] == first and all(
+        keys.get(d) is k for d, k in zip(ders[:3], first, strict=True)
+    )
+    keys.get(ders[1])
+    keys.get(ders[2])
+    keys.get(ders[3])  # the fourth pushes out the least recently used: ders[0]
+    assert keys.get(ders[1]) is first[1]
+    assert keys.get(ders[0]) is not first[0]
+    assert KEYS_KEPT >= 10_000

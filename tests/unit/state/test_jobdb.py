@@ -4,6 +4,9 @@ every change, local or reported, and reports apply exactly once."""
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -201,3 +204,74 @@ def test_presence_commits_without_fsync_and_everything_else_stays_durable(
     with pytest.raises(sqlite3.IntegrityError), db._tx(durable=False) as conn:
         conn.execute("INSERT INTO meta(key, value) VALUES('k', NULL)")
     assert db._db.execute("PRAGMA synchronous").fetchone()[0] == full
+
+
+def _steps(db: JobDB, query: Callable[[], object], every: int = 100) -> int:
+    """SQLite virtual-machine steps (in units of ``every``) that ``query``
+    takes: a measure of the rows it reads that does not depend on timing."""
+    count = 0
+
+    def tick() -> int:
+        nonlocal count
+        count += 1
+        return 0
+
+    db._db.set_progress_handler(tick, every)
+    try:
+        query()
+    finally:
+        db._db.set_progress_handler(None, every)
+    return count
+
+
+def test_next_due_reads_the_scheduled_jobs_not_every_destination(tmp_path: Path) -> None:
+    """Every housekeeping pass asks for the next execution time, and a pass
+    follows each batch of reports: the answer must not cost a walk of a
+    large job's destinations. Open and finished future jobs, past jobs and
+    unscheduled ones are all judged right, and the cost with 5,000
+    destinations stays what it is with 5."""
+    db = JobDB(tmp_path / "state.db")
+    now = time.time()
+    db.create_job(JobType.INSTALL, "tool-1.0", ["c1", "c2"], b"env", None, "hq", job_id="now")
+    db.create_job(JobType.INSTALL, "tool-1.0", ["c1"], b"env", now + 50, "hq", job_id="done")
+    db.change("done", "c1", S.CANCELLED, "", "hq", report=False)
+    db.create_job(JobType.INSTALL, "tool-1.0", ["c2"], b"env", now + 90, "hq", job_id="later")
+    db.create_job(JobType.INSTALL, "tool-1.0", ["c3"], b"env", now - 10, "hq", job_id="past")
+    assert db.next_due(now) == now + 90  # "done" has no open destination left
+    small = _steps(db, lambda: db.next_due(now))
+    nodes = [f"n{i}" for i in range(5000)]
+    db.create_job(JobType.INSTALL, "tool-1.0", nodes, b"env", None, "hq", job_id="big")
+    db.create_job(JobType.INSTALL, "tool-1.0", nodes, b"env", now - 5, "hq", job_id="big-past")
+    assert db.next_due(now) == now + 90
+    assert _steps(db, lambda: db.next_due(now)) <= small + 1
+    db.change("later", "c2", S.CANCELLED, "", "hq", report=False)
+    assert db.next_due(now) is None
+
+
+def _write_pages(db: JobDB, jobs: int) -> None:
+    """Commits that together put well over 1,000 pages into the log."""
+    nodes = [f"node-with-a-longish-name-{i:05d}" for i in range(2000)]
+    for j in range(jobs):
+        db.create_job(JobType.INSTALL, "tool-1.0", nodes, b"e" * 2000, None, "hq", job_id=f"w{j}")
+
+
+def test_deferred_checkpoints_leave_the_log_to_the_checkpointer(tmp_path: Path) -> None:
+    """A daemon's commits do not copy the write-ahead log into the database
+    themselves (on its event loop that was a relay's longest stall); its
+    checkpointer does, from another thread, and every commit is there
+    before and after."""
+    plain = JobDB(tmp_path / "plain.db")
+    _write_pages(plain, 8)
+    left_by_commits, _ = plain.checkpoint()
+    db = JobDB(tmp_path / "state.db")
+    db.defer_checkpoints()
+    _write_pages(db, 8)
+    with ThreadPoolExecutor(1) as pool:
+        log, copied = pool.submit(db.checkpoint).result(timeout=30)
+    # The commits left the whole log to the checkpoint; without deferring,
+    # they had copied it themselves each time it passed 1,000 pages.
+    assert log == copied > 1000 > left_by_commits
+    assert len(db.dests("w7")) == 2000
+    db.close()
+    reopened = JobDB(tmp_path / "state.db")
+    assert len(reopened.dests("w0")) == len(reopened.dests("w7")) == 2000
