@@ -12,7 +12,6 @@ above ever sees ``..``, ``/`` or NUL in them.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,9 @@ from enum import IntEnum
 from typing import Annotated, Any, ClassVar, Union
 
 from .errors import ErrorCode, RemoteProtocolError
+from .names import is_destination as is_destination
+from .names import is_package_id as is_package_id
+from .names import is_safe_name as is_safe_name
 
 PROTOCOL_VERSION = 3
 
@@ -43,35 +45,12 @@ MAX_REVOKED_TOTAL = 1_000_000
 # HELLO.software and PRESENCE software strings are at most this long.
 MAX_SOFTWARE = 64
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_PACKAGE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}-[A-Za-z0-9._-]{1,64}")
-_GROUP_RE = re.compile(r"group:[A-Za-z0-9._-]{1,64}")
-
 
 class Pattern(IntEnum):
     """Marks a ``str`` field whose value must match a safe-name pattern."""
 
     NAME = 1  # node names, job ids
     PACKAGE = 2  # NAME-VERSION
-
-
-def is_safe_name(value: str) -> bool:
-    """Node names and job ids: the documented pattern, minus dot-only names."""
-    return _NAME_RE.fullmatch(value) is not None and value.strip(".") != ""
-
-
-def is_package_id(value: str) -> bool:
-    """Package ids are ``NAME-VERSION``; neither part may be dots only."""
-    if _PACKAGE_RE.fullmatch(value) is None or value.strip(".") == "":
-        return False
-    return all(part.strip(".") != "" for part in value.split("-"))
-
-
-def is_destination(value: str) -> bool:
-    """A job destination: a node name or ``group:NAME``."""
-    if value.startswith("group:"):
-        return _GROUP_RE.fullmatch(value) is not None and is_safe_name(value[6:])
-    return is_safe_name(value)
 
 
 _CHECKERS = {Pattern.NAME: is_safe_name, Pattern.PACKAGE: is_package_id}
