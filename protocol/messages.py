@@ -456,16 +456,23 @@ def _check(value: Any, tp: Any, where: str) -> None:
         raise RemoteProtocolError(f"{where}: expected {getattr(tp, '__name__', tp)}")
 
 
-def _hints(cls: type[Message]) -> dict[str, Any]:
-    return {
-        f.name: typing.get_type_hints(cls, include_extras=True)[f.name]
-        for f in dataclasses.fields(cls)
-    }
+#: The field annotations ``from_wire`` checks each message type against,
+#: filled in on the type's first decode (``_field_types``).
+_FIELD_TYPES: dict[MessageType, dict[str, Any]] = {}
 
 
-_FIELD_TYPES: dict[MessageType, dict[str, Any]] = {
-    tag: _hints(cls) for tag, cls in MESSAGE_CLASSES.items()
-}
+def _field_types(mtype: MessageType) -> dict[str, Any]:
+    """The annotations of ``mtype``'s fields, resolved on its first decode:
+    resolving the string annotations of every class was most of what
+    importing this module cost, and a one-shot program such as ``rdsft -a``
+    decodes only a few of the types. (Two threads decoding a type first at
+    once both resolve it, to the same value.)"""
+    hints = _FIELD_TYPES.get(mtype)
+    if hints is None:
+        cls = MESSAGE_CLASSES[mtype]
+        resolved = typing.get_type_hints(cls, include_extras=True)
+        hints = _FIELD_TYPES[mtype] = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
+    return hints
 
 
 def to_wire(msg: Message) -> list[Any]:
@@ -492,7 +499,7 @@ def from_wire(obj: Any, payload: bytes | memoryview) -> Message:
     except ValueError:
         raise RemoteProtocolError(f"unknown message type {tag!r}") from None
     cls = MESSAGE_CLASSES[mtype]
-    hints = _FIELD_TYPES[mtype]
+    hints = _field_types(mtype)
     payload_field = _PAYLOAD_FIELD.get(mtype)
     if payload and payload_field is None:
         raise RemoteProtocolError(f"{mtype.name} carries no payload")

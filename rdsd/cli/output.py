@@ -24,9 +24,7 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -122,6 +120,9 @@ def write_trace(prog: str, exc: BaseException) -> str:
     """Write ``exc``'s full traceback to a new private file in the temp
     directory and return its path. The temp directory, not the home: the
     error may be that the home cannot be written, and this must not fail."""
+    import tempfile  # here, with traceback: only a bug needs them
+    import traceback
+
     fd, path = tempfile.mkstemp(prefix=f"{prog}-error-", suffix=".txt")
     with os.fdopen(fd, "w") as f:
         f.write(f"{prog} {' '.join(sys.argv[1:])}\n")

@@ -4,7 +4,6 @@ package fields, rendered for a console or as JSON lines for collectors."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -20,6 +19,8 @@ if TYPE_CHECKING:
 def configure(fmt: str = "console", level: str = "info") -> None:
     """Set up structlog for a process that runs rdsd (the CLI calls this;
     embedders keep their own configuration)."""
+    import logging
+
     import structlog
 
     renderer: structlog.typing.Processor = (
