@@ -30,9 +30,14 @@ installed ``rdsd``/``rdsft`` scripts (stdout a pipe, as for a program:
 median and the minimum wall time, next to two baselines measured in the
 same run: ``python -c pass`` (the interpreter alone) and ``python -c
 "import rdsd.cli.rdsd"`` (what every ``rdsd`` command pays before it does
-anything). ``rdsft -a`` runs against a real server daemon (``rdsd run``)
-on 127.0.0.1 with nothing pending for the client. Progress goes to stderr,
-the table to stdout.
+anything). Python's bytecode is cached as an installed package has it
+(``PYTHONPYCACHEPREFIX``, a directory of the run's own); two rows repeat
+a measurement with rdsd's sources compiled on every run, as they are where
+``PYTHONDONTWRITEBYTECODE`` is set. ``rdsft -a`` runs against a real server
+daemon (``rdsd run``) on 127.0.0.1 with nothing pending for the client.
+``--before REV`` times the code of an earlier revision too, on the same
+home, each command's runs alternating between the two trees, and adds
+their ratio. Progress goes to stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ from rdsd.domain import DestState, JobType, Role, progress_detail  # noqa: E402
 from rdsd.security import issue_certificate  # noqa: E402
 
 BIN = Path(sys.executable).parent
+#: Taken out of the environment the commands run in (set per run instead).
+DROPPED = {"PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX"}
 RELAYS = 10
 OLD_JOBS = 30
 OLD_JOB_SIZE = 200
@@ -268,17 +275,24 @@ def set_state(
 
 
 def timed(
-    argv: list[str], repeat: int, check: Callable[[str], None], trees: list[dict[str, str]]
+    argv: list[str],
+    repeat: int,
+    check: Callable[[str], None],
+    trees: list[dict[str, str]],
+    cwd: Path,
 ) -> list[list[float]]:
     """Wall times of ``repeat`` runs of ``argv`` for each source tree (an
     environment that selects it), the trees taking turns so a change in the
     machine's load falls on all of them alike, after one untimed warm-up
-    each; every run must exit 0 and its stdout pass ``check``."""
+    each; every run must exit 0 and its stdout pass ``check``. ``cwd`` is
+    outside both trees: ``python -c`` looks for modules there first."""
     times: list[list[float]] = [[] for _ in trees]
     for n in range(repeat + 1):
         for tree, env in enumerate(trees):
             t0 = time.perf_counter()
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=120, env=env, cwd=cwd
+            )
             took = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise RuntimeError(
@@ -383,33 +397,51 @@ def run(args: argparse.Namespace, root: Path) -> int:
     began = time.perf_counter()
     home, job, clients = build(root, args.nodes, args.real)
     progress(f"server home with {args.nodes} clients in {time.perf_counter() - began:.1f} s")
-    here = dict(os.environ)
-    here.pop("PYTHONPATH", None)
-    trees, names = [here], ["this tree"]
+    # As installed: modules compiled once and their bytecode cached (in a
+    # directory of the run's own, so neither source tree is written to).
+    here = {k: v for k, v in os.environ.items() if k not in DROPPED}
+    compiled = {**here, "PYTHONPYCACHEPREFIX": str(root / "pycache")}
+    # As this machine's environment runs Python: no bytecode written, so
+    # every run compiles rdsd's sources again (the standard library keeps
+    # its installed bytecode).
+    sources = {**here, "PYTHONDONTWRITEBYTECODE": "1"}
+    trees, plain, names = [compiled], [sources], ["this tree"]
     if args.before:
-        old = export(args.before, root / "before")
-        trees.insert(0, {**here, "PYTHONPATH": str(old)})
+        old = str(export(args.before, root / "before"))
+        trees.insert(0, {**compiled, "PYTHONPATH": old})
+        plain.insert(0, {**sources, "PYTHONPATH": old})
         names.insert(0, f"{args.before} (before)")
     rdsd, h = script("rdsd"), ["--home", str(home)]
     n = args.nodes
     rows: list[tuple[str, list[list[float]]]] = []
 
-    def measure(label: str, argv: list[str], check: Callable[[str], None]) -> None:
+    def measure(
+        label: str, argv: list[str], check: Callable[[str], None], bytecode: bool = True
+    ) -> None:
         progress(label)
-        rows.append((label, timed(argv, args.repeat, check, trees)))
+        rows.append((label, timed(argv, args.repeat, check, trees if bytecode else plain, root)))
 
     py = sys.executable
     measure("python -c pass", [py, "-c", "pass"], anything)
     measure("python -c 'import rdsd.cli.rdsd'", [py, "-c", "import rdsd.cli.rdsd"], anything)
+    measure(
+        "  the same, sources compiled every run",
+        [py, "-c", "import rdsd.cli.rdsd"],
+        anything,
+        bytecode=False,
+    )
     measure("rdsd --version", [*rdsd, "--version"], anything)
+    status = [*rdsd, "job", "status", job, *h]
     measure(
-        f"rdsd job status JOB --json ({n} dests)",
-        [*rdsd, "job", "status", job, *h, "--json"],
+        f"rdsd job status JOB --json ({n} dests)", [*status, "--json"], json_list(n, "destinations")
+    )
+    measure(
+        "  the same, sources compiled every run",
+        [*status, "--json"],
         json_list(n, "destinations"),
+        bytecode=False,
     )
-    measure(
-        f"rdsd job status JOB ({n} dests)", [*rdsd, "job", "status", job, *h], lines_at_least(n)
-    )
+    measure(f"rdsd job status JOB ({n} dests)", status, lines_at_least(n))
     measure(
         f"rdsd nodes --json ({n + RELAYS} nodes)",
         [*rdsd, "nodes", *h, "--json"],
@@ -441,16 +473,17 @@ def run(args: argparse.Namespace, root: Path) -> int:
 
     print()
     print(
-        "median / min wall seconds of",
-        args.repeat,
-        "runs each, after one warm-up;",
-        f"Python {sys.version.split()[0]}",
+        f"wall seconds, median / min of {args.repeat} runs each after one warm-up, "
+        f"the trees taking turns; Python {sys.version.split()[0]}, {os.cpu_count()} cores"
     )
     head = "".join(f" {name[:22]:>22}" for name in names)
-    print(f"{'command':<48}{head}")
+    ratio = "  after/before" if len(names) == 2 else ""
+    print(f"{'command':<46}{head}{ratio}")
     for label, times in rows:
         cells = "".join(f" {statistics.median(t):>10.3f} / {min(t):<9.3f}" for t in times)
-        print(f"{label:<48}{cells}")
+        if len(times) == 2:
+            cells += f" {statistics.median(times[1]) / statistics.median(times[0]):>12.2f}"
+        print(f"{label:<46}{cells}")
     return 0
 
 
