@@ -411,9 +411,9 @@ class Admin:
 
     def job_status(self, jid: str) -> dict[str, Any]:
         """The job and each destination's state, detail and transfer
-        progress. Built for fleet size: one query for the destinations
-        (``JobDB.dest_listing``), no envelope read, and per destination one
-        dictionary."""
+        progress. Built for fleet size: the destinations come from two
+        queries (``JobDB.dest_listing``), the job without its envelope, and
+        each destination is one dictionary."""
         job = self._head(jid)
         pace = self.db.job_pace(job.id)
         destinations: list[dict[str, Any]] = []
