@@ -3,57 +3,131 @@ bytes out. Nothing here touches sockets, asyncio or files, so the same code
 serves the daemon, tests on bytes alone, and any other implementation that
 wants to check itself against ours. ``SPEC.md`` describes the format."""
 
-from .connection import (
-    FRAME_CAPS,
-    MAX_OPEN_FETCHES,
-    NEED_DATA,
-    PRE_SESSION_FRAME,
-    TRANSITIONS,
-    Connection,
-    ConnectionClosed,
-    NeedData,
-    Side,
-    State,
-)
-from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .frames import LANE_MAGIC, MAGIC, MAX_HEADER, MAX_PAYLOAD, FrameDecoder, encode
-from .messages import (
-    MAX_CLAIM,
-    MAX_PRESENCE_BATCH,
-    MAX_REVOKED_BATCH,
-    MAX_REVOKED_TOTAL,
-    MAX_SOFTWARE,
-    MAX_TOPOLOGY_BATCH,
-    MESSAGE_CLASSES,
-    PROTOCOL_VERSION,
-    Chunk,
-    Error,
-    Fetch,
-    FetchCancel,
-    FetchEnd,
-    FetchFail,
-    Goodbye,
-    Hello,
-    Holdings,
-    JobAnnounce,
-    JobCancel,
-    JobNotice,
-    Message,
-    MessageType,
-    PendingDone,
-    PendingQuery,
-    Ping,
-    Pong,
-    Presence,
-    Report,
-    ReportAck,
-    Revoked,
-    Topology,
-    Welcome,
-    is_destination,
-    is_package_id,
-    is_safe_name,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .connection import (
+        FRAME_CAPS,
+        MAX_OPEN_FETCHES,
+        NEED_DATA,
+        PRE_SESSION_FRAME,
+        TRANSITIONS,
+        Connection,
+        ConnectionClosed,
+        NeedData,
+        Side,
+        State,
+    )
+    from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+    from .frames import LANE_MAGIC, MAGIC, FrameDecoder, encode
+    from .messages import (
+        MAX_CLAIM,
+        MAX_PRESENCE_BATCH,
+        MAX_REVOKED_BATCH,
+        MAX_REVOKED_TOTAL,
+        MAX_SOFTWARE,
+        MAX_TOPOLOGY_BATCH,
+        MESSAGE_CLASSES,
+        PROTOCOL_VERSION,
+        Chunk,
+        Error,
+        Fetch,
+        FetchCancel,
+        FetchEnd,
+        FetchFail,
+        Goodbye,
+        Hello,
+        Holdings,
+        JobAnnounce,
+        JobCancel,
+        JobNotice,
+        Message,
+        MessageType,
+        PendingDone,
+        PendingQuery,
+        Ping,
+        Pong,
+        Presence,
+        Report,
+        ReportAck,
+        Revoked,
+        Topology,
+        Welcome,
+    )
+    from .names import MAX_HEADER, MAX_PAYLOAD, is_destination, is_package_id, is_safe_name
+
+
+#: Where each exported name lives, imported on first use: a program that
+#: only checks names (``is_safe_name``) or reads the caps does not build
+#: every message class and the connection's state table to do so.
+_EXPORTS: dict[str, str] = {
+    "Chunk": ".messages",
+    "Connection": ".connection",
+    "ConnectionClosed": ".connection",
+    "Error": ".messages",
+    "ErrorCode": ".errors",
+    "FRAME_CAPS": ".connection",
+    "Fetch": ".messages",
+    "FetchCancel": ".messages",
+    "FetchEnd": ".messages",
+    "FetchFail": ".messages",
+    "FrameDecoder": ".frames",
+    "Goodbye": ".messages",
+    "Hello": ".messages",
+    "Holdings": ".messages",
+    "JobAnnounce": ".messages",
+    "JobCancel": ".messages",
+    "JobNotice": ".messages",
+    "LANE_MAGIC": ".frames",
+    "LocalProtocolError": ".errors",
+    "MAGIC": ".frames",
+    "MAX_CLAIM": ".messages",
+    "MAX_HEADER": ".names",
+    "MAX_OPEN_FETCHES": ".connection",
+    "MAX_PAYLOAD": ".names",
+    "MAX_PRESENCE_BATCH": ".messages",
+    "MAX_REVOKED_BATCH": ".messages",
+    "MAX_REVOKED_TOTAL": ".messages",
+    "MAX_SOFTWARE": ".messages",
+    "MAX_TOPOLOGY_BATCH": ".messages",
+    "MESSAGE_CLASSES": ".messages",
+    "Message": ".messages",
+    "MessageType": ".messages",
+    "NEED_DATA": ".connection",
+    "NeedData": ".connection",
+    "PRE_SESSION_FRAME": ".connection",
+    "PROTOCOL_VERSION": ".messages",
+    "PendingDone": ".messages",
+    "PendingQuery": ".messages",
+    "Ping": ".messages",
+    "Pong": ".messages",
+    "Presence": ".messages",
+    "ProtocolError": ".errors",
+    "RemoteProtocolError": ".errors",
+    "Report": ".messages",
+    "ReportAck": ".messages",
+    "Revoked": ".messages",
+    "Side": ".connection",
+    "State": ".connection",
+    "TRANSITIONS": ".connection",
+    "Topology": ".messages",
+    "Welcome": ".messages",
+    "encode": ".frames",
+    "is_destination": ".names",
+    "is_package_id": ".names",
+    "is_safe_name": ".names",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "FRAME_CAPS",

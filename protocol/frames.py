@@ -24,6 +24,8 @@ import msgpack
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .messages import Message, MessageType, from_wire, to_wire
+from .names import MAX_HEADER as MAX_HEADER
+from .names import MAX_PAYLOAD as MAX_PAYLOAD
 
 PREFIX = struct.Struct(">II")
 MAGIC = b"RDS\x01"
@@ -32,8 +34,6 @@ MAGIC = b"RDS\x01"
 #: byte can never start a TLS record (0x16), so a parent tells the two kinds
 #: of connection apart from the first byte.
 LANE_MAGIC = b"RDSLANE\x01"
-MAX_HEADER = 1024 * 1024
-MAX_PAYLOAD = 16 * 1024 * 1024
 #: Size of a receive buffer handed out between payloads (headers, control
 #: frames, the start of a payload): TLS records are at most 16 KiB.
 RECV_BUFFER = 64 * 1024

@@ -12,7 +12,6 @@ above ever sees ``..``, ``/`` or NUL in them.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,9 @@ from enum import IntEnum
 from typing import Annotated, Any, ClassVar, Union
 
 from .errors import ErrorCode, RemoteProtocolError
+from .names import is_destination as is_destination
+from .names import is_package_id as is_package_id
+from .names import is_safe_name as is_safe_name
 
 PROTOCOL_VERSION = 3
 
@@ -43,35 +45,12 @@ MAX_REVOKED_TOTAL = 1_000_000
 # HELLO.software and PRESENCE software strings are at most this long.
 MAX_SOFTWARE = 64
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_PACKAGE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}-[A-Za-z0-9._-]{1,64}")
-_GROUP_RE = re.compile(r"group:[A-Za-z0-9._-]{1,64}")
-
 
 class Pattern(IntEnum):
     """Marks a ``str`` field whose value must match a safe-name pattern."""
 
     NAME = 1  # node names, job ids
     PACKAGE = 2  # NAME-VERSION
-
-
-def is_safe_name(value: str) -> bool:
-    """Node names and job ids: the documented pattern, minus dot-only names."""
-    return _NAME_RE.fullmatch(value) is not None and value.strip(".") != ""
-
-
-def is_package_id(value: str) -> bool:
-    """Package ids are ``NAME-VERSION``; neither part may be dots only."""
-    if _PACKAGE_RE.fullmatch(value) is None or value.strip(".") == "":
-        return False
-    return all(part.strip(".") != "" for part in value.split("-"))
-
-
-def is_destination(value: str) -> bool:
-    """A job destination: a node name or ``group:NAME``."""
-    if value.startswith("group:"):
-        return _GROUP_RE.fullmatch(value) is not None and is_safe_name(value[6:])
-    return is_safe_name(value)
 
 
 _CHECKERS = {Pattern.NAME: is_safe_name, Pattern.PACKAGE: is_package_id}
@@ -477,16 +456,23 @@ def _check(value: Any, tp: Any, where: str) -> None:
         raise RemoteProtocolError(f"{where}: expected {getattr(tp, '__name__', tp)}")
 
 
-def _hints(cls: type[Message]) -> dict[str, Any]:
-    return {
-        f.name: typing.get_type_hints(cls, include_extras=True)[f.name]
-        for f in dataclasses.fields(cls)
-    }
+#: The field annotations ``from_wire`` checks each message type against,
+#: filled in on the type's first decode (``_field_types``).
+_FIELD_TYPES: dict[MessageType, dict[str, Any]] = {}
 
 
-_FIELD_TYPES: dict[MessageType, dict[str, Any]] = {
-    tag: _hints(cls) for tag, cls in MESSAGE_CLASSES.items()
-}
+def _field_types(mtype: MessageType) -> dict[str, Any]:
+    """The annotations of ``mtype``'s fields, resolved on its first decode:
+    resolving the string annotations of every class was most of what
+    importing this module cost, and a one-shot program such as ``rdsft -a``
+    decodes only a few of the types. (Two threads decoding a type first at
+    once both resolve it, to the same value.)"""
+    hints = _FIELD_TYPES.get(mtype)
+    if hints is None:
+        cls = MESSAGE_CLASSES[mtype]
+        resolved = typing.get_type_hints(cls, include_extras=True)
+        hints = _FIELD_TYPES[mtype] = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
+    return hints
 
 
 def to_wire(msg: Message) -> list[Any]:
@@ -513,7 +499,7 @@ def from_wire(obj: Any, payload: bytes | memoryview) -> Message:
     except ValueError:
         raise RemoteProtocolError(f"unknown message type {tag!r}") from None
     cls = MESSAGE_CLASSES[mtype]
-    hints = _FIELD_TYPES[mtype]
+    hints = _field_types(mtype)
     payload_field = _PAYLOAD_FIELD.get(mtype)
     if payload and payload_field is None:
         raise RemoteProtocolError(f"{mtype.name} carries no payload")

@@ -12,10 +12,11 @@ cannot be done as asked). Everything else is internal layering; see
 """
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    __version__: str
+
     from .admin import Admin, AsyncAdmin, enroll, init_node, init_server
     from .config import HomePaths, NodeConfig
     from .domain import DestState, HelloPurpose, JobPace, JobType, Role
@@ -103,18 +104,28 @@ _EXPORTS: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    if name == "__version__":
+        value: Any = _version()
+    else:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
 
 
-try:
-    __version__ = version("rdsd")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0+unknown"
+def _version() -> str:
+    """The installed distribution's version, read on first use: finding it
+    imports ``importlib.metadata`` and parses the package's metadata, which
+    was a tenth of what every command paid before doing anything."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rdsd")
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "0+unknown"
+
 
 __all__ = [
     "Admin",

@@ -12,6 +12,7 @@ written.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -59,9 +60,33 @@ _LAST_SHOWN = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 def iso(ts: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with a Z, as every JSON output shows.
     A time beyond the year 9999 is shown as its last second rather than
-    failing the whole listing it appears in."""
+    failing the whole listing it appears in.
+
+    Listings show thousands of times, many within the same few minutes:
+    each whole second is formatted once (``_iso_second``). A time is shown
+    as its whole second unless its fraction rounds up to the next one at
+    microseconds, as ``datetime`` rounds; those few take the long way."""
     if ts is None:
         return None
+    if 0 <= ts < _SHOWN_BELOW:
+        whole = int(ts)
+        if ts - whole < _ROUNDS_DOWN:
+            return _iso_second(whole)
+    return _iso(ts)
+
+
+#: Up to where ``iso``'s fast path goes: the year 10000.
+_SHOWN_BELOW = 253_402_300_800
+#: A fraction below this stays in its second when rounded to microseconds.
+_ROUNDS_DOWN = 0.999999
+
+
+@functools.lru_cache(maxsize=8192)
+def _iso_second(whole: int) -> str | None:
+    return _iso(whole)
+
+
+def _iso(ts: float) -> str:
     try:
         dt = datetime.fromtimestamp(ts, UTC)
     except (OverflowError, ValueError, OSError):

@@ -33,7 +33,6 @@ happened.
 
 from __future__ import annotations
 
-import asyncio
 import time as _time
 import weakref
 from collections import deque
@@ -43,6 +42,10 @@ from types import TracebackType
 
 from .domain import DestState, HelloPurpose, JobType, Role
 from .errors import RdsdError
+
+# ``asyncio`` is imported where a subscription waits, not at the top: the
+# job database imports the event types, and a command that only reads it
+# (``rdsd job status``) has no event loop.
 
 __all__ = [
     "ChildConnected",
@@ -233,6 +236,8 @@ class Subscription:
         self._nodes = nodes
         self._types = types
         self._maxsize = maxsize
+        import asyncio
+
         self._buffer: deque[Event] = deque()
         self._wakeup = asyncio.Event()
         self._dropped = 0
@@ -429,6 +434,8 @@ async def wait_for_state(
     seconds (None waits without limit) and ``EventBusClosed`` if the bus
     closes first.
     """
+    import asyncio
+
     wanted = frozenset((DestState(states),) if isinstance(states, str) else states)
     if not wanted:
         raise ValueError("no states to wait for")

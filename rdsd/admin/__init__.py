@@ -2,23 +2,38 @@
 (``ops``), and the same for asyncio programs (``aio``). The command line is
 a thin client of these."""
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from .ops import Admin, PackageInfo, cache_listing, offers_listing, parse_time
-from .setup import enroll, init_node, init_server
 
 if TYPE_CHECKING:
     from .aio import AsyncAdmin
+    from .ops import Admin, PackageInfo, cache_listing, offers_listing, parse_time
+    from .setup import enroll, init_node, init_server
+
+#: Where each name lives, imported on first use: ``AsyncAdmin`` attaches to
+#: a running Node, so it imports the whole node, and ``setup`` makes
+#: certificates (the cryptography package's x509); a command that reads the
+#: job database needs neither.
+_EXPORTS: dict[str, str] = {
+    "Admin": ".ops",
+    "AsyncAdmin": ".aio",
+    "PackageInfo": ".ops",
+    "cache_listing": ".ops",
+    "enroll": ".setup",
+    "init_node": ".setup",
+    "init_server": ".setup",
+    "offers_listing": ".ops",
+    "parse_time": ".ops",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # ``AsyncAdmin`` attaches to a running Node, so it imports the whole node;
-    # the command line, which only needs ``Admin``, does not pay for that.
-    if name == "AsyncAdmin":
-        from .aio import AsyncAdmin
-
-        return AsyncAdmin
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [

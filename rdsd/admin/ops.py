@@ -15,26 +15,42 @@ cannot be done here (an unknown node, a package still in use) an
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol import is_package_id
 
 from ..config import DEFAULT_KEEP, NodeConfig, iso
-from ..domain import TARGET_ROLE, DestState, Job, JobFilter, JobPace, JobType, Progress, Role
+from ..domain import (
+    TARGET_ROLE,
+    DestState,
+    Job,
+    JobFilter,
+    JobHead,
+    JobPace,
+    JobType,
+    Progress,
+    Role,
+)
 from ..errors import AdminError, ConfigError, JobError
-from ..packages.manifest import Envelopes, build_manifest, seal
-from ..packages.packing import pack_directory
-from ..packages.store import Store
-from ..security import Signer, Verifier
 from ..state import JobDB
 from ..util import parse
 from ..util.fsutil import commit_file, removing_on_error, temp_name, try_lock
+
+if TYPE_CHECKING:
+    from ..packages.store import Store
+    from ..security import Signer
+
+# The package store, manifests and keys (``packages``, ``security``: the
+# cryptography package, structlog, asyncio) are imported by the operations
+# that use them, not here: listing jobs and nodes reads only the job
+# database, and at fleet size the imports were most of what it cost.
 
 #: What a refusal of an unknown destination suggests.
 _SEE_NODES = "see rdsd nodes"
@@ -109,8 +125,17 @@ class Admin:
         self.cfg = NodeConfig.load(home)
         self.paths = self.cfg.paths
         self.db = JobDB(self.paths.db)
+
+    @functools.cached_property
+    def store(self) -> Store:
+        """This home's package store, opened on first use: its envelope
+        cache checks signatures with the deployment's signing key."""
+        from ..packages.manifest import Envelopes
+        from ..packages.store import Store
+        from ..security import Verifier
+
         envelopes = Envelopes(Verifier(self.paths.signing_pub.read_bytes()))
-        self.store = Store(self.paths.store, envelopes)
+        return Store(self.paths.store, envelopes)
 
     def close(self) -> None:
         self.db.close()
@@ -130,6 +155,8 @@ class Admin:
             )
 
     def _signer(self) -> Signer:
+        from ..security import Signer
+
         return Signer(self.paths.signing_key.read_bytes())
 
     # -- packages ------------------------------------------------------------------
@@ -150,6 +177,9 @@ class Admin:
         install command (split as a POSIX shell would) and the keep duration
         (1 s to 10 years). The archive is packed under a temporary name and
         removed if anything fails."""
+        from ..packages.manifest import build_manifest, seal
+        from ..packages.packing import pack_directory
+
         self.require_role(Role.SERVER)
         pid = parse.package_id(name, version)
         keep_s = int(parse.check_seconds(keep, what="keep"))
@@ -205,6 +235,8 @@ class Admin:
     def keep_package(self, pid: str, keep: float) -> PackageInfo:
         """Re-sign the manifest with a new keep duration. Relays learn it when
         the package is transferred to them again."""
+        from ..packages.manifest import seal
+
         self.require_role(Role.SERVER)
         keep_s = int(parse.check_seconds(keep, what="keep"))
         self._envelope(pid)
@@ -370,10 +402,46 @@ class Admin:
         self._nudge()
         return nodes
 
+    def _head(self, jid: str) -> JobHead:
+        """The job without its envelope, or a refusal naming it."""
+        job = self.db.job_head(parse.check_job_id(jid))
+        if job is None:
+            raise AdminError(f"no job {jid} (see rdsd job list)")
+        return job
+
     def job_status(self, jid: str) -> dict[str, Any]:
-        job = self._job(jid)
-        progress = self.db.progress(job.id)
+        """The job and each destination's state, detail and transfer
+        progress. Built for fleet size: the destinations come from two
+        queries (``JobDB.dest_listing``), the job without its envelope, and
+        each destination is one dictionary."""
+        job = self._head(jid)
         pace = self.db.job_pace(job.id)
+        destinations: list[dict[str, Any]] = []
+        add = destinations.append
+        for node, state, detail, updated, progress in self.db.dest_listing(job.id):
+            if progress is None:
+                add(
+                    {
+                        "node": node,
+                        "state": state,
+                        "detail": detail,
+                        "updated": iso(updated),
+                        "bytes_done": None,
+                        "bytes_total": None,
+                        "rate": None,
+                        "eta": None,
+                    }
+                )
+            else:
+                add(
+                    {
+                        "node": node,
+                        "state": state,
+                        "detail": detail,
+                        "updated": iso(updated),
+                        **progress_fields(progress),
+                    }
+                )
         return {
             "id": job.id,
             "type": job.type,
@@ -383,16 +451,7 @@ class Admin:
             "origin": job.origin,
             "rate": pace.rate or None,
             "windows": [parse.format_window(w) for w in pace.windows],
-            "destinations": [
-                {
-                    "node": d.node,
-                    "state": d.state,
-                    "detail": d.detail,
-                    "updated": iso(d.updated),
-                    **progress_fields(progress.get(d.node)),
-                }
-                for d in self.db.dests(job.id)
-            ],
+            "destinations": destinations,
         }
 
     def data_version(self) -> int:
@@ -488,39 +547,36 @@ class Admin:
         direct children (None: unlimited)."""
         held = self.db.holdings()
         installed = self.db.installed()
-        presence = self.db.presence()
         now = time.time()
         out = []
         per_child = self.limits()["per_child_rate"]
-        for n in self.db.nodes():
-            here = presence.get(n.name)
-            online = here is not None and here.online
-            if here is not None:
-                via: str | None = here.parent
+        for name, role, route, last_seen, revoked, here in self.db.node_listing():
+            if here is None:
+                online, via, software, since = False, route, None, None
+                if route == name:
+                    via = self.cfg.name
+                seen = last_seen
             else:
-                via = self.cfg.name if n.via == n.name else n.via
-            seen = max(
-                [t for t in (n.last_seen, here.seen if here else None) if t is not None],
-                default=None,
-            )
+                online, via, software, since, at = here
+                seen = at if last_seen is None else max(last_seen, at)
+            holds = held.get(name)
             out.append(
                 {
-                    "name": n.name,
-                    "role": n.role,
+                    "name": name,
+                    "role": role,
                     "online": online,
                     "via": via,
-                    "route": n.via,
-                    "version": (here.software or None) if here else None,
+                    "route": route,
+                    "version": software or None,
                     "last_seen": iso(now if online else seen),
-                    "connected_since": iso(here.since) if online and here else None,
-                    "revoked": n.revoked,
+                    "connected_since": iso(since) if online else None,
+                    "revoked": revoked,
                     # What this node's per_child_rate holds a direct child to.
-                    "paced_at": per_child if n.via == n.name else None,
-                    "installed": installed.get(n.name, []),
-                    "holds": [
-                        {"package": p, "expires": iso(e)}
-                        for p, e in sorted(held.get(n.name, {}).items())
-                    ],
+                    "paced_at": per_child if route == name else None,
+                    "installed": installed.get(name, []),
+                    "holds": [{"package": p, "expires": iso(e)} for p, e in sorted(holds.items())]
+                    if holds
+                    else [],
                 }
             )
         return out

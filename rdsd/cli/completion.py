@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
-import shtab
-
+# ``shtab`` (which reads installed packages' metadata) is imported when a
+# script is printed, not by every command that builds the parser.
 SHELLS = ("bash", "zsh")
 # Options whose values are paths, so the shell completes files or directories.
 _DIRECTORIES = {"home", "src"}
@@ -38,14 +39,19 @@ def _list_every_subcommand(parser: argparse.ArgumentParser) -> None:
                 action._choices_actions.append(action._ChoicesPseudoAction(name, (), help_text))
 
 
-def add_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
-    """Add ``PROG completion bash|zsh`` to ``parser`` (``sub`` is its
-    subparsers object) and mark path options for the shell."""
+def _mark_paths(parser: argparse.ArgumentParser, shtab: ModuleType) -> None:
+    """Have the shell complete directories and files for path options."""
     for action in _actions(parser):
         if action.dest in _DIRECTORIES:
             action.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
         elif action.dest in _FILES:
             action.complete = shtab.FILE  # type: ignore[attr-defined]
+
+
+def add_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
+    """Add ``PROG completion bash|zsh`` to ``parser`` (``sub`` is its
+    subparsers object); path options are marked for the shell when the
+    script is made."""
     comp = sub.add_parser(
         "completion",
         help="print a shell completion script",
@@ -58,6 +64,9 @@ def add_completion(sub: Any, parser: argparse.ArgumentParser) -> None:
     comp.add_argument("shell", choices=SHELLS, help="the shell to print a completion script for")
 
     def run(args: argparse.Namespace) -> int:
+        import shtab
+
+        _mark_paths(parser, shtab)
         _list_every_subcommand(parser)
         print(shtab.complete(parser, shell=args.shell), end="")
         return 0

@@ -24,14 +24,12 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from ..errors import ConfigError, RdsdError
-from ..util.logs import configure
+from ..util.logs import configure_on_import
 
 #: Files and directories rdsd creates are for their owner only.
 PRIVATE_UMASK = 0o077
@@ -75,6 +73,33 @@ def listing(
         table([row(item) for item in items], header)
 
 
+class VersionAction(argparse.Action):
+    """``--version``: ``PROG VERSION`` on stdout, exit 0, as argparse's own
+    action prints it, but with the version looked up only when asked for
+    (``rdsd.__version__`` reads the installed package's metadata)."""
+
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str = argparse.SUPPRESS,
+        default: str = argparse.SUPPRESS,
+        help: str = "show program's version number and exit",
+    ) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        from .. import __version__
+
+        parser._print_message(f"{parser.prog} {__version__}\n", sys.stdout)
+        parser.exit()
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the one-line error rule: a usage error is one line on
     stderr (no usage block above it) with a pointer to ``--help``, exit 2."""
@@ -95,6 +120,9 @@ def write_trace(prog: str, exc: BaseException) -> str:
     """Write ``exc``'s full traceback to a new private file in the temp
     directory and return its path. The temp directory, not the home: the
     error may be that the home cannot be written, and this must not fail."""
+    import tempfile  # here, with traceback: only a bug needs them
+    import traceback
+
     fd, path = tempfile.mkstemp(prefix=f"{prog}-error-", suffix=".txt")
     with os.fdopen(fd, "w") as f:
         f.write(f"{prog} {' '.join(sys.argv[1:])}\n")
@@ -109,8 +137,9 @@ def run_cli(prog: str, args: argparse.Namespace) -> int:
     the person at the terminal."""
     fn: Callable[[argparse.Namespace], int] = args.fn
     # Commands print their results on stdout; library events are for the
-    # daemon's log, so here only warnings and errors show, on stderr.
-    configure("console", "warning")
+    # daemon's log, so here only warnings and errors show, on stderr
+    # (configured when a command first reaches code that logs).
+    configure_on_import("console", "warning")
     # Everything rdsd writes in a home (keys, the job database and its WAL,
     # packages, envelopes, logs) is its owner's alone; install commands get
     # the conventional umask back (node/supervise.py).

@@ -16,9 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..admin import Admin, enroll, init_node, init_server
-from ..admin.ops import limits_text
+from ..admin.ops import Admin, limits_text
 from ..admin.watch import Change, wait_job
 from ..config import DEFAULT_KEEP, default_home
 from ..domain import JobFilter, JobPace, JobType, Role
@@ -27,8 +25,7 @@ from ..util import parse as parsing
 from ..util.parse import check_node_name, parse_address, parse_duration, parse_time
 from . import watch
 from .completion import add_completion
-from .daemon import cmd_run
-from .output import Parser, listing, print_json, run_cli, table
+from .output import Parser, VersionAction, listing, print_json, run_cli, table
 
 HOME_HELP = (
     "the node's home directory (default: $RDSD_HOME, else /var/lib/rdsd for root "
@@ -44,6 +41,8 @@ def _home(args: argparse.Namespace) -> Path:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from ..admin.setup import init_node, init_server
+
     home = _home(args)
     if args.role == Role.SERVER:
         for option in ("bundle", "parent"):
@@ -69,6 +68,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    from ..admin.setup import enroll
+
     enroll(_home(args), args.name, args.role, Path(args.out), force=args.force)
     print(f"wrote enrolment bundle for {args.role} {args.name} to {args.out}")
     return 0
@@ -314,12 +315,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """``rdsd run``: the daemon (``daemon.py``), imported only for it, since
+    it brings the whole node with it."""
+    from .daemon import cmd_run as run
+
+    return run(args)
+
+
 # -- the parser ------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="rdsd", description="rdsd software distribution")
-    p.add_argument("--version", action="version", version=f"rdsd {__version__}")
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def home(sp: argparse.ArgumentParser) -> None:

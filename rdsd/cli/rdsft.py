@@ -22,7 +22,6 @@ from typing import Any
 
 from protocol import JobCancel, JobNotice
 
-from .. import __version__
 from ..admin import cache_listing, offers_listing
 from ..admin.ops import check_package_ref, daemon_pid, limits_listing, limits_text
 from ..child.fetcher import Fetcher
@@ -38,7 +37,7 @@ from ..packages.store import Store
 from ..security import Verifier, client_context
 from ..state import JobDB
 from .completion import add_completion
-from .output import Parser, run_cli
+from .output import Parser, VersionAction, run_cli
 
 TIMEOUT = 30.0
 
@@ -311,7 +310,7 @@ def _home(args: argparse.Namespace) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="rdsft", description="check and run jobs for this node")
-    p.add_argument("--version", action="version", version=f"rdsft {__version__}")
+    p.add_argument("--version", action=VersionAction)
     p.add_argument(
         "-a",
         dest="check",

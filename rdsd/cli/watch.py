@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import Any
-
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from ..admin.watch import Change, WaitOutcome
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+# ``rich`` is imported by what draws (the live view on a terminal), not at
+# the top: ``rdsd job status`` prints with the helpers below, and every
+# ``rdsd`` command imports this module.
 
 # Above this many destinations, one aggregate bar instead of one per node.
 MANY = 20
@@ -73,6 +74,9 @@ class LiveView:
     """The terminal view; ``update`` redraws it from a job status."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
         self.console = console or Console()
         self.live = Live(console=self.console, auto_refresh=False, transient=False)
 
@@ -88,6 +92,11 @@ class LiveView:
 
 
 def render(status: dict[str, Any]) -> RenderableType:
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     dests: list[dict[str, Any]] = status["destinations"]
     head = Text(f"job {status['id']}: {status['type']} {status['package']}", style="bold")
     if len(dests) > MANY:
@@ -118,6 +127,10 @@ def render(status: dict[str, Any]) -> RenderableType:
 
 
 def _aggregate(dests: list[dict[str, Any]]) -> RenderableType:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     counts = Counter(d["state"] for d in dests)
     final = sum(n for s, n in counts.items() if s not in ("waiting", "transferring", "installing"))
     done, total, rate, eta = totals(dests)

@@ -84,6 +84,18 @@ LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_rev ON jobs(rev);"
 DEFERRED_AUTOCHECKPOINT = 16384
 
 
+def clamped(column: str) -> str:
+    """SQL for ``validate.clamp_time`` of ``column``: NULL stays NULL, a
+    number is brought into the years 1970 to 9999, anything else reads as
+    0. Listings of thousands of rows do this in the query instead of once
+    per value in Python."""
+    bounded = f"MIN(MAX({column}, 0.0), {TIME_CEILING!r})"
+    return (
+        f"CASE typeof({column}) WHEN 'null' THEN NULL WHEN 'integer' THEN {bounded} "
+        f"WHEN 'real' THEN {bounded} ELSE 0.0 END"
+    )
+
+
 class Database:
     """Owns the connection. Calls are short and local; the event loop may
     call them directly.

@@ -13,10 +13,14 @@ from collections.abc import Iterable
 from ..domain import DestState, NodeClaim, NodeRow, PresenceRow
 from ..errors import JobError
 from ..validate import clamp_time
-from .base import Database
+from .base import Database, clamped
 
 _NODE_COLS = "name, role, via, last_seen, revoked"
 _CLAIM_COLS = "name, role, via, revoked, pubkey, claim, counter, parent"
+#: A row of ``node_listing``.
+NodeListing = tuple[
+    str, str, str | None, float | None, bool, tuple[bool, str, str, float, float] | None
+]
 
 
 def _row(r: tuple[str, str, str | None, float | None, int]) -> NodeRow:
@@ -259,6 +263,28 @@ class NodesMixin(Database):
             )
             db.executemany("UPDATE nodes SET last_seen=? WHERE name=?", [(now, n) for n in gone])
         return gone
+
+    def node_listing(self) -> list[NodeListing]:
+        """Every known node by name with what ``rdsd nodes`` shows of it, in
+        one query with the times brought into range by it: (name, role,
+        via, last seen, revoked, presence) where presence, None when there
+        is no news of the node, is (online, parent, software, since, seen).
+        Tuples, not records: this is 10,000 rows at fleet size."""
+        return [
+            (
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                bool(r[4]),
+                None if r[5] is None else (bool(r[6]), r[5], r[7], r[8] or 0.0, r[9] or 0.0),
+            )
+            for r in self._db.execute(
+                f"SELECT n.name, n.role, n.via, {clamped('n.last_seen')}, n.revoked, "
+                f"p.parent, p.online, p.software, {clamped('p.since')}, {clamped('p.seen')} "
+                "FROM nodes n LEFT JOIN presence p ON p.name = n.name ORDER BY n.name"
+            )
+        ]
 
     def presence(self) -> dict[str, PresenceRow]:
         return {

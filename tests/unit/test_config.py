@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rdsd.admin import init_server
 from rdsd.config import SYSTEM_HOME, HomePaths, NodeConfig, default_home
@@ -228,3 +230,55 @@ def test_iso_shows_times_beyond_year_9999() -> None:
     assert iso(0) == "1970-01-01T00:00:00Z"
     assert iso(1_700_000_000 + 99999999 * 86400) == "9999-12-31T23:59:59Z"
     assert iso(None) is None
+
+
+def reference_iso(ts: float) -> str:
+    """What ``iso`` showed before it cached whole seconds: datetime's own
+    rounding to microseconds, then the second."""
+    from datetime import UTC, datetime
+
+    try:
+        dt = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):
+        last = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+        dt = last if ts > 0 else datetime(1970, 1, 1, tzinfo=UTC)
+    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        0,
+        0.0,
+        1.5,
+        1_700_000_000,
+        1_700_000_000.25,
+        1_700_000_000.999999,  # stays in its second
+        1_700_000_000.9999994,  # still rounds down at microseconds
+        1_700_000_000.9999996,  # rounds up to the next second
+        1_700_000_001 - 1e-9,
+        253_402_300_799.0,
+        253_402_300_799.9999,
+        253_402_300_800.0,
+        1e300,
+        float("inf"),
+        -0.5,
+        -1.0,
+        -1e300,
+        True,
+    ],
+)
+def test_iso_shows_each_time_as_datetime_rounds_it(ts: float) -> None:
+    """The cached whole seconds change nothing: near a second's end, at the
+    year 9999's end, past it, before 1970 and at odd values alike."""
+    from rdsd.config import iso
+
+    assert iso(ts) == reference_iso(ts)
+    assert iso(ts) == reference_iso(ts)  # and again, from the cache
+
+
+@given(st.floats(min_value=-1e12, max_value=3e11, allow_nan=False))
+def test_iso_agrees_with_datetime_everywhere(ts: float) -> None:
+    from rdsd.config import iso
+
+    assert iso(ts) == reference_iso(ts)
