@@ -11,8 +11,9 @@ cannot be done as asked). Everything else is internal layering; see
 ``docs/DESIGN.md`` for the map.
 """
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from .util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     __version__: str
@@ -103,16 +104,14 @@ _EXPORTS: dict[str, str] = {
 }
 
 
+_exported = lazy_exports(__name__, _EXPORTS, globals())
+
+
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        value: Any = _version()
-    else:
-        module = _EXPORTS.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+        value = globals()["__version__"] = _version()
+        return value
+    return _exported(name)
 
 
 def _version() -> str:

@@ -1212,6 +1212,19 @@ async def time_rdsft(home: Path) -> tuple[list[float], str]:
     return times, said
 
 
+def fan_row(b: Bench, label: str, nbytes: int, took: float) -> Row:
+    """A fan-out's aggregate rate, judged against nginx to as many curls."""
+    agg = rate(nbytes, took)
+    r, tg, v = "n/a", "", ""
+    if "fan_bps" in b.nginx:
+        r, tg, v = judged(agg / b.nginx["fan_bps"], 0.7, True)
+    k = b.args.clients
+    return Row(
+        f"fan-out: relay daemon to {label}", f"{agg / MB:,.0f} MB/s  ({secs(took)})",
+        r, f"{tg} x nginx to {k} curls", v,
+    )  # fmt: skip
+
+
 async def daemons(b: Bench) -> None:
     rows = b.table.section(
         "rdsd daemons, one process per node (`rdsd run`, its default poll interval)"
@@ -1294,38 +1307,13 @@ async def daemons(b: Bench) -> None:
                     v,
                 )
             )
-        agg = rate(k * size, tk)
-        r, tg, v = "n/a", "", ""
-        if "fan_bps" in b.nginx:
-            r, tg, v = judged(agg / b.nginx["fan_bps"], 0.7, True)
-        rows.append(
-            Row(
-                f"fan-out: relay daemon to {k} client daemons, aggregate (job to installed)",
-                f"{agg / MB:,.0f} MB/s  ({secs(tk)})",
-                r,
-                f"{tg} x nginx to {k} curls",
-                v,
-            )
-        )
-        rows.append(
-            note(f"  relay CPU {relay_cpu / (k * size / GiB):.2f} s per GiB sent to its clients")
-        )
-        agg = rate(k * size, tr)
-        r, tg, v = "n/a", "", ""
-        if "fan_bps" in b.nginx:
-            r, tg, v = judged(agg / b.nginx["fan_bps"], 0.7, True)
-        rows.append(
-            Row(
-                f"fan-out: relay daemon to {k} relay daemons, aggregate (transfer job to stored)",
-                f"{agg / MB:,.0f} MB/s  ({secs(tr)})",
-                r,
-                f"{tg} x nginx to {k} curls",
-                v,
-            )
-        )
-        rows.append(
-            note(f"  relay CPU {relay_cpu_r / (k * size / GiB):.2f} s per GiB sent to its relays")
-        )
+        sent = k * size / GiB
+        for who, took, cpu_used, what in (
+            ("client", tk, relay_cpu, "job to installed"),
+            ("relay", tr, relay_cpu_r, "transfer job to stored"),
+        ):
+            rows.append(fan_row(b, f"{k} {who} daemons, aggregate ({what})", k * size, took))
+            rows.append(note(f"  relay CPU {cpu_used / sent:.2f} s per GiB sent to its {who}s"))
         worst = max(peak.values())
         _, _, v = judged(worst, 64, False)
         rows.append(Row("peak RSS of any node (VmHWM)", f"{worst:.0f} MiB", "", "< 64 MiB", v))
