@@ -11,13 +11,12 @@ cannot be done as asked). Everything else is internal layering; see
 ``docs/DESIGN.md`` for the map.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._version import VERSION as __version__
 from .util.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    __version__: str
-
     from .admin import Admin, AsyncAdmin, enroll, init_node, init_server
     from .config import HomePaths, NodeConfig
     from .domain import DestState, HelloPurpose, JobPace, JobType, Role
@@ -104,26 +103,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-_exported = lazy_exports(__name__, _EXPORTS, globals())
-
-
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        value = globals()["__version__"] = _version()
-        return value
-    return _exported(name)
-
-
-def _version() -> str:
-    """The installed distribution's version, read on first use: finding it
-    imports ``importlib.metadata`` and parses the package's metadata, which
-    was a tenth of what every command paid before doing anything."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("rdsd")
-    except PackageNotFoundError:  # running from a source tree without installing
-        return "0+unknown"
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 import structlog
@@ -41,6 +39,7 @@ from protocol import (
     Revoked,
 )
 
+from .._version import VERSION
 from ..claims import ClaimSigner
 from ..config import NodeConfig
 from ..domain import HelloPurpose, Role
@@ -57,16 +56,10 @@ log = structlog.get_logger("rdsd.uplink")
 STABLE_SESSION = 2.0
 
 
-@functools.cache
 def software() -> str:
     """What this node says in HELLO.software: ``rdsd/<version>``, so the
-    parent can show which version each node runs. Read once per process:
-    finding it parses the package's metadata (3 ms, at every reconnect of
-    every uplink otherwise)."""
-    try:
-        return f"rdsd/{version('rdsd')}"[:MAX_SOFTWARE]
-    except PackageNotFoundError:
-        return "rdsd/0+unknown"
+    parent can show which version each node runs."""
+    return f"rdsd/{VERSION}"[:MAX_SOFTWARE]
 
 
 class UplinkHandler(Protocol):

@@ -75,8 +75,7 @@ def listing(
 
 class VersionAction(argparse.Action):
     """``--version``: ``PROG VERSION`` on stdout, exit 0, as argparse's own
-    action prints it, but with the version looked up only when asked for
-    (``rdsd.__version__`` reads the installed package's metadata)."""
+    action prints it, with the version looked up only when asked for."""
 
     def __init__(
         self,

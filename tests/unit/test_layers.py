@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: lower. Siblings of one rank (parent and child, say) may not import each
 #: other: they meet in the node.
 RANK: dict[str, int] = {
+    "_version": 0,
     "domain": 1,
     "errors": 1,
     "events": 1,

@@ -132,15 +132,15 @@ def test_listings_import_nothing_heavy(job_home: tuple[Path, str], argv: list[st
     assert loaded == []
 
 
-def test_version_is_read_when_asked_for() -> None:
-    """``--version`` prints what the installed metadata says, looking it up
-    only then."""
+def test_version_is_printed_without_reading_the_installed_metadata() -> None:
+    """``--version`` prints the version written in ``rdsd/_version.py``,
+    and nothing reads the installed metadata to find it."""
     import rdsd
 
     status, loaded, out = imported_by("--version")
     assert status == 0
     assert out.strip() == f"rdsd {rdsd.__version__}"
-    assert loaded == ["importlib.metadata"]
+    assert loaded == []
 
 
 def test_a_command_that_logs_finds_structlog_configured() -> None:
@@ -202,3 +202,14 @@ def test_lazy_exports_resolve_to_the_same_objects() -> None:
     assert protocol.is_safe_name is protocol.messages.is_safe_name
     assert rdsd.Admin is rdsd.admin.Admin
     assert isinstance(rdsd.__version__, str) and rdsd.__version__
+
+
+def test_the_version_in_the_code_is_the_installed_packages() -> None:
+    """``rdsd/_version.py`` is the one place the version is written; the
+    installed metadata is built from it, so the two never disagree."""
+    from importlib.metadata import version
+
+    import rdsd
+    from rdsd._version import VERSION
+
+    assert version("rdsd") == VERSION == rdsd.__version__
