@@ -416,32 +416,16 @@ class Admin:
         each destination is one dictionary."""
         job = self._head(jid)
         pace = self.db.job_pace(job.id)
-        destinations: list[dict[str, Any]] = []
-        add = destinations.append
-        for node, state, detail, updated, progress in self.db.dest_listing(job.id):
-            if progress is None:
-                add(
-                    {
-                        "node": node,
-                        "state": state,
-                        "detail": detail,
-                        "updated": iso(updated),
-                        "bytes_done": None,
-                        "bytes_total": None,
-                        "rate": None,
-                        "eta": None,
-                    }
-                )
-            else:
-                add(
-                    {
-                        "node": node,
-                        "state": state,
-                        "detail": detail,
-                        "updated": iso(updated),
-                        **progress_fields(progress),
-                    }
-                )
+        destinations = [
+            {
+                "node": node,
+                "state": state,
+                "detail": detail,
+                "updated": iso(updated),
+                **progress_fields(progress),
+            }
+            for node, state, detail, updated, progress in self.db.dest_listing(job.id)
+        ]
         return {
             "id": job.id,
             "type": job.type,
@@ -559,7 +543,6 @@ class Admin:
             else:
                 online, via, software, since, at = here
                 seen = at if last_seen is None else max(last_seen, at)
-            holds = held.get(name)
             out.append(
                 {
                     "name": name,
@@ -574,9 +557,10 @@ class Admin:
                     # What this node's per_child_rate holds a direct child to.
                     "paced_at": per_child if route == name else None,
                     "installed": installed.get(name, []),
-                    "holds": [{"package": p, "expires": iso(e)} for p, e in sorted(holds.items())]
-                    if holds
-                    else [],
+                    "holds": [
+                        {"package": p, "expires": iso(e)}
+                        for p, e in sorted(held.get(name, {}).items())
+                    ],
                 }
             )
         return out
