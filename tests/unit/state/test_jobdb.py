@@ -206,6 +206,22 @@ def test_presence_commits_without_fsync_and_everything_else_stays_durable(
     assert db._db.execute("PRAGMA synchronous").fetchone()[0] == full
 
 
+def test_forgetting_acknowledged_reports_commits_without_fsync(db: JobDB) -> None:
+    """An acknowledged report that comes back after a crash only goes up
+    again, so forgetting it skips the fsync; recording a report does not."""
+    statements: list[str] = []
+    db._db.set_trace_callback(statements.append)
+    db.change("j1", "c1", S.TRANSFERRING, "", "c1", report=True, package="tool-1.0")
+    recorded = list(statements)
+    statements.clear()
+    db.ack_many([r.report_id for r in db.outbox()])
+    db._db.set_trace_callback(None)
+    assert not db.outbox()
+    assert "COMMIT" in recorded and "PRAGMA synchronous=NORMAL" not in recorded
+    assert statements.index("PRAGMA synchronous=NORMAL") < statements.index("COMMIT")
+    assert statements[-1] == "PRAGMA synchronous=FULL"
+
+
 def _steps(db: JobDB, query: Callable[[], object], every: int = 100) -> int:
     """SQLite virtual-machine steps (in units of ``every``) that ``query``
     takes: a measure of the rows it reads that does not depend on timing."""
