@@ -27,6 +27,14 @@ Event-loop lag is shown two ways: as each daemon measures it itself (its
 to each relay, in this process, sends a PING every 100 ms and times the PONG.
 On loopback that round trip is the daemon's loop delay plus this process's.
 
+The simulator's workers run at a lower CPU priority (``--sim-nice``, default
+10): they stand for 10,000 machines of their own, whose CPU a relay never
+competes with, while here they share two cores with the daemons. The
+daemons still share those cores with each other. Beside each process's
+CPU-seconds the table gives the time its event-loop thread was runnable but
+waiting for a CPU (``/proc/PID/schedstat``): loop lag that is this wait is
+the machine's, not a long step in the loop.
+
 Everything listens on 127.0.0.1. Figures go to stdout as one table; progress
 to stderr. tests/bench/README.md explains the figures and records runs.
 """
@@ -128,6 +136,19 @@ def rss_mib(pid: int) -> tuple[float, float]:
 def cpu_seconds(pid: int) -> float:
     parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_wait_seconds(pid: int) -> float:
+    """Seconds the process's main thread (its event loop) has spent runnable
+    and waiting for a CPU; NaN where the kernel keeps no such count."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def cpu_row(rss: float, hwm: float, cpu: float, wait: float) -> str:
+    return f"{rss:.0f} ({hwm:.0f}) MiB / {cpu:.1f} s / {wait:.1f} s"
 
 
 # -- simulated clients ----------------------------------------------------------------------
@@ -386,6 +407,7 @@ def worker_main(spec_path: str) -> int:
     event loop and writes its counters to stdout as one JSON line per
     second, until its stdin closes (the bench is done, or gone)."""
     spec = json.loads(Path(spec_path).read_text())
+    os.nice(int(spec["nice"]))
     verifier = Verifier(Path(spec["signing_pub"]).read_bytes())
     run_loop(worker_run(spec, verifier))
     return 0
@@ -745,6 +767,7 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
                 "signing_pub": str(s.server.signing_pub),
                 "spread": args.spread,
                 "connect_limit": args.connect_limit,
+                "nice": args.sim_nice,
             },
         )
         with contextlib.suppress(TimeoutError):
@@ -810,6 +833,8 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
             p.mark = len(p.rtts)
         cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
         wcpu0 = [cpu_seconds(pid) for pid in workers.pids()]
+        wait0 = {n: cpu_wait_seconds(pid) for n, pid in pids.items()}
+        wwait0 = [cpu_wait_seconds(pid) for pid in workers.pids()]
         wall0 = time.time()
         t_create, out = await asyncio.to_thread(
             cli_time,
@@ -853,6 +878,8 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
         wall1 = time.time()
         cpu1 = {n: cpu_seconds(pid) for n, pid in pids.items()}
         wcpu1 = [cpu_seconds(pid) for pid in workers.pids()]
+        wait1 = {n: cpu_wait_seconds(pid) for n, pid in pids.items()}
+        wwait1 = [cpu_wait_seconds(pid) for pid in workers.pids()]
         await asyncio.sleep(args.lag_period + 1)  # the period in progress gets logged
         for p in probes:
             lag = [1000 * v for v in p.since_mark()]
@@ -870,8 +897,8 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
         for name, pid in pids.items():
             rss, hwm = rss_mib(pid)
             table.add(
-                f"  {name} RSS now (peak) / CPU during the job",
-                f"{rss:.0f} ({hwm:.0f}) MiB / {cpu1[name] - cpu0[name]:.1f} s",
+                f"  {name} RSS now (peak) / CPU / waiting for a CPU, during the job",
+                cpu_row(rss, hwm, cpu1[name] - cpu0[name], wait1[name] - wait0[name]),
             )
         worst = [
             max((ms for t, k, ms in workers.lags if k == w and wall0 <= t <= wall1), default=0)
@@ -884,8 +911,8 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
         for w, pid in enumerate(workers.pids()):
             rss, hwm = rss_mib(pid)
             table.add(
-                f"  simulator worker {w} RSS now (peak) / CPU during the job",
-                f"{rss:.0f} ({hwm:.0f}) MiB / {wcpu1[w] - wcpu0[w]:.1f} s",
+                f"  simulator worker {w} RSS now (peak) / CPU / waiting, during the job",
+                cpu_row(rss, hwm, wcpu1[w] - wcpu0[w], wwait1[w] - wwait0[w]),
             )
         sent = served_bytes(logs / "server.log")
         to_relays = [sent.get(n, 0) / s.size for n in relay_names]
@@ -943,6 +970,12 @@ def main() -> int:
     ap.add_argument("--job-limit", type=float, default=300.0)
     ap.add_argument(
         "--lag-period", type=float, default=5.0, help="the daemons' [log] lag_period, seconds"
+    )
+    ap.add_argument(
+        "--sim-nice",
+        type=int,
+        default=10,
+        help="CPU priority the simulator workers lower themselves by (0: the daemons' own)",
     )
     ap.add_argument("--dir", help="work here and keep everything (logs included)")
     args = ap.parse_args()
