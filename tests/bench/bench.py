@@ -93,6 +93,12 @@ IDLE_FD_SPARE = 256  # descriptors kept for everything but the idle sessions
 IDLE_SETTLE = 10.0  # seconds of idleness over which the relay's CPU is sampled
 IDLE_STALL = 120.0  # the install through the loaded relay: its uplink may be reconnecting
 
+# The shaped-link part: each hop a link of its own at --link-mbit.
+WAN_QUANTUM = 70_000  # HTB quantum in bytes: at least one 64 KiB loopback packet
+WAN_BURST = "256k"  # what a class may send at once above its rate
+WAN_OTHER = "10gbit"  # the default class (acknowledgements, everything else)
+WAN_READY = 5.0  # seconds for the namespace's holder to have unshared
+
 
 def progress(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -500,6 +506,16 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
     raise RuntimeError(f"nothing listens on {port} after {timeout:.0f}s")
 
 
+def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {path.name} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def daemon(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
@@ -602,12 +618,15 @@ def time_curl_nginx(
     repeat: int,
     extra: dict[str, float] | None = None,
     clients: int = 8,
+    links: ShapedLinks | None = None,
 ) -> float | str:
     """curl from a throw-away nginx over HTTPS (TLS 1.3, client certificate
     required, the deployment's certificates), then fsync the copy. With
     ``extra``, also one more run for CPU cost (nginx worker CPU-seconds per
     GiB, ``nginx_cpu``; curl plus ``sha256sum`` of the copy, ``curl_cpu``)
-    and ``clients`` concurrent curls for the aggregate rate (``fan_bps``)."""
+    and ``clients`` concurrent curls for the aggregate rate (``fan_bps``).
+    With ``links``, nginx and curl run in their namespace, over a link of
+    its rate."""
     tools = find_tools("curl", "nginx")
     if isinstance(tools, str):
         return tools
@@ -640,10 +659,17 @@ def time_curl_nginx(
         str(dst),
         f"https://{LOCALHOST}:{port}/pkg",
     ]
+    prefix = links.prefix if links is not None else ()
+    cmd = [*prefix, *cmd]
     with daemon(
-        [str(tools["nginx"]), "-p", str(d), "-c", str(d / "nginx.conf")], d / "nginx.out"
+        [*prefix, str(tools["nginx"]), "-p", str(d), "-c", str(d / "nginx.conf")],
+        d / "nginx.out",
     ) as proc:
-        wait_port(port, proc)
+        if links is None:
+            wait_port(port, proc)
+        else:  # not reachable from here: nginx writes its pid file once it listens
+            wait_file(d / "nginx.pid", proc)
+            links.shape(port)
 
         def once() -> float:
             os.sync()
@@ -1134,15 +1160,17 @@ def cpu_seconds(pid: int) -> float:
 class Daemons:
     """``rdsd run`` subprocesses, each with its stderr in ``logs/NAME.log``."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, prefix: tuple[str, ...] = ()) -> None:
         self.logs = logs
         logs.mkdir(exist_ok=True)
         self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.prefix = prefix  # e.g. nsenter into a network namespace
 
     async def start(self, name: str, home: Path, *extra: str) -> asyncio.subprocess.Process:
         """``rdsd run --home HOME`` plus ``extra`` arguments."""
         with (self.logs / f"{name}.log").open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
+                *self.prefix,
                 *rdsd_cmd(),
                 "run",
                 "--home",
@@ -1338,6 +1366,174 @@ async def daemons(b: Bench) -> None:
         await fleet.stop()
         for db in dbs:
             db.close()
+
+
+class ShapedLinks:
+    """Links with a rate, on one machine: a network namespace of its own
+    (held by a sleeping ``unshare -n`` process; daemons enter it with
+    ``nsenter``) whose loopback sends what each listening port sends through
+    an HTB class of its own, so a parent's port is the link below it. A
+    two-hop transfer then crosses two links of the same rate, as it would
+    between three machines, while the CPU stays the same two cores."""
+
+    def __init__(self, mbit: int) -> None:
+        self.mbit = mbit
+        self.holder: subprocess.Popen[bytes] | None = None
+        self.classes: dict[int, str] = {}  # source port -> class id
+
+    def start(self) -> str | None:
+        """Make the namespace and its root qdisc; the reason if this machine
+        cannot (not root, no ``unshare``, ``nsenter``, ``ip`` or ``tc``)."""
+        if os.geteuid() != 0:
+            return "needs root (a network namespace and tc)"
+        missing = [t for t in ("unshare", "nsenter", "ip", "tc") if which(t) is None]
+        if missing:
+            return f"not installed: {', '.join(missing)}"
+        self.holder = subprocess.Popen(["unshare", "-n", "sleep", "infinity"])
+        ours = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + WAN_READY
+        while True:  # nothing may be shaped before the holder has its own namespace
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(f"/proc/{self.holder.pid}/ns/net").st_ino != ours:
+                    break
+            if time.monotonic() > deadline or self.holder.poll() is not None:
+                return "unshare -n did not make a network namespace"
+            time.sleep(0.01)
+        self.run("ip", "link", "set", "lo", "up")
+        self.run("tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1")
+        self._class("1:1", WAN_OTHER)
+        return None
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        assert self.holder is not None
+        return ("nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--")
+
+    def run(self, *argv: str) -> str:
+        done = subprocess.run(
+            [*self.prefix, *argv], capture_output=True, text=True, timeout=30, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def _class(self, classid: str, rate: str) -> None:
+        self.run(
+            "tc", "class", "add", "dev", "lo", "parent", "1:", "classid", classid, "htb",
+            "rate", rate, "ceil", rate, "burst", WAN_BURST, "cburst", WAN_BURST,
+            "quantum", str(WAN_QUANTUM),
+        )  # fmt: skip
+
+    def shape(self, port: int) -> None:
+        """What ``port`` sends goes over a link of ``mbit`` of its own."""
+        classid = f"1:{10 + len(self.classes)}"
+        self._class(classid, f"{self.mbit}mbit")
+        self.run(
+            "tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+            "u32", "match", "ip", "sport", str(port), "0xffff", "flowid", classid,
+        )  # fmt: skip
+        self.classes[port] = classid
+
+    def sent(self) -> dict[int, int]:
+        """Bytes each shaped port's class has sent (tc's counters)."""
+        out = self.run("tc", "-s", "class", "show", "dev", "lo")
+        by_class = {
+            m.group(1): int(m.group(2))
+            for m in re.finditer(r"class htb (\S+) .*?\n\s*Sent (\d+) bytes", out)
+        }
+        return {port: by_class.get(cid, 0) for port, cid in self.classes.items()}
+
+    def stop(self) -> None:
+        if self.holder is not None:
+            self.holder.kill()
+            self.holder.wait()
+
+
+async def shaped(b: Bench) -> None:
+    """One hop and two hops with each hop over a link of ``--link-mbit``:
+    where the link, not the CPU, is the limit, cut-through at the relay is
+    what keeps two hops close to one."""
+    mbit = b.args.link_mbit
+    rows = b.table.section(
+        f"rdsd daemons over links of {mbit} Mbit/s (HTB on loopback in a network namespace)"
+    )
+    links = ShapedLinks(mbit)
+    why_not = await asyncio.to_thread(links.start)
+    if why_not is not None:
+        rows.append(note(f"skipped: {why_not}"))
+        links.stop()
+        return
+    fleet = Daemons(b.root / "shaped-logs", links.prefix)
+    dbs: list[JobDB] = []
+    took: dict[str, tuple[float, Timeline, float]] = {}
+    try:
+        progress(f"shaped links: {mbit} Mbit/s per hop, {b.pkg_size / MiB:.0f} MiB")
+        server_addr = await read_listening(await fleet.start("server", b.server_cfg.home))
+        await asyncio.to_thread(links.shape, server_addr[1])
+        relay = b.dep.add_node("relayW", Role.RELAY, server_addr).home
+        relay_addr = await read_listening(await fleet.start("relayW", relay))
+        await asyncio.to_thread(links.shape, relay_addr[1])
+        c1 = b.dep.add_node("clientW1", Role.CLIENT, server_addr).home
+        c2 = b.dep.add_node("clientW2", Role.CLIENT, relay_addr).home
+        await fleet.start("clientW1", c1)
+        await fleet.start("clientW2", c2)
+        server = b.admin.db
+        routes = {"relayW": "relayW", "clientW1": "clientW1", "clientW2": "relayW"}
+        await wait_routed_db(server, routes)
+        size = b.pkg_size
+        for name, home in (("clientW1", c1), ("clientW2", c2)):
+            dbs.append(JobDB(HomePaths(home).db))
+            watch = [("server", server, [name]), (name, dbs[-1], [name])]
+            took[name] = await one_job(b, watch, [name], b.pkg, size)
+        (t1, tl1, s1), (t2, tl2, s2) = took["clientW1"], took["clientW2"]
+        sent = await asyncio.to_thread(links.sent)
+        line = mbit * 1e6 / 8  # bytes per second
+        curl = await asyncio.to_thread(
+            time_curl_nginx,
+            b.pkg_file,
+            b.root / "shaped-baseline",
+            HomePaths(b.server_cfg.home),
+            HomePaths(c1),
+            1,
+            links=links,
+        )
+        if isinstance(curl, str):
+            rows.append(Row("curl from nginx over one link", curl))
+        else:
+            rows.append(
+                Row(
+                    "curl from nginx over one link (HTTPS), then fsync",
+                    f"{mbps(size, curl)}  ({secs(curl)})",
+                    f"{rate(size, curl) / line:.2f}",
+                    "x the link's rate",
+                )
+            )
+        r, tg, v = "n/a", "", ""
+        if not isinstance(curl, str):
+            r, tg, v = judged(curl / t1, 1.0, True)
+        rows.append(
+            Row(
+                "one hop over one link, job to installed",
+                f"{mbps(size, t1)}  ({secs(t1)}; {rate(size, t1) / line:.2f} x the link's rate)",
+                r,
+                f"{tg} x curl from nginx",
+                v,
+            )
+        )
+        rows.append(breakdown(tl1, "clientW1", s1, size))
+        two_hop_rows(rows, size, t2, t1)
+        rows.append(breakdown(tl2, "clientW2", s2, size))
+        rows.append(
+            note(
+                f"  bytes through the server's link {sent[server_addr[1]] / MiB:,.0f} MiB, "
+                f"the relay's {sent[relay_addr[1]] / MiB:,.0f} MiB (package {size / MiB:,.0f} MiB)"
+            )
+        )
+    finally:
+        for db in dbs:
+            db.close()
+        await fleet.stop()
+        await asyncio.to_thread(links.stop)
 
 
 def bare_import_times() -> list[float]:
@@ -1767,7 +1963,7 @@ def loop_name() -> str:
     return f"{type(loop).__module__}.{type(loop).__name__}"
 
 
-PARTS = ("baselines", "in-process", "daemons", "idle")
+PARTS = ("baselines", "in-process", "daemons", "shaped", "idle")
 
 
 async def run_all(b: Bench) -> None:
@@ -1778,6 +1974,8 @@ async def run_all(b: Bench) -> None:
         await in_process(b)
     if "daemons" in parts:
         await guarded(b, "daemons", daemons(b))
+    if "shaped" in parts:
+        await guarded(b, "shaped", shaped(b))
     if "idle" in parts and b.args.idle > 0:
         await guarded(b, "idle", idle_clients(b))
 
@@ -1813,6 +2011,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         choices=PARTS,
         help="run only this part (repeatable); default: all",
+    )
+    ap.add_argument(
+        "--link-mbit",
+        type=int,
+        default=100,
+        help="rate of each hop's link in the shaped part, Mbit/s (default 100)",
     )
     ap.add_argument("--dir", help="work here (kept) instead of a temporary directory")
     ap.add_argument(
