@@ -282,7 +282,7 @@ async def follow(
 
 # A destination's states that end its part of a job, as the bench sees them:
 # an install ends installed, a transfer to a relay stored.
-DONE = ("installed", "stored")
+DONE = ("installed", "stored", "offered")
 FINAL = (*DONE, "failed")
 
 
@@ -549,6 +549,10 @@ def time_scp(src: Path, work: Path, repeat: int) -> float | str:
     tools = find_tools("scp", "sshd", "ssh-keygen")
     if isinstance(tools, str):
         return tools
+    if os.geteuid() == 0:
+        # sshd started as root insists on its privilege-separation directory,
+        # which only a packaged sshd's service unit creates.
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     d = work / "sshd"
     d.mkdir()
     for key in ("host", "user"):
@@ -794,7 +798,8 @@ async def one_job(
     """Create a job (an install unless ``kind`` says otherwise) as an operator
     would (the server's database, from another connection) and follow it;
     returns (seconds until the server sees every destination installed, or
-    stored for a transfer, the timeline, t0). ``stall`` overrides ``--stall``."""
+    stored for a transfer, offered for an offer; the timeline, t0). ``stall``
+    overrides ``--stall``."""
     os.sync()
     t0 = time.perf_counter()
     job = b.admin.create_job(kind, pkg, dests)
@@ -1151,10 +1156,16 @@ def vm_hwm(pid: int) -> float:
     return vm_status(pid, "VmHWM")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from ``/proc/PID/stat``."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of a process so far, from ``/proc/PID/stat``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    return sum(cpu_split(pid))
 
 
 class Daemons:
@@ -1240,6 +1251,39 @@ async def time_rdsft(home: Path) -> tuple[list[float], str]:
     return times, said
 
 
+@dataclass(frozen=True)
+class FanOut:
+    """One fan-out job between daemons: how long it took and the CPU the
+    relay and its receivers used over it."""
+
+    took: float
+    relay_cpu: float
+    receivers_cpu: float
+    receivers_system: float  # of receivers_cpu, in the kernel
+
+    @property
+    def busy(self) -> float:
+        """The share of the machine's cores the relay and receivers used."""
+        return (self.relay_cpu + self.receivers_cpu) / (self.took * (os.cpu_count() or 1))
+
+
+async def fan_job(
+    b: Bench, procs: dict[str, asyncio.subprocess.Process], names: list[str], kind: str, size: int
+) -> FanOut:
+    """A ``kind`` job of the bench's package from relayP to the daemons ``names``."""
+    pids = [procs[n].pid for n in ("relayP", *names)]
+    cpu0 = [cpu_split(pid) for pid in pids]
+    took, _, _ = await one_job(b, [("server", b.admin.db, names)], names, b.pkg, size, kind=kind)
+    used = [
+        (user - user0, system - system0)
+        for (user, system), (user0, system0) in zip(map(cpu_split, pids), cpu0, strict=True)
+    ]
+    receivers = used[1:]
+    return FanOut(
+        took, sum(used[0]), sum(u + k for u, k in receivers), sum(k for _, k in receivers)
+    )
+
+
 def fan_row(b: Bench, label: str, nbytes: int, took: float) -> Row:
     """A fan-out's aggregate rate, judged against nginx to as many curls."""
     agg = rate(nbytes, took)
@@ -1291,30 +1335,29 @@ async def daemons(b: Bench) -> None:
         ]
         t2, tl2, s2 = await one_job(b, watch, ["clientP2"], b.pkg, size)
         peak = {n: vm_hwm(p.pid) for n, p in procs.items()}
-        # Fan-out between processes: K client daemons behind the relay, which
-        # holds the package now, against nginx serving the file to K curls.
+        # Fan-out between processes: K daemons behind the relay, which holds
+        # the package now, against nginx serving the file to K curls. First
+        # client daemons that install it; then relay daemons that only
+        # receive, check each chunk and store it (a transfer job): the
+        # relay's side of the fan-out without the K extractions and installs
+        # on the same two cores, the closest rdsd gets to curls that only
+        # write a file; then client daemons that only take delivery (an
+        # offer job: received, checked, written and fsynced).
         k = b.args.clients
-        fans = [f"fanP{i}" for i in range(1, k + 1)]
-        for name in fans:
-            await start(name, b.dep.add_node(name, Role.CLIENT, relay_addr).home)
-        await wait_routed_db(server, dict.fromkeys(fans, "relayP"))
-        relay_cpu = cpu_seconds(procs["relayP"].pid)
-        tk, _, _ = await one_job(b, [("server", server, fans)], fans, b.pkg, size)
-        relay_cpu = cpu_seconds(procs["relayP"].pid) - relay_cpu
-        peak.update({n: vm_hwm(procs[n].pid) for n in ("relayP", *fans)})
-        # The same relay's fan-out with receivers that only receive, check
-        # each chunk and store the package (relay daemons below it, a
-        # transfer job): the relay's side of the fan-out, without the eight
-        # extractions and installs that the client daemons add on the same
-        # two cores. The closest rdsd gets to curls that only write a file.
-        for name in (subs := [f"fanR{i}" for i in range(1, k + 1)]):
-            home = b.dep.add_node(name, Role.RELAY, relay_addr).home
-            await read_listening(await start(name, home))
-        await wait_routed_db(server, dict.fromkeys(subs, "relayP"))
-        relay_cpu_r = cpu_seconds(procs["relayP"].pid)
-        tr, _, _ = await one_job(b, [("server", server, subs)], subs, b.pkg, size, kind="transfer")
-        relay_cpu_r = cpu_seconds(procs["relayP"].pid) - relay_cpu_r
-        peak.update({n: vm_hwm(procs[n].pid) for n in ("relayP", *subs)})
+        fanned: list[tuple[Role, str, list[str], FanOut]] = []
+        for prefix, role, kind, what in (
+            ("fanP", Role.CLIENT, "install", "job to installed"),
+            ("fanR", Role.RELAY, "transfer", "transfer job to stored"),
+            ("fanO", Role.CLIENT, "offer", "offer job to offered"),
+        ):
+            names = [f"{prefix}{i}" for i in range(1, k + 1)]
+            for name in names:
+                started = await start(name, b.dep.add_node(name, role, relay_addr).home)
+                if role is Role.RELAY:
+                    await read_listening(started)
+            await wait_routed_db(server, dict.fromkeys(names, "relayP"))
+            fanned.append((role, what, names, await fan_job(b, procs, names, kind, size)))
+            peak.update({n: vm_hwm(procs[n].pid) for n in ("relayP", *names)})
         one_hop_rows(b, rows, t1, tl1, s1, "clientP1")
         two_hop_rows(rows, size, t2, t1)
         rows.append(breakdown(tl2, "clientP2", s2, size))
@@ -1336,12 +1379,16 @@ async def daemons(b: Bench) -> None:
                 )
             )
         sent = k * size / GiB
-        for who, took, cpu_used, what in (
-            ("client", tk, relay_cpu, "job to installed"),
-            ("relay", tr, relay_cpu_r, "transfer job to stored"),
-        ):
-            rows.append(fan_row(b, f"{k} {who} daemons, aggregate ({what})", k * size, took))
-            rows.append(note(f"  relay CPU {cpu_used / sent:.2f} s per GiB sent to its {who}s"))
+        for who, what, _, fan in fanned:
+            rows.append(fan_row(b, f"{k} {who} daemons, aggregate ({what})", k * size, fan.took))
+            rows.append(
+                note(
+                    f"  relay CPU {fan.relay_cpu / sent:.2f} s per GiB sent to its {who}s; "
+                    f"the {who}s' {fan.receivers_cpu / sent:.2f} s per GiB received "
+                    f"({fan.receivers_system / max(fan.receivers_cpu, 1e-9):.0%} in the kernel); "
+                    f"all of them used {fan.busy:.0%} of the machine's cores"
+                )
+            )
         worst = max(peak.values())
         _, _, v = judged(worst, 64, False)
         rows.append(Row("peak RSS of any node (VmHWM)", f"{worst:.0f} MiB", "", "< 64 MiB", v))
@@ -1350,10 +1397,9 @@ async def daemons(b: Bench) -> None:
                 rows.append(
                     Row(f"  {name}", f"{idle[name]:.0f} MiB idle, {peak[name]:.0f} MiB peak")
                 )
-        fan_peak = max(peak[n] for n in fans)
-        rows.append(Row(f"  {k} fan-out clients, worst", f"{fan_peak:.0f} MiB peak"))
-        sub_peak = max(peak[n] for n in subs)
-        rows.append(Row(f"  {k} fan-out relays, worst", f"{sub_peak:.0f} MiB peak"))
+        for who, what, names, _ in fanned:
+            worst_of = max(peak[n] for n in names)
+            rows.append(Row(f"  {k} fan-out {who}s, {what}, worst", f"{worst_of:.0f} MiB peak"))
         times, said = await time_rdsft(c1)
         t = statistics.median(times)
         _, _, v = judged(t, 0.5, False)
