@@ -231,7 +231,10 @@ class Runner:
             await self._record(job, DestState.INSTALLED, result.detail)
         else:
             await self._record(job, DestState.FAILED, result.detail)
-        forget(self.cfg.paths.work, job.id)
+        # In a thread: the run's tree is the whole extracted package, and
+        # deleting it on the loop held the outcome's report back (tens of
+        # milliseconds for 256 MiB) while it waited to be sent upward.
+        await asyncio.to_thread(forget, self.cfg.paths.work, job.id)
         if result.ok:
             self.release(job.package, job.id)
 

@@ -17,6 +17,7 @@ import random
 import re
 import ssl
 import struct
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +47,8 @@ from rdsd.admin import Admin, enroll, init_node, init_server
 from rdsd.config import NodeConfig
 from rdsd.domain import Role
 from rdsd.errors import AdminError
+from rdsd.node import runner as runner_mod
+from rdsd.node.install import forget
 from tests.helpers import (
     FAST,
     Deployment,
@@ -623,3 +626,33 @@ async def test_control_messages_never_split_a_sliced_chunk(deployment: Deploymen
             assert got == (deployment.server.paths.store / f"{pid}.pkg").stat().st_size
         finally:
             await raw.close()
+
+
+async def test_the_outcome_goes_up_while_the_install_tree_is_deleted(
+    deployment: Deployment, install_out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removing what an install leaves (its tree: the extracted package)
+    does not hold the event loop, so the outcome's report reaches the
+    server while the removal is still going on."""
+    removing, release = threading.Event(), threading.Event()
+    released_in_time: list[bool] = []
+
+    def slow_forget(workdir: Path, job: str) -> None:
+        removing.set()
+        released_in_time.append(release.wait(10))
+        forget(workdir, job)
+
+    monkeypatch.setattr(runner_mod, "forget", slow_forget)
+    pid = add_script_package(deployment, "quick", COUNT_SCRIPT)
+    async with running(deployment.server) as (server,):
+        c1 = deployment.add_node("client1", Role.CLIENT, server.address)
+        async with running(c1):
+            with deployment.admin() as admin:
+                job = admin.create_job("install", pid, ["client1"])
+                try:
+                    assert await wait_state(admin, job, "client1", DONE, 15) == "installed"
+                    assert removing.is_set()
+                finally:
+                    release.set()
+                await wait_until(lambda: bool(released_in_time), 15)
+    assert released_in_time == [True]
