@@ -98,6 +98,7 @@ WAN_QUANTUM = 70_000  # HTB quantum in bytes: at least one 64 KiB loopback packe
 WAN_BURST = "256k"  # what a class may send at once above its rate
 WAN_OTHER = "10gbit"  # the default class (acknowledgements, everything else)
 WAN_READY = 5.0  # seconds for the namespace's holder to have unshared
+WAN_HOLD = 3600  # the holder's life at most, should the bench die without stopping it
 
 
 def progress(text: str) -> None:
@@ -1435,7 +1436,7 @@ class ShapedLinks:
         missing = [t for t in ("unshare", "nsenter", "ip", "tc") if which(t) is None]
         if missing:
             return f"not installed: {', '.join(missing)}"
-        self.holder = subprocess.Popen(["unshare", "-n", "sleep", "infinity"])
+        self.holder = subprocess.Popen(["unshare", "-n", "sleep", str(WAN_HOLD)])
         ours = os.stat("/proc/self/ns/net").st_ino
         deadline = time.monotonic() + WAN_READY
         while True:  # nothing may be shaped before the holder has its own namespace
