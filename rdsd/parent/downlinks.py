@@ -711,7 +711,7 @@ class Downlinks:
         try:
             if not hello.attach:
                 raise ClaimError("HELLO carries no attach claim (refused since version 3)")
-            claim = verify_attach(hello.attach, self.keys.get(peer.key))
+            claim = verify_attach(hello.attach, self.keys.get(peer.key, keep=False))
             if (claim.node, claim.role, claim.parent) != (peer.name, peer.role, self.cfg.name):
                 raise ClaimError(
                     f"the attach claim says {claim.node}/{claim.role} under {claim.parent}"

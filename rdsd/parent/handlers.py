@@ -313,7 +313,7 @@ class ChildHandlers:
                 ):
                     raise ClaimError(f"{name} is a {row.role}, not a {claim.role}")
                 if server and row is not None and row.pubkey is not None and row.claim != claim.raw:
-                    verify_attach(claim.raw, p.keys.get(row.pubkey))
+                    verify_attach(claim.raw, p.keys.get(row.pubkey, keep=False))
             except ClaimError as exc:
                 refused.append((name, str(exc)))
                 continue
