@@ -156,11 +156,6 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- used by Session ------------------------------------------------------
 
-    @property
-    def is_lost(self) -> bool:
-        """The connection is gone (``connection_lost`` was called)."""
-        return self._lost
-
     def lost_future(self) -> asyncio.Future[None]:
         """Done once the connection is gone: one future shared by every
         waiter (shield it before a bounded wait), made only when asked."""
