@@ -133,6 +133,21 @@ FRAME_CAPS: dict[State, int | None] = {
 class Connection:
     """One side of one rdsd connection."""
 
+    # A parent holds one per child, idle most of the time: no __dict__ each.
+    __slots__ = (
+        "__weakref__",  # tests watch that closed connections are freed
+        "_decoder",
+        "_eof",
+        "_error",
+        "_magic_seen",
+        "_magic_sent",
+        "_max_payload",
+        "_state",
+        "open_fetches",
+        "peer_side",
+        "side",
+    )
+
     def __init__(
         self,
         side: Side,
@@ -331,7 +346,6 @@ class Connection:
         elif isinstance(msg, FetchCancel):
             # The parent may already have finished it: a late cancel is harmless.
             pass
-
 
     def _track_chunk(
         self,

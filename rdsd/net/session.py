@@ -72,17 +72,42 @@ CONTROL_BACKLOG = 8 * 1024 * 1024
 class Stream(asyncio.BufferedProtocol):
     """The transport's protocol for one connection: hands the connection's
     receive buffers to the TLS layer, wakes the session's reader, pauses
-    reading while the reader is behind, and keeps flow control for writes."""
+    reading while the reader is behind, and keeps flow control for writes.
+
+    An idle connection is most of what a relay holds for thousands of
+    children, so this holds nothing while nobody waits: the reader's waiter
+    and the close future exist only while someone waits on them (an
+    ``asyncio.Event`` and an eager future cost about 1 KiB per connection).
+    """
+
+    __slots__ = (
+        "__weakref__",  # tests watch that closed connections are freed
+        "_drained",
+        "_lost",
+        "_lost_waiter",
+        "_reading_paused",
+        "_waiter",
+        "_woken",
+        "_write_paused",
+        "conn",
+        "lost_reason",
+        "read_ahead",
+        "transport",
+    )
 
     def __init__(self, side: Side, read_ahead: int = READ_AHEAD) -> None:
         self.conn = Connection(side)
         self.read_ahead = read_ahead
         self.transport: asyncio.Transport | None = None
-        self._wake: asyncio.Event = asyncio.Event()
+        # Bytes (or the end) arrived that the reader has not looked at yet;
+        # the reader's waiter, while it waits (True: woken, False: timed out).
+        self._woken = False
+        self._waiter: asyncio.Future[bool] | None = None
         self._reading_paused = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lost = False
+        self._lost_waiter: asyncio.Future[None] | None = None
         self.lost_reason: Exception | None = None
 
     # -- asyncio.BufferedProtocol ---------------------------------------------
@@ -96,7 +121,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.buffer_updated(nbytes)
-        self._wake.set()
+        self._wake()
         if self.conn.unread > self.read_ahead and not self._reading_paused:
             assert self.transport is not None
             self._reading_paused = True
@@ -104,15 +129,17 @@ class Stream(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
-        self._wake.set()
+        self._wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost_reason = exc
-        if not self.lost.done():
-            self.lost.set_result(None)
+        self._lost = True
+        waiter = self._lost_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self.conn.receive_data(b"")
-        self._wake.set()
+        self._wake()
         self._wake_writer(exc)
         # uvloop's TLS protocol keeps this protocol's bound methods and the
         # transport keeps that protocol: with ours keeping the transport, a
@@ -129,23 +156,53 @@ class Stream(asyncio.BufferedProtocol):
 
     # -- used by Session ------------------------------------------------------
 
-    async def wait_data(self) -> None:
-        """Until new bytes (or the end) arrived; reading resumes first."""
+    def lost_future(self) -> asyncio.Future[None]:
+        """Done once the connection is gone: one future shared by every
+        waiter (shield it before a bounded wait), made only when asked."""
+        waiter = self._lost_waiter
+        if waiter is None:
+            waiter = self._lost_waiter = asyncio.get_running_loop().create_future()
+            if self._lost:
+                waiter.set_result(None)
+        return waiter
+
+    def data_waiter(self) -> asyncio.Future[bool] | None:
+        """None if new bytes (or the end) arrived since the reader last
+        looked; else a future that becomes True when they do (``time_out``
+        makes it False). Reading resumes first if it was paused."""
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-        if not self._wake.is_set():
-            await self._wake.wait()
-        self._wake.clear()
+        if self._woken:
+            self._woken = False
+            return None
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def consumed_wake(self) -> None:
+        """The reader, woken, looks at everything that arrived so far."""
+        self._woken = False
+
+    @staticmethod
+    def time_out(waiter: asyncio.Future[bool]) -> None:
+        """The reader waited long enough (a timer's callback)."""
+        if not waiter.done():
+            waiter.set_result(False)
+
+    def _wake(self) -> None:
+        self._woken = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     @property
     def writable(self) -> bool:
         """The transport takes more now: no need to wait."""
-        return not self._write_paused and not self.lost.done()
+        return not self._write_paused and not self._lost
 
     async def drain(self) -> None:
         """Until the transport takes more (or the connection is gone)."""
-        if self.lost.done():
+        if self._lost:
             raise ConnectionResetError(str(self.lost_reason or "connection lost"))
         if not self._write_paused:
             return
@@ -156,7 +213,7 @@ class Stream(asyncio.BufferedProtocol):
     def _wake_writer(self, exc: Exception | None) -> None:
         waiter, self._drained = self._drained, None
         if waiter is not None and not waiter.done():
-            if exc is None and not self.lost.done():
+            if exc is None and not self._lost:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(ConnectionResetError(str(exc or "connection lost")))
@@ -182,7 +239,29 @@ class Peer:
 
 
 class Session:
-    """One open connection to a parent or a child."""
+    """One open connection to a parent or a child.
+
+    What only some sessions ever use is made when first used: the send lock
+    (only for data frames), the held control frames (only while a sliced
+    frame is half written) and the bound logger (only when something goes
+    wrong); an idle session holds none of them."""
+
+    __slots__ = (
+        "__weakref__",  # tests watch that closed connections are freed
+        "_address",
+        "_close_started",
+        "_held",
+        "_observer",
+        "_partial",
+        "_sending",
+        "_stream",
+        "close_reason",
+        "closed",
+        "conn",
+        "idle_timeout",
+        "peer",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -206,14 +285,20 @@ class Session:
         self._observer = observer
         # Data frames take turns; control frames sent while a sliced frame
         # is half written wait in _held and follow it, so frames never mix.
-        self._sending = asyncio.Lock()
+        self._sending: asyncio.Lock | None = None
         self._partial = False
-        self._held: list[bytes | memoryview] = []
+        self._held: list[bytes | memoryview] | None = None
         addr = self.transport.get_extra_info("peername")
-        self.log = structlog.get_logger("rdsd.session").bind(
-            peer=peer.name,
-            peer_address=f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unknown",
+        self._address = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unknown"
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """This session's logger (bound when something is logged, not for
+        every session up front)."""
+        logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("rdsd.session").bind(
+            peer=self.peer.name, peer_address=self._address
         )
+        return logger
 
     @property
     def writes_paused(self) -> bool:
@@ -243,10 +328,12 @@ class Session:
         if self._observer is not None:
             self._observer.frames_sent(self.peer.name, sum(len(b) for b in buffers))
         if self._partial:
+            if self._held is None:
+                self._held = []
             self._held.extend(buffers)
         else:
             self.transport.writelines(buffers)
-        held = sum(len(b) for b in self._held)
+        held = sum(len(b) for b in self._held) if self._held else 0
         if transport.get_write_buffer_size() + held > CONTROL_BACKLOG:
             self.abort(f"peer left {CONTROL_BACKLOG // (1024 * 1024)} MiB unread")
             raise SessionClosed(self.close_reason)
@@ -254,6 +341,8 @@ class Session:
     async def send(self, msg: Message) -> None:
         """Frame and write ``msg``; waits while the peer is slow to read (how
         package data is paced to what the peer takes)."""
+        if self._sending is None:
+            self._sending = asyncio.Lock()
         async with self._sending:
             if self.closed:
                 raise SessionClosed(self.close_reason or "session closed")
@@ -268,7 +357,7 @@ class Session:
                     await self._write_sliced(buffers)
             finally:
                 self._partial = False
-                held, self._held = self._held, []
+                held, self._held = self._held, None
                 if held and not self.closed:
                     self.transport.writelines(held)
 
@@ -330,16 +419,25 @@ class Session:
             assert event is NEED_DATA
             if self.closed:
                 raise SessionClosed(self.close_reason)
+            waiter = self._stream.data_waiter()
+            if waiter is None:
+                continue  # bytes arrived meanwhile
+            # A plain timer on the waiter, not asyncio.timeout(): no timeout
+            # object, no cancellation of the task, for every read of every
+            # idle session.
+            timer = asyncio.get_running_loop().call_later(limit, Stream.time_out, waiter)
             try:
-                async with asyncio.timeout(limit):
-                    await self._stream.wait_data()
-            except TimeoutError:
+                woken = await waiter
+            finally:
+                timer.cancel()
+            self._stream.consumed_wake()
+            if not woken:
                 # A peer silent for the whole timeout will not answer the TLS
                 # close either: do not wait for it (the link comes back sooner).
                 await self.fail(
                     ProtocolError(f"no data for {limit:.0f}s", ErrorCode.TIMEOUT), wait=False
                 )
-                raise SessionClosed(self.close_reason) from None
+                raise SessionClosed(self.close_reason)
 
     async def fail(self, exc: ProtocolError, wait: bool = True) -> None:
         """Tell the peer why we hang up, then hang up (``wait``: for the
@@ -380,7 +478,7 @@ class Session:
         try:
             self.transport.close()
             if wait:
-                await asyncio.wait_for(asyncio.shield(self._stream.lost), 2)
+                await asyncio.wait_for(asyncio.shield(self._stream.lost_future()), 2)
         except Exception as exc:
             # A kept traceback would hold this frame and so the session and
             # its TLS state until the next full garbage collection.

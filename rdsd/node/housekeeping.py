@@ -57,17 +57,19 @@ class Housekeeper:
         self._due: float | None = None
         self.tell_parent = False
         self.revocations_changed = False
-        # What the parent has been told of the subtree, on which session; the
-        # names changed since (or, with _topology_full, possibly any).
-        self._topology_sent: dict[str, bytes] = {}
+        # What the parent has been told of the subtree (each node's claim as
+        # its ``_sent_mark``), on which session; the names changed since (or,
+        # with _topology_full, possibly any).
+        self._topology_sent: dict[str, int] = {}
         self._topology_session: Session | None = None
         self._topology_dirty: set[str] = set()
         self._topology_full = True
         self._held: dict[str, float] = {}
         self._store_mtime = 0
-        # What the parent has been told of who is connected below us, and on
-        # which session: a new session starts again from a full snapshot.
-        self._presence_sent: dict[str, tuple[str, str]] = {}
+        # What the parent has been told of who is connected below us (each
+        # node's parent and software as its ``_sent_mark``), and on which
+        # session: a new session starts again from a full snapshot.
+        self._presence_sent: dict[str, int] = {}
         self._presence_session: Session | None = None
         # Set when a child connects or goes, or a relay below sends PRESENCE:
         # only then is the connected subtree read again.
@@ -288,16 +290,17 @@ class Housekeeper:
             subtree = node.db.subtree_claims(me)
             # Parents before their children, so each batch's chains of
             # claims lead up to this relay by what the parent has seen.
-            now = {n: subtree[n][0] for n in parents_first(subtree)}
-            added = now
+            added = {n: subtree[n][0] for n in parents_first(subtree)}
+            now = {n: _sent_mark(claim) for n, claim in added.items()}
         else:
             rows = node.db.claim_index(dirty)
             now = dict(self._topology_sent)
             for name in parents_first({n: (b"", r.parent) for n, r in rows.items()}):
                 row = rows[name]
                 if name != me and row.via and not row.revoked and row.claim is not None:
-                    if now.get(name) != row.claim:
-                        added[name] = now[name] = row.claim
+                    mark = _sent_mark(row.claim)
+                    if now.get(name) != mark:
+                        added[name], now[name] = row.claim, mark
                 elif now.pop(name, None) is not None:
                     removed.append(name)
             for name in sorted(dirty - set(rows) - {me}):
@@ -325,9 +328,10 @@ class Housekeeper:
         if not (reset or self.presence_dirty):
             return
         self.presence_dirty = False
-        now = node.db.online()
+        online_now = node.db.online()
+        now = {n: _sent_mark(v) for n, v in online_now.items()}
         before = {} if reset else self._presence_sent
-        changed = [(n, v) for n, v in sorted(now.items()) if before.get(n) != v]
+        changed = [(n, online_now[n]) for n in sorted(now) if before.get(n) != now[n]]
         # Each node goes up with its own attach claim; one this relay does
         # not hold cannot be shown online above.
         claims = node.db.claim_index(n for n, _ in changed)
@@ -378,6 +382,15 @@ def parents_first(claims: dict[str, tuple[bytes, str | None]]) -> list[str]:
             base += 1
             depth[step] = base
     return sorted(claims, key=lambda n: (depth[n], n))
+
+
+def _sent_mark(value: bytes | tuple[str, str]) -> int:
+    """What is remembered of a value told to the parent, to see whether it
+    changed: its hash, not the value. A relay remembers this for every node
+    below it, and the values (an attach claim, a parent and a software
+    string) were about 0.4 KiB a node. Hashes are keyed per process, so a
+    child cannot make a changed claim look unchanged."""
+    return hash(value)
 
 
 def topology_batches(added: dict[str, bytes], removed: list[str], reset: bool) -> list[Topology]:

@@ -143,26 +143,71 @@ class HandshakeLog:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Child:
-    """One connected child session and what has been pushed over it."""
+    """One connected child session and what has been pushed over it.
+
+    Most children are idle most of the time, and a relay holds thousands:
+    what only a child that fetches or asks needs (its serves, their slots,
+    its side tasks) is made when first needed and dropped when done."""
 
     session: Session
     purpose: HelloPurpose
+    # Fetches this session may have served at once; the rest wait in
+    # ``fetch_slots``, in order, without reading anything
+    # (``[limits] fetches_per_session``).
+    fetch_limit: int = 2
     pushed: Pushed = field(default_factory=dict)
-    serving: dict[int, asyncio.Task[None]] = field(default_factory=dict)
-    # Fetches this session may have served at once; the rest wait here, in
-    # order, without reading anything (``[limits] fetches_per_session``).
-    fetch_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
     revoked_sent: list[str] | None = None
+    _serving: dict[int, asyncio.Task[None]] | None = None
+    _fetch_slots: asyncio.Semaphore | None = None
+    _tasks: set[asyncio.Task[None]] | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Work for this child that may wait (on our own parent): it runs
         beside the child's reader and ends with the session."""
         task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        if self._tasks is None:
+            self._tasks = set()
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._tasks is not None:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._tasks = None
+
+    @property
+    def fetch_slots(self) -> asyncio.Semaphore:
+        if self._fetch_slots is None:
+            self._fetch_slots = asyncio.Semaphore(self.fetch_limit)
+        return self._fetch_slots
+
+    @property
+    def serving(self) -> dict[int, asyncio.Task[None]]:
+        """The serves of this session's fetches still running, by fetch id
+        (an empty dict, not kept, when there are none)."""
+        return self._serving if self._serving is not None else {}
+
+    def serve_started(self, fetch_id: int, task: asyncio.Task[None]) -> None:
+        if self._serving is None:
+            self._serving = {}
+        self._serving[fetch_id] = task
+
+    def serve_ended(self, fetch_id: int) -> None:
+        if self._serving is not None:
+            self._serving.pop(fetch_id, None)
+            if not self._serving:
+                # Only serves in ``serving`` take fetch slots: with none left,
+                # nothing holds or waits for one.
+                self._serving = self._fetch_slots = None
+
+    @property
+    def holds_fetch_state(self) -> bool:
+        """Anything made for fetches or side work is still held (an idle
+        child that never fetched holds none)."""
+        return not (self._serving is None and self._fetch_slots is None and self._tasks is None)
 
     @property
     def name(self) -> str:
@@ -330,7 +375,14 @@ class Downlinks:
             if stream is None:
                 return
             try:
-                await self._handle(stream, slot, deadline)
+                # Welcomed, the child is served from this frame: no frame in
+                # between holds its HELLO while it idles.
+                child = await self._admit(stream, slot, deadline, address)
+                if child is not None:
+                    try:
+                        await self._serve_child(child, address)
+                    finally:
+                        self._release(child.name)
             except Exception:
                 self.log.exception("child.crashed", peer_address=address)
             finally:
@@ -528,14 +580,18 @@ class Downlinks:
                 interval=HANDSHAKE_SUMMARY_INTERVAL,
             )
 
-    async def _handle(self, stream: Stream, slot: _Slot, deadline: float) -> None:
+    async def _admit(
+        self, stream: Stream, slot: _Slot, deadline: float, address: str
+    ) -> Child | None:
+        """The child's HELLO, checked, and our WELCOME: the child, counted
+        against its node's connections (``_release`` when it ends) and
+        attached below us; None if it was refused or went away."""
         assert stream.transport is not None
-        address = _address(stream.transport)
         try:
             peer = Session.identify(stream.transport)
         except (SecurityError, ValueError) as exc:
             self.log.warning("child.refused", peer_address=address, reason=str(exc))
-            return
+            return None
         session = Session(stream, peer, self.cfg.idle_timeout, self.observer)
         try:
             try:
@@ -556,21 +612,27 @@ class Downlinks:
             self.log.warning(
                 "child.handshake_failed", peer=peer.name, peer_address=address, reason=str(exc)
             )
-            return
+            return None
         except ProtocolError as exc:
             self.log.warning("child.refused", peer=peer.name, peer_address=address, reason=str(exc))
             await session.fail(exc)
-            return
+            return None
         session.send_nowait(self._welcome())
         slot.release()  # authenticated: the next handshake may start
-        child = Child(session, purpose, fetch_slots=asyncio.Semaphore(self.cfg.fetches_per_session))
+        child = Child(session, purpose, fetch_limit=self.cfg.fetches_per_session)
         self.connections[peer.name] += 1
         try:
-            await self._serve_child(child, hello, attach, address)
-        finally:
-            self.connections[peer.name] -= 1
-            if self.connections[peer.name] <= 0:
-                del self.connections[peer.name]
+            self._attach(child, hello, attach, address)
+        except BaseException:
+            self._release(peer.name)
+            raise
+        return child
+
+    def _release(self, name: str) -> None:
+        """One of ``name``'s connections ended."""
+        self.connections[name] -= 1
+        if self.connections[name] <= 0:
+            del self.connections[name]
 
     def _check_connections(self, name: str, purpose: HelloPurpose) -> None:
         """At most ``connections_per_node`` connections per certificate. A
@@ -587,18 +649,16 @@ class Downlinks:
                 ErrorCode.UNAUTHORIZED,
             )
 
-    async def _serve_child(
-        self, child: Child, hello: Message, attach: Attach, address: str
-    ) -> None:
-        """A welcomed child's session, until it ends."""
-        session, peer, purpose = child.session, child.session.peer, child.purpose
+    def _attach(self, child: Child, hello: Hello, attach: Attach, address: str) -> None:
+        """A welcomed child is below us now: its route, its claim, its
+        presence (a session, not a one-shot query, is also a route)."""
+        peer, purpose = child.session.peer, child.purpose
         known = self.db.node(peer.name)
         if purpose is HelloPurpose.SESSION:
             old = self.children.get(peer.name)
             if old is not None:
                 old.session.abort("replaced by a new session")
             self.children[peer.name] = child
-            assert isinstance(hello, Hello)
             self.db.presence_online(
                 peer.name, {peer.name: (self.cfg.name, hello.software[:MAX_SOFTWARE])}
             )
@@ -620,6 +680,10 @@ class Downlinks:
         self.bus.publish(
             ChildConnected(source=self.cfg.name, child=peer.name, role=peer.role, purpose=purpose)
         )
+
+    async def _serve_child(self, child: Child, address: str) -> None:
+        """A welcomed child's session, until it ends."""
+        session, peer, purpose = child.session, child.session.peer, child.purpose
         reason = "connection ended"
         try:
             if purpose is HelloPurpose.SESSION:
@@ -633,6 +697,7 @@ class Downlinks:
                 if not isinstance(msg, Ping):
                     await take_turn()
                 await self.handlers.handle(child, msg)
+                del msg  # not kept while the child idles
         except SessionClosed as exc:
             reason = str(exc)
             self.log.info("child.disconnected", peer=peer.name, reason=reason)
@@ -711,7 +776,7 @@ class Downlinks:
         try:
             if not hello.attach:
                 raise ClaimError("HELLO carries no attach claim (refused since version 3)")
-            claim = verify_attach(hello.attach, self.keys.get(peer.key))
+            claim = verify_attach(hello.attach, self.keys.get(peer.key, keep=False))
             if (claim.node, claim.role, claim.parent) != (peer.name, peer.role, self.cfg.name):
                 raise ClaimError(
                     f"the attach claim says {claim.node}/{claim.role} under {claim.parent}"
@@ -936,14 +1001,11 @@ def _set_once(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _address(transport: asyncio.BaseTransport) -> str:
-    """``host:port`` of the peer, for log lines about this connection."""
-    return _format_address(transport.get_extra_info("peername"))
-
-
 class _Slot:
     """One of the handshake slots, released once (whichever comes first:
     the child is welcomed, or its connection ends)."""
+
+    __slots__ = ("_slots",)
 
     def __init__(self, slots: asyncio.Semaphore) -> None:
         self._slots: asyncio.Semaphore | None = slots

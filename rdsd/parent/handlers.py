@@ -313,7 +313,7 @@ class ChildHandlers:
                 ):
                     raise ClaimError(f"{name} is a {row.role}, not a {claim.role}")
                 if server and row is not None and row.pubkey is not None and row.claim != claim.raw:
-                    verify_attach(claim.raw, p.keys.get(row.pubkey))
+                    verify_attach(claim.raw, p.keys.get(row.pubkey, keep=False))
             except ClaimError as exc:
                 refused.append((name, str(exc)))
                 continue
@@ -463,7 +463,7 @@ class ChildHandlers:
                     await serve_fetch(session, p.store, fetch, p.cfg.name, p.observer, pacer)
 
         def done(task: asyncio.Task[None]) -> None:
-            child.serving.pop(fetch.fetch_id, None)
+            child.serve_ended(fetch.fetch_id)
             # Cancelled before it ever ran, or crashed: tell the child it is over.
             failed = task.cancelled() or task.exception() is not None
             if not task.cancelled() and task.exception() is not None:
@@ -477,7 +477,7 @@ class ChildHandlers:
 
         task = asyncio.create_task(run())
         task.add_done_callback(done)
-        child.serving[fetch.fetch_id] = task
+        child.serve_started(fetch.fetch_id, task)
 
     async def on_fetch_cancel(self, child: Child, msg: Message) -> None:
         assert isinstance(msg, FetchCancel)

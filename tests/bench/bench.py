@@ -1812,8 +1812,12 @@ async def idle_clients(b: Bench) -> None:
     ids = issue_identities(b.server_cfg.paths, names, b.root / "idle-certs")
     t_issue = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for name in names:
-        b.admin.db.enroll(name, "client")
+    # As ``rdsd enroll`` does: with the certificate's serial and key, without
+    # which the server refuses every claim the relay forwards for them.
+    for ident in ids:
+        b.admin.db.enroll(
+            ident.name, "client", ident.serial, public_key_der(ident.cert.read_bytes())
+        )
     t_enroll = time.perf_counter() - t0
     pkgs = [add_package(b.admin, b.root, "idle", v, IDLE_PKG_MIB * MiB) for v in ("1", "2")]
     size = b.admin.store.data_path(pkgs[0]).stat().st_size
