@@ -71,9 +71,13 @@ class Housekeeper:
         # session: a new session starts again from a full snapshot.
         self._presence_sent: dict[str, int] = {}
         self._presence_session: Session | None = None
-        # Set when a child connects or goes, or a relay below sends PRESENCE:
-        # only then is the connected subtree read again.
-        self.presence_dirty = True
+        # The names whose connection changed since (a child connected or
+        # went, a relay below sent PRESENCE): only they are read again, so a
+        # storm of ten thousand children connecting costs a pass what
+        # changed, not the whole subtree each time; with _presence_full,
+        # everything is read again.
+        self._presence_dirty: set[str] = set()
+        self._presence_full = True
 
     def wake(self) -> None:
         """Something changed: run a pass soon."""
@@ -259,6 +263,14 @@ class Housekeeper:
             if not rows or not uplink.send_reports(rows):
                 break
 
+    def presence_changed(self, names: Iterable[str] | None) -> None:
+        """Who is connected below this relay changed: ``names``, or (None) any."""
+        if names is None:
+            self._presence_full = True
+        else:
+            self._presence_dirty.update(names)
+        self.wake()
+
     def topology_changed(self, names: Iterable[str] | None) -> None:
         """Routes below this relay changed: for ``names``, or (None) for any."""
         if names is None:
@@ -318,20 +330,27 @@ class Housekeeper:
 
     async def send_presence(self) -> None:
         """A relay tells its parent who below it is connected: everything,
-        with ``reset``, on a new session; afterwards only what changed. In
-        batches of at most MAX_PRESENCE_BATCH names."""
+        with ``reset``, on a new session; afterwards only what changed, read
+        for the names that changed. In batches of at most
+        MAX_PRESENCE_BATCH names."""
         node = self.node
         session = node.uplink.session if node.uplink else None
         if not node.parts.forwards_up or session is None or session.closed:
             return
         reset = session is not self._presence_session
-        if not (reset or self.presence_dirty):
+        full = reset or self._presence_full
+        if not (full or self._presence_dirty):
             return
-        self.presence_dirty = False
-        online_now = node.db.online()
-        now = {n: _sent_mark(v) for n, v in online_now.items()}
+        dirty, self._presence_dirty, self._presence_full = self._presence_dirty, set(), False
         before = {} if reset else self._presence_sent
-        changed = [(n, online_now[n]) for n in sorted(now) if before.get(n) != now[n]]
+        if full:
+            current = node.db.online()
+            offline = sorted(set(before) - set(current))
+        else:
+            current = node.db.online_of(dirty)
+            offline = sorted(n for n in dirty - set(current) if n in before)
+        marks = {n: _sent_mark(v) for n, v in current.items()}
+        changed = [(n, current[n]) for n in sorted(current) if before.get(n) != marks[n]]
         # Each node goes up with its own attach claim; one this relay does
         # not hold cannot be shown online above.
         claims = node.db.claim_index(n for n, _ in changed)
@@ -340,7 +359,6 @@ class Housekeeper:
             for n, (_, software) in changed
             if (claim := claims[n].claim if n in claims else None) is not None
         ]
-        offline = sorted(set(before) - set(now))
         if not (reset or online or offline):
             return
         try:
@@ -348,9 +366,15 @@ class Housekeeper:
                 session.send_nowait(msg)
         except SessionClosed:
             self._presence_session = None
-            self.presence_dirty = True
+            self._presence_full = True
             return
-        self._presence_session, self._presence_sent = session, now
+        if full:
+            self._presence_sent = marks
+        else:
+            for name in offline:
+                del self._presence_sent[name]
+            self._presence_sent.update(marks)
+        self._presence_session = session
 
     def holdings(self) -> dict[str, float]:
         return {m.id: m.expires for m in self.node.store.manifests()}

@@ -234,9 +234,8 @@ class Node:
         """Something changed: run the housekeeping pass soon."""
         self.housekeeping.wake()
 
-    def _presence_changed(self) -> None:
-        self.housekeeping.presence_dirty = True
-        self.wake()
+    def _presence_changed(self, names: Iterable[str] | None = None) -> None:
+        self.housekeeping.presence_changed(names)
 
     def _topology_changed(self, names: Iterable[str] | None = None) -> None:
         self.housekeeping.topology_changed(names)

@@ -230,7 +230,8 @@ class ParentHooks:
     # (None: anything may have changed; else the names that did.)
     topology_changed: Callable[[Iterable[str] | None], None]
     # Who is connected below us changed (a relay tells its parent).
-    presence_changed: Callable[[], None] = lambda: None
+    # (None: anyone may have; else the names that did.)
+    presence_changed: Callable[[Iterable[str] | None], None] = lambda names: None
     # Why a package cannot be provided now (a relay's transfer window), if so.
     held: Callable[[str], str | None] = lambda package: None
     # A relay asks its own parent for a node's pending jobs before answering.
@@ -662,7 +663,7 @@ class Downlinks:
             self.db.presence_online(
                 peer.name, {peer.name: (self.cfg.name, hello.software[:MAX_SOFTWARE])}
             )
-            self.hooks.presence_changed()
+            self.hooks.presence_changed([peer.name])
         # Even a one-shot query tells us the node sits right below us; its
         # claim, checked above, is the newest we know of it.
         self.db.upsert_node(
@@ -722,8 +723,7 @@ class Downlinks:
                 del self.children[peer.name]
                 self.pacing.forget(peer.name)
                 # The child and everything we knew connected through it.
-                self.db.presence_offline(peer.name)
-                self.hooks.presence_changed()
+                self.hooks.presence_changed(self.db.presence_offline(peer.name))
             await session.close()
 
     def _check_hello(self, peer: Peer, msg: Message) -> HelloPurpose:

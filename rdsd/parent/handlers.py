@@ -398,7 +398,7 @@ class ChildHandlers:
             offline=len(gone),
             reset=msg.reset,
         )
-        p.hooks.presence_changed()
+        p.hooks.presence_changed([*accepted, *gone])
 
     async def on_pending_query(self, child: Child, msg: Message) -> None:
         assert isinstance(msg, PendingQuery)

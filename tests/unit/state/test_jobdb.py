@@ -15,6 +15,7 @@ from protocol import Report
 from rdsd.domain import DestState, IncomingJob, JobType
 from rdsd.errors import IllegalTransition
 from rdsd.state import Applied, JobDB
+from tests.helpers import sqlite_steps
 
 S = DestState
 
@@ -223,21 +224,10 @@ def test_forgetting_acknowledged_reports_commits_without_fsync(db: JobDB) -> Non
 
 
 def _steps(db: JobDB, query: Callable[[], object], every: int = 100) -> int:
-    """SQLite virtual-machine steps (in units of ``every``) that ``query``
-    takes: a measure of the rows it reads that does not depend on timing."""
-    count = 0
-
-    def tick() -> int:
-        nonlocal count
-        count += 1
-        return 0
-
-    db._db.set_progress_handler(tick, every)
-    try:
+    """SQLite steps (in units of ``every``) that ``query`` takes."""
+    with sqlite_steps(db._db, every) as count:
         query()
-    finally:
-        db._db.set_progress_handler(None, every)
-    return count
+    return count[0]
 
 
 def test_next_due_reads_the_scheduled_jobs_not_every_destination(tmp_path: Path) -> None:
