@@ -8,7 +8,8 @@ from relays' TOPOLOGY, never from what a job says.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from ..domain import DestState, NodeClaim, NodeRow, PresenceRow
 from ..errors import JobError
@@ -105,18 +106,18 @@ class NodesMixin(Database):
             (str(serial), pubkey, name),
         )
 
-    def claim_index(self, names: Iterable[str]) -> dict[str, NodeClaim]:
-        """What is known of ``names`` for judging claims about them."""
+    def _rows_named(self, select: str, names: Iterable[str]) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``select``, which ends in ``name IN``, for ``names``:
+        500 at a time, within SQLite's bound on parameters."""
         wanted = list(names)
-        out: dict[str, NodeClaim] = {}
         for i in range(0, len(wanted), 500):
             part = wanted[i : i + 500]
-            for r in self._db.execute(
-                f"SELECT {_CLAIM_COLS} FROM nodes WHERE name IN ({','.join('?' * len(part))})",
-                part,
-            ):
-                out[r[0]] = _claim_row(r)
-        return out
+            yield from self._db.execute(f"{select} ({','.join('?' * len(part))})", part)
+
+    def claim_index(self, names: Iterable[str]) -> dict[str, NodeClaim]:
+        """What is known of ``names`` for judging claims about them."""
+        select = f"SELECT {_CLAIM_COLS} FROM nodes WHERE name IN"
+        return {r[0]: _claim_row(r) for r in self._rows_named(select, names)}
 
     def subtree_claims(self, me: str) -> dict[str, tuple[bytes, str | None]]:
         """Every node routed through a child of ``me`` with its attach claim
@@ -217,17 +218,8 @@ class NodesMixin(Database):
 
     def node_index_of(self, names: Iterable[str]) -> dict[str, tuple[str, str | None, bool]]:
         """``node_index`` for just ``names``."""
-        wanted = list(names)
-        out: dict[str, tuple[str, str | None, bool]] = {}
-        for i in range(0, len(wanted), 500):
-            part = wanted[i : i + 500]
-            for r in self._db.execute(
-                "SELECT name, role, via, revoked FROM nodes "
-                f"WHERE name IN ({','.join('?' * len(part))})",
-                part,
-            ):
-                out[r[0]] = (r[1], r[2], bool(r[3]))
-        return out
+        select = "SELECT name, role, via, revoked FROM nodes WHERE name IN"
+        return {r[0]: (r[1], r[2], bool(r[3])) for r in self._rows_named(select, names)}
 
     # -- presence: who is connected now ------------------------------------------
 
@@ -311,17 +303,8 @@ class NodesMixin(Database):
 
     def online_of(self, names: Iterable[str]) -> dict[str, tuple[str, str]]:
         """Those of ``names`` connected now: name to (parent, software)."""
-        wanted = list(names)
-        out: dict[str, tuple[str, str]] = {}
-        for i in range(0, len(wanted), 500):
-            part = wanted[i : i + 500]
-            for r in self._db.execute(
-                "SELECT name, parent, software FROM presence WHERE online=1 "
-                f"AND name IN ({','.join('?' * len(part))})",
-                part,
-            ):
-                out[r[0]] = (r[1], r[2])
-        return out
+        select = "SELECT name, parent, software FROM presence WHERE online=1 AND name IN"
+        return {r[0]: (r[1], r[2]) for r in self._rows_named(select, names)}
 
     def online(self) -> dict[str, tuple[str, str]]:
         """Every node connected now: name to (parent, software)."""
