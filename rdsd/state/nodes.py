@@ -56,17 +56,20 @@ class NodesMixin(Database):
         (the server) a node that has no row is not made: only enrolment
         makes nodes there."""
         raw, counter, parent = claim if claim is not None else (None, None, None)
-        # Without waiting for the disk: a machine that crashes loses its
-        # children's sessions too, and each reconnects with its claim again;
-        # a relay taking a storm of thousands paid an fsync for each.
+        if not create:
+            # The server: the newest claim it accepted is what later claims
+            # about the node are judged against, so it is kept durably.
+            self._db.execute(
+                "UPDATE nodes SET via=?, last_seen=?, claim=COALESCE(?, claim), "
+                "counter=COALESCE(?, counter), parent=COALESCE(?, parent) WHERE name=?",
+                (via, time.time(), raw, counter, parent, name),
+            )
+            return
+        # A relay, without waiting for the disk: the server judges every
+        # claim a relay passes up, and a relay whose machine crashes loses its
+        # children's sessions too, each reconnecting with a new claim. A
+        # relay taking a storm of thousands paid an fsync for each.
         with self._tx(durable=False) as db:
-            if not create:
-                db.execute(
-                    "UPDATE nodes SET via=?, last_seen=?, claim=COALESCE(?, claim), "
-                    "counter=COALESCE(?, counter), parent=COALESCE(?, parent) WHERE name=?",
-                    (via, time.time(), raw, counter, parent, name),
-                )
-                return
             db.execute(
                 "INSERT INTO nodes(name, role, via, last_seen, claim, counter, parent) "
                 "VALUES(?,?,?,?,?,?,?) "

@@ -223,6 +223,24 @@ def test_forgetting_acknowledged_reports_commits_without_fsync(db: JobDB) -> Non
     assert statements[-1] == "PRAGMA synchronous=FULL"
 
 
+def test_a_relay_records_a_childs_route_without_fsync_and_the_server_durably(
+    db: JobDB,
+) -> None:
+    """A relay's record of a child's route and claim is rebuilt when the
+    child reconnects, so it skips the fsync; the server's, against which
+    later claims are judged, does not."""
+    statements: list[str] = []
+    db._db.set_trace_callback(statements.append)
+    db.upsert_node("c1", "client", via="c1", claim=(b"claim", 1, "relay1"))
+    relay = list(statements)
+    statements.clear()
+    db.upsert_node("c1", "client", via="c1", claim=(b"claim", 2, "relay1"), create=False)
+    db._db.set_trace_callback(None)
+    assert relay.index("PRAGMA synchronous=NORMAL") < relay.index("COMMIT")
+    assert "PRAGMA synchronous=NORMAL" not in statements
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+
+
 def _steps(db: JobDB, query: Callable[[], object], every: int = 100) -> int:
     """SQLite steps (in units of ``every``) that ``query`` takes."""
     with sqlite_steps(db._db, every) as count:
