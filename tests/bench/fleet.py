@@ -27,10 +27,11 @@ Event-loop lag is shown two ways: as each daemon measures it itself (its
 to each relay, in this process, sends a PING every 100 ms and times the PONG.
 On loopback that round trip is the daemon's loop delay plus this process's.
 
-The simulator's workers run at a lower CPU priority (``--sim-nice``, default
-10): they stand for 10,000 machines of their own, whose CPU a relay never
-competes with, while here they share two cores with the daemons. The
-daemons still share those cores with each other. Beside each process's
+For the job phase the simulator's workers lower their CPU priority
+(``--sim-nice``, default 10): they stand for 10,000 machines of their own,
+whose CPU a relay never competes with, while here they share two cores
+with the daemons (the connection storm runs at equal priority, so their
+keepalives keep up). The daemons still share those cores with each other. Beside each process's
 CPU-seconds the table gives the time its event-loop thread was runnable but
 waiting for a CPU (``/proc/PID/schedstat``): loop lag that is this wait is
 the machine's, not a long step in the loop.
@@ -407,7 +408,6 @@ def worker_main(spec_path: str) -> int:
     event loop and writes its counters to stdout as one JSON line per
     second, until its stdin closes (the bench is done, or gone)."""
     spec = json.loads(Path(spec_path).read_text())
-    os.nice(int(spec["nice"]))
     verifier = Verifier(Path(spec["signing_pub"]).read_bytes())
     run_loop(worker_run(spec, verifier))
     return 0
@@ -767,7 +767,6 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
                 "signing_pub": str(s.server.signing_pub),
                 "spread": args.spread,
                 "connect_limit": args.connect_limit,
-                "nice": args.sim_nice,
             },
         )
         with contextlib.suppress(TimeoutError):
@@ -829,6 +828,11 @@ async def run(args: argparse.Namespace, root: Path, table: Table) -> None:
         )
 
         # -- the job -------------------------------------------------------------------------
+        # The simulated clients stand for machines of their own: for the job
+        # they give the daemons the cores first (not in the connection storm,
+        # whose keepalives they must keep sending to stay connected).
+        for pid in workers.pids():
+            os.setpriority(os.PRIO_PROCESS, pid, args.sim_nice)
         for p in probes:
             p.mark = len(p.rtts)
         cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
@@ -975,7 +979,7 @@ def main() -> int:
         "--sim-nice",
         type=int,
         default=10,
-        help="CPU priority the simulator workers lower themselves by (0: the daemons' own)",
+        help="niceness of the simulator workers during the job (0: the daemons' own)",
     )
     ap.add_argument("--dir", help="work here and keep everything (logs included)")
     args = ap.parse_args()
